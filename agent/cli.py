@@ -1,0 +1,289 @@
+"""``efci``: the agent (``efci agent``) and its command-line client.
+
+Every subcommand but ``agent`` and ``config`` talks to the running agent
+over its unix socket.  Output is for people; ``--json`` prints the agent's
+answers as JSON for scripts (one object, or one per line while streaming).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from . import config as agentconfig
+from .client import Client
+from .errors import EfciError
+
+# efci run --follow exits like the task; these for the other endings.
+EXIT_BY_STATUS = {"timed_out": 124, "cancelled": 130, "error": 1}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="efci", description="efforting-ci: a CI host agent and "
+                                "its control client (see efci(1)).")
+    p.add_argument("--version", action="version", version=f"efforting-ci {__version__}")
+    p.add_argument("--root", metavar="DIR", help="put every default path under DIR "
+                   "(also EFCI_ROOT)")
+    p.add_argument("--config", metavar="FILE", type=Path,
+                   help="agent.yml (default: /etc/efforting-ci/agent.yml, or DIR/etc/agent.yml)")
+    p.add_argument("--socket", metavar="PATH", type=Path,
+                   help="the agent's socket (default: from agent.yml; also EFCI_SOCKET)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    a = sub.add_parser("agent", help="run the agent daemon")
+    a.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    c = sub.add_parser("config", help="agent.yml helpers")
+    c.add_argument("action", choices=["example", "check"],
+                   help="example: print a complete commented agent.yml; check: validate it")
+
+    sub.add_parser("status", help="what the agent is doing and what it loaded")
+    sub.add_parser("tasks", help="list declared tasks")
+    sub.add_parser("reload", help="re-read the declarations in conf.d")
+    r = sub.add_parser("run", help="start a run of TASK")
+    r.add_argument("task")
+    r.add_argument("-f", "--follow", action="store_true",
+                   help="stream its output and exit with its exit status")
+    rs = sub.add_parser("runs", help="list recent runs")
+    rs.add_argument("--task", help="only runs of this task")
+    rs.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    s = sub.add_parser("show", help="one run's record")
+    s.add_argument("run", type=int)
+    lg = sub.add_parser("logs", help="print a run's output, byte for byte")
+    lg.add_argument("run", type=int)
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing until it ends")
+    cn = sub.add_parser("cancel", help="stop a run (its container is stopped)")
+    cn.add_argument("run", type=int)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    layout = agentconfig.Layout.from_environment(args.root)
+    try:
+        if args.command == "agent":
+            return _agent(args, layout)
+        if args.command == "config":
+            return _config(args, layout)
+        with Client(_socket_path(args, layout)) as client:
+            return COMMANDS[args.command](client, args)
+    except EfciError as e:
+        if args.json:
+            print(json.dumps({"ok": False, "error": e.to_wire()}))
+        else:
+            print(f"efci: {e.message}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 141
+
+
+def _load_config(args: argparse.Namespace,
+                 layout: agentconfig.Layout) -> agentconfig.AgentConfig:
+    return agentconfig.load(layout, args.config)
+
+
+def _socket_path(args: argparse.Namespace, layout: agentconfig.Layout) -> Path:
+    if args.socket:
+        return Path(args.socket)
+    if os.environ.get("EFCI_SOCKET"):
+        return Path(os.environ["EFCI_SOCKET"])
+    return _load_config(args, layout).socket_path
+
+
+def _agent(args: argparse.Namespace, layout: agentconfig.Layout) -> int:
+    import trio  # only the daemon needs it: keeps client start-up fast
+
+    from . import daemon
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+        # journald stamps lines itself; elsewhere a time helps.
+        format=("%(levelname)s %(message)s" if os.environ.get("JOURNAL_STREAM")
+                else "%(asctime)s %(levelname)s %(message)s"))
+    cfg = _load_config(args, layout)
+    trio.run(daemon.serve, cfg, strict_exception_groups=True)
+    return 0
+
+
+def _config(args: argparse.Namespace, layout: agentconfig.Layout) -> int:
+    if args.action == "example":
+        sys.stdout.write(agentconfig.example(layout))
+        return 0
+    cfg = _load_config(args, layout)
+    print(json.dumps({"ok": True, "source": cfg.source}) if args.json
+          else f"{cfg.source}: ok")
+    return 0
+
+
+# -- client commands ------------------------------------------------------------
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _duration(run: dict[str, Any]) -> str:
+    start, end = run.get("started_at"), run.get("finished_at")
+    if not start:
+        return "-"
+    return f"{(end or time.time()) - start:.1f}s"
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _status(client: Client, args: argparse.Namespace) -> int:
+    st = client.call("status")
+    if args.json:
+        _print_json(st)
+        return 0
+    d = st["declarations"]
+    print(f"efforting-ci {st['version']} (pid {st['pid']}), up since {_when(st['started_at'])}")
+    print(f"  config:       {st['config']}")
+    print(f"  socket:       {st['socket']}")
+    print(f"  state:        {st['state']}")
+    print(f"  docker:       {st['docker']}")
+    print(f"  declarations: {d['tasks']} tasks, {d['images']} images from {d['directory']}")
+    print(f"  active runs:  {', '.join(map(str, st['active_runs'])) or 'none'}")
+    for message in d["errors"].values():
+        print(f"  REFUSED: {message}")
+    for message in d["warnings"]:
+        print(f"  warning: {message}")
+    return 2 if d["errors"] else 0
+
+
+def _tasks(client: Client, args: argparse.Namespace) -> int:
+    tasks = client.call("tasks")
+    if args.json:
+        _print_json(tasks)
+        return 0
+    if not tasks:
+        print("no tasks declared (put *.yml files in the declarations directory, "
+              "then efci reload)")
+        return 0
+    _table([[t["name"], t["owner"], t["image"], str(len(t["repositories"])), t["source"]]
+            for t in tasks], ["TASK", "OWNER", "IMAGE", "REPOS", "DECLARED AT"])
+    return 0
+
+
+def _reload(client: Client, args: argparse.Namespace) -> int:
+    result = client.call("reload")
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"loaded {result['tasks']} tasks and {result['images']} images "
+              f"from {result['directory']}")
+        for message in result["errors"].values():
+            print(f"REFUSED: {message}", file=sys.stderr)
+    return 2 if result["errors"] else 0
+
+
+def _write_log_event(message: dict[str, Any]) -> None:
+    from .protocol import decode_log
+
+    if message["event"] == "log":
+        sys.stdout.buffer.write(decode_log(message))
+        sys.stdout.buffer.flush()
+
+
+def _json_event(message: dict[str, Any]) -> None:
+    print(json.dumps(message), flush=True)
+
+
+def _run(client: Client, args: argparse.Namespace) -> int:
+    if not args.follow:
+        run = client.call("run", {"task": args.task})
+        if args.json:
+            _print_json(run)
+        else:
+            print(f"run {run['id']} of {args.task} queued; "
+                  f"follow it with: efci logs --follow {run['id']}")
+        return 0
+
+    def on_event(message: dict[str, Any]) -> None:
+        if args.json:
+            _json_event(message)
+        elif message["event"] == "started":
+            print(f"efci: run {message['run']} of {args.task} started", file=sys.stderr)
+        else:
+            _write_log_event(message)
+
+    run = client.call("run", {"task": args.task, "follow": True}, on_event=on_event)
+    if args.json:
+        _print_json(run)
+    else:
+        exit_part = f", exit status {run['exit_code']}" if run["exit_code"] is not None else ""
+        print(f"\nefci: run {run['id']} {run['status']}{exit_part} after {_duration(run)}",
+              file=sys.stderr)
+    if run["status"] in ("succeeded", "failed"):
+        return int(run["exit_code"])
+    return EXIT_BY_STATUS.get(run["status"], 1)
+
+
+def _runs(client: Client, args: argparse.Namespace) -> int:
+    request: dict[str, Any] = {"limit": args.limit}
+    if args.task:
+        request["task"] = args.task
+    runs = client.call("runs", request)
+    if args.json:
+        _print_json(runs)
+        return 0
+    _table([[str(r["id"]), r["task"], r["status"],
+             "-" if r["exit_code"] is None else str(r["exit_code"]),
+             _when(r["created_at"]), _duration(r)] for r in runs],
+           ["RUN", "TASK", "STATUS", "EXIT", "CREATED", "TOOK"])
+    return 0
+
+
+def _show(client: Client, args: argparse.Namespace) -> int:
+    run = client.call("show", {"run": args.run})
+    if args.json:
+        _print_json(run)
+        return 0
+    for key in ("id", "task", "owner", "status", "exit_code", "error", "image", "image_id",
+                "container_name", "container_id", "log_size"):
+        print(f"{key + ':':16}{'-' if run.get(key) is None else run[key]}")
+    for key in ("created_at", "started_at", "finished_at"):
+        print(f"{key + ':':16}{_when(run[key])}")
+    print(f"{'took:':16}{_duration(run)}")
+    print(f"{'requested by:':16}uid {run['requested_uid']} gid {run['requested_gid']} "
+          f"pid {run['requested_pid']}")
+    return 0
+
+
+def _logs(client: Client, args: argparse.Namespace) -> int:
+    result = client.call("logs", {"run": args.run, "follow": args.follow},
+                         on_event=_json_event if args.json else _write_log_event)
+    if args.json:
+        _print_json(result)
+    return 0
+
+
+def _cancel(client: Client, args: argparse.Namespace) -> int:
+    run = client.call("cancel", {"run": args.run})
+    if args.json:
+        _print_json(run)
+    else:
+        print(f"run {run['id']} {run['status']}")
+    return 0
+
+
+COMMANDS = {
+    "status": _status, "tasks": _tasks, "reload": _reload, "run": _run, "runs": _runs,
+    "show": _show, "logs": _logs, "cancel": _cancel,
+}

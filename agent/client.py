@@ -1,0 +1,85 @@
+"""A blocking client of the control socket, for ``efci`` and for tests.
+
+Plain sockets, no Trio: a CLI call should start fast and do one thing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import protocol
+from .errors import AgentUnreachable, EfciError
+
+EventHandler = Callable[[dict[str, Any]], None]
+
+_EXIT_BY_CODE = {"config": 78, "bad_request": 64, "not_found": 66, "conflict": 75}
+
+
+class RemoteError(EfciError):
+    """An error the agent answered with; keeps its code and fields."""
+
+    def __init__(self, wire: dict[str, Any]) -> None:
+        super().__init__(str(wire.get("message", "unknown error")))
+        self.code = str(wire.get("code", "error"))
+        self.exit_status = _EXIT_BY_CODE.get(self.code, 1)
+        self.wire = wire
+
+    def to_wire(self) -> dict[str, object]:
+        return self.wire
+
+
+class Client:
+    def __init__(self, socket_path: Path, *, timeout: float | None = None) -> None:
+        self.socket_path = socket_path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(str(socket_path))
+        except OSError as e:
+            self._sock.close()
+            raise AgentUnreachable(
+                f"cannot reach the efforting-ci agent at {socket_path}: {e.strerror}. "
+                "Start it with `systemctl start efforting-ci` (or `efci agent`), or point "
+                "efci at its socket with --root, --socket or EFCI_ROOT."
+            ) from None
+        self._file = self._sock.makefile("rb")
+        self._ids = itertools.count(1)
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def send_raw(self, line: bytes) -> None:
+        self._sock.sendall(line)
+
+    def read_message(self) -> dict[str, Any]:
+        line = self._file.readline()
+        if not line:
+            raise AgentUnreachable(f"the agent at {self.socket_path} closed the connection")
+        return json.loads(line)
+
+    def call(self, op: str, args: dict[str, Any] | None = None, *,
+             on_event: EventHandler | None = None) -> Any:
+        """Send one request; pass its events to ``on_event``; return its result."""
+        rid = next(self._ids)
+        self.send_raw(protocol.encode({"id": rid, "op": op, "args": args or {}}))
+        while True:
+            message = self.read_message()
+            if "event" in message:
+                if on_event is not None:
+                    on_event(message)
+                continue
+            if message.get("ok"):
+                return message.get("result")
+            raise RemoteError(message.get("error") or {})

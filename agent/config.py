@@ -1,0 +1,293 @@
+"""agent.yml: where everything lives and how the agent behaves.
+
+One table, :data:`SETTINGS`, names every key with its type, default and
+help text; the loader, the defaults and ``efci config example`` are all read
+off it, so they cannot drift apart.  Path defaults depend on a
+:class:`Layout`: the system one (/etc, /var/lib, /srv, /run) or everything
+under one directory (``--root DIR`` / ``EFCI_ROOT``), which is how tests,
+the demo and a second agent on one host run.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import names
+from .yamlconf import Node, load_file
+
+
+@dataclass(frozen=True)
+class Layout:
+    etc: Path
+    state: Path
+    secrets: Path
+    run: Path
+
+    @classmethod
+    def system(cls) -> Layout:
+        return cls(Path("/etc/efforting-ci"), Path("/var/lib/efforting-ci"),
+                   Path("/srv/ci-secrets"), Path("/run/efforting-ci"))
+
+    @classmethod
+    def under(cls, root: Path) -> Layout:
+        root = root.absolute()
+        return cls(root / "etc", root / "state", root / "secrets", root / "run")
+
+    @classmethod
+    def from_environment(cls, root: str | None) -> Layout:
+        """``--root`` wins over ``EFCI_ROOT``; neither means the system layout."""
+        root = root or os.environ.get("EFCI_ROOT") or None
+        return cls.under(Path(root)) if root else cls.system()
+
+    @property
+    def config_file(self) -> Path:
+        return self.etc / "agent.yml"
+
+
+@dataclass(frozen=True)
+class DeployTarget:
+    name: str
+    path: Path
+    allow: tuple[str, ...]  # "owner/task" entries
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    source: str  # the file it came from, or "(defaults)"
+    owner: str
+    declarations_dir: Path
+    state_dir: Path
+    log_dir: Path
+    secrets_base: Path
+    caches_root: Path
+    socket_path: Path
+    socket_group: str
+    socket_mode: int
+    docker: str
+    base_image: str
+    time_limit: int
+    stop_grace: int
+    max_parallel: int
+    log_limit: int
+    network_name: str
+    network_bridge: str
+    network_subnet: str
+    network_blocked: tuple[str, ...]
+    deploy_targets: dict[str, DeployTarget] = field(default_factory=dict)
+
+
+# -- the settings table -------------------------------------------------------
+
+Parser = Callable[[Node], object]
+
+
+def _path(node: Node) -> Path:
+    text = node.string()
+    if not text.startswith("/"):
+        raise node.error(f"must be an absolute path, not {text!r}")
+    return Path(os.path.normpath(text))
+
+
+def _name(node: Node) -> str:
+    value = node.string(pattern=names.NAME, what=names.NAME_HELP)
+    if ".." in value:
+        raise node.error(f"{value!r} is not {names.NAME_HELP}")
+    return value
+
+
+def _duration(node: Node) -> int:
+    text = node.raw_scalar()
+    seconds = names.parse_duration(text)
+    if seconds is None or seconds <= 0:
+        raise node.error(f"must be a duration such as 90s, 15m or 1h30m, not {text!r}")
+    return seconds
+
+
+def _size(node: Node) -> int:
+    text = node.raw_scalar()
+    size = names.parse_size(text)
+    if size is None or size <= 0:
+        raise node.error(f"must be a size such as 512MiB or 2GiB, not {text!r}")
+    return size
+
+
+def _mode(node: Node) -> int:
+    text = node.string()  # "0660": quoted, or YAML 1.1 reads it as octal 432
+    if not re.fullmatch(r"0?[0-7]{3}", text):
+        raise node.error(f"must be an octal mode in quotes such as \"0660\", not {text!r}")
+    return int(text, 8)
+
+
+def _subnet(node: Node) -> str:
+    text = node.string()
+    try:
+        net = ipaddress.ip_network(text)
+    except ValueError as e:
+        raise node.error(f"must be a network such as 172.30.0.0/24: {e}") from e
+    return str(net)
+
+
+def _subnets(node: Node) -> tuple[str, ...]:
+    return tuple(_subnet(n) for n in node.sequence())
+
+
+def _image(node: Node) -> str:
+    return node.string(pattern=names.IMAGE_REF, what=names.IMAGE_REF_HELP)
+
+
+def _bridge(node: Node) -> str:
+    return node.string(pattern=re.compile(r"[a-z][a-z0-9_-]{0,14}"),
+                       what="an interface name of at most 15 characters")
+
+
+def _group(node: Node) -> str:
+    return node.string(pattern=re.compile(r"[a-z_][a-z0-9_-]{0,31}"), what="a group name")
+
+
+def _program(node: Node) -> str:
+    return node.string(pattern=re.compile(r"[A-Za-z0-9_./-]+"), what="a program name or path")
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str  # "section.key" as written in agent.yml
+    attr: str  # AgentConfig attribute
+    parse: Parser
+    default: Callable[[Layout], object]
+    example: str  # the default as written in YAML
+    help: str
+
+
+def _const(value: object) -> Callable[[Layout], object]:
+    return lambda _layout: value
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("owner", "owner", _name, _const("local"), "local",
+            "Owner (the seed's CI user) for declarations that do not name one."),
+    Setting("paths.declarations", "declarations_dir", _path, lambda lay: lay.etc / "conf.d",
+            "{etc}/conf.d", "Image and task declarations: every *.yml file here."),
+    Setting("paths.state", "state_dir", _path, lambda lay: lay.state, "{state}",
+            "SQLite state and per-run files."),
+    Setting("paths.logs", "log_dir", _path, lambda lay: lay.state / "logs", "{state}/logs",
+            "Run logs."),
+    Setting("paths.secrets", "secrets_base", _path, lambda lay: lay.secrets, "{secrets}",
+            "The secrets store (deploy keys under git-ssh/<owner>/)."),
+    Setting("paths.caches", "caches_root", _path, lambda lay: lay.state / "caches",
+            "{state}/caches", "Root of cache subvolumes (a btrfs filesystem)."),
+    Setting("socket.path", "socket_path", _path, lambda lay: lay.run / "agent.sock",
+            "{run}/agent.sock", "The control socket efci talks to."),
+    Setting("socket.group", "socket_group", _group, _const("efci-admin"), "efci-admin",
+            "Group that may use the socket (if it exists)."),
+    Setting("socket.mode", "socket_mode", _mode, _const(0o660), '"0660"',
+            "Permissions of the socket, in quotes."),
+    Setting("docker.program", "docker", _program, _const("docker"), "docker",
+            "The docker CLI to run."),
+    Setting("docker.base_image", "base_image", _image, _const("efci/base:bookworm"),
+            "efci/base:bookworm", "Image that built-in images start FROM."),
+    Setting("runs.time_limit", "time_limit", _duration, _const(3600), "1h",
+            "Time limit of a task that sets none."),
+    Setting("runs.stop_grace", "stop_grace", _duration, _const(10), "10s",
+            "Between SIGTERM and SIGKILL when a run is stopped."),
+    Setting("runs.max_parallel", "max_parallel",
+            lambda n: n.integer(minimum=1, maximum=256), _const(4), "4",
+            "Runs executing at once; more wait queued."),
+    Setting("runs.log_limit", "log_limit", _size, _const(1 << 30), "1GiB",
+            "Largest log kept per run."),
+    Setting("network.name", "network_name", _name, _const("efci"), "efci",
+            "Docker network task containers join."),
+    Setting("network.bridge", "network_bridge", _bridge, _const("efci0"), "efci0",
+            "Its bridge interface."),
+    Setting("network.subnet", "network_subnet", _subnet, _const("172.30.0.0/24"),
+            "172.30.0.0/24", "Its IPv4 subnet."),
+    Setting("network.blocked", "network_blocked", _subnets, _const(()), "[]",
+            "More destinations task containers may not reach (e.g. the host's LAN)."),
+)
+
+_DEPLOY_HELP = """\
+# Host directories tasks may write (bind-mounted at /deploy), and who may:
+# deploy_targets:
+#   sites:
+#     path: /srv/sites.efforting.tech
+#     allow: [mikael-lovqvist/rsync-publish]
+deploy_targets: {}
+"""
+
+
+def _deploy_targets(node: Node) -> dict[str, DeployTarget]:
+    targets: dict[str, DeployTarget] = {}
+    for name, item in node.mapping(free=True).items():
+        if not names.is_name(name):
+            raise item.error(f"{name!r} is not {names.NAME_HELP}")
+        fields = item.mapping(required={"path"}, optional={"allow"})
+        allow: list[str] = []
+        for entry in fields["allow"].sequence() if "allow" in fields else []:
+            text = entry.string()
+            owner, _, task = text.partition("/")
+            if not (names.is_name(owner) and names.is_name(task)):
+                raise entry.error(f"must be owner/task, not {text!r}")
+            allow.append(text)
+        targets[name] = DeployTarget(name, _path(fields["path"]), tuple(allow))
+    return targets
+
+
+def defaults(layout: Layout) -> AgentConfig:
+    values = {s.attr: s.default(layout) for s in SETTINGS}
+    return AgentConfig(source="(defaults)", **values)  # type: ignore[arg-type]
+
+
+def load(layout: Layout, path: Path | None = None) -> AgentConfig:
+    """agent.yml from ``path`` (or the layout's), validated; defaults for the rest.
+
+    A missing file at the layout's default place is not an error (every key
+    has a default); a missing file named explicitly is.
+    """
+    explicit = path is not None
+    path = path or layout.config_file
+    if not explicit and not path.exists():
+        return defaults(layout)
+    root = load_file(path)
+    values = {s.attr: s.default(layout) for s in SETTINGS}
+    if root is not None:
+        sections: dict[str, dict[str, Setting]] = {}
+        for s in SETTINGS:
+            section, _, key = s.key.rpartition(".")
+            sections.setdefault(section, {})[key] = s
+        top = root.mapping(optional=set(sections[""]) | (sections.keys() - {""})
+                           | {"deploy_targets"})
+        for key, node in top.items():
+            if key == "deploy_targets":
+                values["deploy_targets"] = _deploy_targets(node)
+            elif key in sections:
+                for sub, sub_node in node.mapping(optional=set(sections[key])).items():
+                    setting = sections[key][sub]
+                    values[setting.attr] = setting.parse(sub_node)
+            else:
+                setting = sections[""][key]
+                values[setting.attr] = setting.parse(node)
+    return AgentConfig(source=str(path), **values)  # type: ignore[arg-type]
+
+
+def example(layout: Layout) -> str:
+    """A complete, commented agent.yml with every key at its default."""
+    subs = {"etc": layout.etc, "state": layout.state, "secrets": layout.secrets,
+            "run": layout.run}
+    lines = ["# efforting-ci agent configuration (efci-agent.yml(5)).",
+             "# Every key is optional; shown here with its default.", ""]
+    current = None
+    for s in SETTINGS:
+        section, _, key = s.key.rpartition(".")
+        indent = "  " if section else ""
+        if section != current and section:
+            lines += ["", f"{section}:"]
+        current = section
+        lines.append(f"{indent}# {s.help}")
+        lines.append(f"{indent}{key}: {s.example.format(**subs)}")
+    lines += ["", _DEPLOY_HELP]
+    return "\n".join(lines)
+

@@ -1,0 +1,159 @@
+"""The control socket server: a thin shell around :mod:`agent.protocol`.
+
+Access control is the socket file itself (mode 0660, group efci-admin);
+each connection's peer uid/gid/pid come from SO_PEERCRED and are handed to
+the handler, which records them with every run a peer starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import logging
+import os
+import socket as stdsocket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+
+from . import protocol
+from .errors import EfciError, RequestError
+from .model import Requester
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[bytes], Awaitable[None]]
+Handler = Callable[[protocol.Request, Requester, Send], Awaitable[object]]
+
+
+class SocketInUse(EfciError):
+    code = "socket_in_use"
+
+
+def peer_credentials(sock: trio.socket.SocketType) -> Requester:
+    raw = sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return Requester(uid=uid, gid=gid, pid=pid)
+
+
+def bind_socket(path: Path, *, mode: int, group: str) -> stdsocket.socket:
+    """Bind the control socket with its permissions already set.
+
+    It is bound under a temporary name, chmod/chown'd, then renamed into
+    place, so no client ever sees it with looser permissions.  A stale
+    socket (nobody listening) is replaced; a live one is an error.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            pass  # stale: replaced below by the rename
+        else:
+            raise SocketInUse(f"another agent is already listening on {path}")
+        finally:
+            probe.close()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    sock = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    try:
+        sock.bind(str(tmp))
+        os.chmod(tmp, mode)
+        try:
+            os.chown(tmp, -1, grp.getgrnam(group).gr_gid)
+        except KeyError:
+            log.warning("group %s does not exist; %s is usable by its owner only", group, path)
+        os.rename(tmp, path)
+        sock.listen(64)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return sock
+
+
+class ControlServer:
+    """Serves the socket; knows how many requests are being handled so a
+    stopping agent can let them finish (up to a deadline) before it closes."""
+
+    def __init__(self, sock: stdsocket.socket, handler: Handler) -> None:
+        self._sock = sock
+        self._handler = handler
+        self._in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                    ) -> None:
+        """Accept connections until cancelled; each gets its own task."""
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(self._sock))
+        async with listener, trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                stream = await listener.accept()
+                nursery.start_soon(_connection, stream, self._tracked)
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    async def _tracked(self, request: protocol.Request, requester: Requester,
+                       send: Send) -> object:
+        if self._in_flight == 0:
+            self._idle = trio.Event()
+        self._in_flight += 1
+        try:
+            return await self._handler(request, requester, send)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+
+async def _connection(stream: trio.SocketStream, handler: Handler) -> None:
+    requester = peer_credentials(stream.socket)
+    send_lock = trio.Lock()
+
+    async def send(data: bytes) -> None:
+        async with send_lock:
+            await stream.send_all(data)
+
+    splitter = protocol.LineSplitter()
+    async with stream:
+        try:
+            while data := await stream.receive_some(65536):
+                try:
+                    lines = splitter.feed(data)
+                except protocol.LineTooLong as e:
+                    await send(protocol.error(None, e))
+                    return
+                for line in lines:
+                    if line.strip():
+                        await _one_request(line, requester, handler, send)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away: nothing to answer
+
+
+async def _one_request(line: bytes, requester: Requester, handler: Handler,
+                       send: Send) -> None:
+    try:
+        request = protocol.parse_request(line)
+    except RequestError as e:
+        await send(protocol.error(protocol.request_id_of(line), e))
+        return
+    try:
+        result = await handler(request, requester, send)
+    except EfciError as e:
+        await send(protocol.error(request.id, e))
+        return
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.Cancelled):
+        raise
+    except Exception as e:
+        log.exception("op %s failed", request.op)
+        await send(protocol.error(request.id, EfciError(f"internal error: {e!r}")))
+        return
+    await send(protocol.ok(request.id, result))

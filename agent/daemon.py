@@ -1,0 +1,217 @@
+"""``efci agent``: the Trio main.
+
+Start-up: check dockerd answers, open the state store, load declarations,
+recover what a previous agent left unfinished, bind the socket, serve.
+SIGTERM/SIGINT stop it gracefully: the socket stops accepting, active runs
+are cancelled (their containers stopped, their status recorded), then it
+exits.  SIGHUP reloads the declarations, like ``efci reload``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import trio
+
+from . import __version__, declarations, protocol
+from .config import AgentConfig
+from .control import ControlServer, Send, bind_socket
+from .errors import CommandFailed, EfciError, NotFound
+from .host import docker
+from .logstore import LogStore
+from .model import Requester, RunStatus
+from .runs import Runs, task_to_wire
+from .state import StateStore
+
+log = logging.getLogger("efci.agent")
+
+# How long in-flight requests may take to finish once the agent is stopping.
+SHUTDOWN_GRACE = 5
+
+
+class Agent:
+    """The request handlers and the state they share."""
+
+    def __init__(self, cfg: AgentConfig, state: StateStore, logs: LogStore) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.logs = logs
+        self.instance = state.instance()
+        self.runs = Runs(cfg, state, logs, self.instance)
+        self.decls = declarations.DeclarationSet()
+        self.started_at = time.time()
+        self.docker_version = ""
+
+    # -- declarations ---------------------------------------------------------
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read conf.d; broken files keep their last good version."""
+        parsed = declarations.parse_all(self.cfg.declarations_dir,
+                                        default_owner=self.cfg.owner,
+                                        secrets_base=self.cfg.secrets_base)
+        present = await docker.present_images(self.cfg.docker, declarations.image_refs(parsed))
+        self.decls = declarations.assemble(parsed, existing_images=present, previous=self.decls)
+        for file, message in self.decls.errors.items():
+            kept = " (its last good version stays in force)" if file in self.decls.by_file else ""
+            log.error("declaration refused%s: %s", kept, message)
+        for warning in self.decls.warnings:
+            log.warning("%s", warning)
+        log.info("declarations: %d tasks, %d images from %s", len(self.decls.tasks),
+                 len(self.decls.images), self.cfg.declarations_dir)
+        return self._declarations_summary()
+
+    def _declarations_summary(self) -> dict[str, Any]:
+        return {"tasks": len(self.decls.tasks), "images": len(self.decls.images),
+                "errors": self.decls.errors, "warnings": self.decls.warnings,
+                "directory": str(self.cfg.declarations_dir)}
+
+    # -- recovery -------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Finish the records of runs a previous agent left unfinished."""
+        for record in await self.state.call(self.state.unfinished_runs):
+            fields: dict[str, Any] = {"finished_at": time.time()}
+            container = record.container_id or record.container_name or ""
+            found = await docker.inspect(self.cfg.docker, container) if container else None
+            if found is None:
+                queued = record.status is RunStatus.QUEUED
+                status = RunStatus.CANCELLED if queued else RunStatus.ERROR
+                fields["error"] = "the agent stopped before the run's container ran"
+            elif found.status in ("running", "paused", "restarting"):
+                await docker.stop(self.cfg.docker, container, grace=self.cfg.stop_grace)
+                status = RunStatus.CANCELLED
+                fields["error"] = "the agent stopped while it ran; its container was stopped"
+            elif found.status == "created":
+                status = RunStatus.CANCELLED
+                fields["error"] = "the agent stopped before the run's container started"
+            else:
+                status = RunStatus.SUCCEEDED if found.exit_code == 0 else RunStatus.FAILED
+                fields.update(exit_code=found.exit_code, image_id=found.image_id,
+                              error="finished while the agent was not running; "
+                                    "output after the agent stopped is not in the log")
+            await self.state.call(self.state.update_run, record.id, status=status, **fields)
+            log.warning("recovered run %d: %s (%s)", record.id, status.value, fields["error"])
+
+    # -- requests ---------------------------------------------------------------
+
+    async def handle(self, request: protocol.Request, requester: Requester, send: Send) -> object:
+        method = getattr(self, f"op_{request.op}")
+        return await method(request, requester, send, **request.args)
+
+    async def op_ping(self, *_: Any) -> object:
+        return {"version": __version__}
+
+    async def op_status(self, *_: Any) -> object:
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "config": self.cfg.source,
+            "socket": str(self.cfg.socket_path),
+            "state": str(self.state.path),
+            "docker": self.docker_version,
+            "active_runs": sorted(self.runs.active),
+            "declarations": self._declarations_summary(),
+        }
+
+    async def op_tasks(self, *_: Any) -> object:
+        return [task_to_wire(t) for _, t in sorted(self.decls.tasks.items())]
+
+    async def op_reload(self, *_: Any) -> object:
+        return await self.reload()
+
+    async def op_run(self, request: protocol.Request, requester: Requester, send: Send,
+                     task: str, follow: bool = False) -> object:
+        found = self.decls.tasks.get(task)
+        if found is None:
+            known = ", ".join(sorted(self.decls.tasks)) or "none declared"
+            raise NotFound(f"no task {task!r} (tasks: {known}); see efci tasks")
+        run_id = await self.runs.start(found, requester)
+        if follow:
+            await send(protocol.event(request.id, "started", run=run_id))
+            await self._stream_log(request, send, run_id, 0, follow=True)
+        return await self._run_wire(run_id)
+
+    async def op_runs(self, *_: Any, task: str | None = None, limit: int = 20) -> object:
+        records = await self.state.call(self.state.list_runs, task=task, limit=min(limit, 1000))
+        return [r.to_wire() for r in records]
+
+    async def op_show(self, _r: Any, _q: Any, _s: Any, run: int) -> object:
+        return await self._run_wire(run)
+
+    async def op_logs(self, request: protocol.Request, _q: Any, send: Send, run: int,
+                      follow: bool = False, offset: int = 0) -> object:
+        await self._run_wire(run)  # NotFound for an unknown run
+        end = await self._stream_log(request, send, run, offset, follow=follow)
+        return {"run": run, "offset": end}
+
+    async def op_cancel(self, _r: Any, requester: Requester, _s: Any, run: int) -> object:
+        await self.runs.cancel(run, f"cancelled by uid {requester.uid}")
+        return await self._run_wire(run)
+
+    async def _run_wire(self, run_id: int) -> dict[str, Any]:
+        record = await self.state.call(self.state.get_run, run_id)
+        if record is None:
+            raise NotFound(f"no run {run_id}; see efci runs")
+        return {**record.to_wire(), "log_size": self.logs.size(run_id)}
+
+    async def _stream_log(self, request: protocol.Request, send: Send, run_id: int,
+                          offset: int, *, follow: bool) -> int:
+        async for at, data in self.logs.follow(run_id, offset, live=follow):
+            await send(protocol.log_event(request.id, at, data))
+            offset = at + len(data)
+        return offset
+
+
+async def serve(cfg: AgentConfig) -> None:
+    """Run the agent until SIGTERM or SIGINT."""
+    try:
+        version = await docker.server_version(cfg.docker)
+    except CommandFailed as e:
+        raise EfciError(f"dockerd does not answer ({e.stderr_text or e.message}); start it "
+                        "(systemctl start docker, or dockerd &) and try again") from e
+    state = StateStore(cfg.state_dir / "state.db")
+    try:
+        agent = Agent(cfg, state, LogStore(cfg.log_dir, limit=cfg.log_limit))
+        agent.docker_version = version
+        log.info("efforting-ci %s starting: config %s, state %s, docker %s", __version__,
+                 cfg.source, cfg.state_dir, version)
+        await agent.recover()
+        await agent.reload()
+        sock = bind_socket(cfg.socket_path, mode=cfg.socket_mode, group=cfg.socket_group)
+        try:
+            await _serve_until_signal(agent, sock)
+        finally:
+            sock.close()
+            if cfg.socket_path.is_socket():
+                cfg.socket_path.unlink()
+    finally:
+        state.close()
+    log.info("efforting-ci stopped")
+
+
+async def _serve_until_signal(agent: Agent, sock: Any) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.runs.serve)
+            server = ControlServer(sock, agent.handle)
+            await nursery.start(server.serve)
+            log.info("listening on %s", agent.cfg.socket_path)
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP: reloading declarations")
+                    await agent.reload()
+                    continue
+                log.info("%s: stopping (%d active runs)", signal.Signals(signum).name,
+                         len(agent.runs.active))
+                break
+            await agent.runs.shutdown()
+            # Followers of the cancelled runs now get their last bytes and
+            # status; give in-flight requests a moment, then close.
+            with trio.move_on_after(SHUTDOWN_GRACE):
+                await server.wait_idle()
+            nursery.cancel_scope.cancel()

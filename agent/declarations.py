@@ -1,0 +1,394 @@
+"""Image and task declarations: ``conf.d/*.yml``.
+
+A file is either the general form::
+
+    owner: alice            # optional; agent.yml's owner otherwise
+    images:
+      NAME: {dockerfile: PATH | inline: TEXT, context: DIR}
+    tasks:
+      NAME: {image: ..., command: ..., checkout: {repositories: [...]}, ...}
+
+or the seed experiment's single-task form (its config.yml, unchanged): ``user``
+is the owner, ``task:`` the task, ``checkout:`` sits beside it, and the task
+is named after the file.  Each file is parsed on its own; :func:`assemble`
+combines the files, checks names across them and keeps a file's last good
+version when its new one is broken (a broken file is refused whole).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import names
+from .errors import ConfigError
+from .model import CacheUse, Image, Network, Repository, Stage, Task
+from .yamlconf import Node, load_file
+
+TASK_KEYS = {"image", "command", "env", "checkout", "secrets", "caches", "deploy_target",
+             "deploy_targets", "network", "time_limit", "stages"}
+REPO_KEYS = {"repo_url", "revision", "mutable", "key", "submodules", "name"}
+
+
+@dataclass
+class FileDeclarations:
+    """What one file declares."""
+
+    file: str
+    images: dict[str, Image] = field(default_factory=dict)
+    tasks: dict[str, Task] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+# -- fields -------------------------------------------------------------------
+
+def _name(node: Node) -> str:
+    value = node.string(pattern=names.NAME, what=names.NAME_HELP, max_len=64)
+    if ".." in value:
+        raise node.error(f"{value!r} is not {names.NAME_HELP}")
+    return value
+
+
+def _names(node: Node) -> tuple[str, ...]:
+    return tuple(_name(n) for n in node.sequence())
+
+
+def _command(node: Node) -> tuple[str, ...]:
+    """A list of arguments, or a string run by the image's /bin/sh -c.
+
+    The string form runs a shell *inside the task container*, as any CI
+    script does; nothing from a declaration is ever run by a host shell.
+    """
+    if node.is_sequence():
+        argv = tuple(n.string() for n in node.sequence())
+        if not argv:
+            raise node.error("must not be an empty list")
+        return argv
+    return ("/bin/sh", "-c", node.string(max_len=65536))
+
+
+def _env(node: Node) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for key, value in node.mapping(free=True).items():
+        if not names.ENV_NAME.fullmatch(key):
+            raise value.error(f"{key!r} is not an environment variable name")
+        env[key] = value.string(max_len=65536)
+    return env
+
+
+def _time_limit(node: Node) -> int:
+    text = node.raw_scalar()
+    seconds = names.parse_duration(text)
+    if seconds is None or seconds <= 0:
+        raise node.error(f"must be a duration such as 90s, 15m or 1h30m, not {text!r}")
+    return seconds
+
+
+def _image_ref(node: Node) -> str:
+    return node.string(pattern=names.IMAGE_REF, what=names.IMAGE_REF_HELP, max_len=255)
+
+
+def _repository(node: Node) -> Repository:
+    fields = node.mapping(required={"repo_url", "revision", "key"}, optional=REPO_KEYS)
+    url_node = fields["repo_url"]
+    url = url_node.string(max_len=2048)
+    if url.startswith("-") or "::" in url.split("/")[0] or url.startswith(("file:", "ext:")):
+        raise url_node.error(
+            f"{url!r} is not an ssh repository URL (options, ext:: and file:// are refused)")
+    if any(ord(c) < 0x21 for c in url):
+        raise url_node.error("must not contain spaces or control characters")
+    mutable = fields["mutable"].boolean() if "mutable" in fields else False
+    rev_node = fields["revision"]
+    revision = rev_node.string(max_len=255)
+    if not mutable and not names.FULL_SHA.fullmatch(revision):
+        raise rev_node.error(
+            f"{revision!r} is not a full commit sha; a ref name needs mutable: true "
+            "(it is re-checked out on every run)")
+    problem = names.ref_format_problem(revision)
+    if problem:
+        raise rev_node.error(f"{revision!r} is not a valid revision: it {problem}")
+    if "name" in fields:
+        mount_name = _name(fields["name"])
+    else:
+        base = posixpath.basename(url.rstrip("/").split(":")[-1])
+        mount_name = base[:-4] if base.endswith(".git") else base
+        if not names.is_name(mount_name):
+            raise url_node.error(
+                f"its basename {mount_name!r} cannot be a mount name; set name: explicitly")
+    return Repository(
+        repo_url=url,
+        revision=revision,
+        mutable=mutable,
+        key=_name(fields["key"]),
+        submodules=fields["submodules"].boolean() if "submodules" in fields else False,
+        mount_name=mount_name,
+        entry=node.plain_value(),  # type: ignore[arg-type]
+    )
+
+
+def _checkout(node: Node) -> tuple[Repository, ...]:
+    repos = tuple(_repository(n) for n in node.mapping(required={"repositories"})
+                  ["repositories"].sequence())
+    seen: dict[str, int] = {}
+    for i, repo in enumerate(repos):
+        if repo.mount_name in seen:
+            raise node.error(f"repositories {seen[repo.mount_name]} and {i} both mount at "
+                             f"/src/{repo.mount_name}; give one a name:")
+        seen[repo.mount_name] = i
+    return repos
+
+
+def _caches(node: Node) -> tuple[CacheUse, ...]:
+    caches = []
+    for item in node.sequence():
+        f = item.mapping(required={"name", "path"}, optional={"quota", "shared"})
+        path = f["path"].string()
+        if not path.startswith("/") or posixpath.normpath(path) != path or path == "/":
+            raise f["path"].error(f"must be a normalised absolute path in the container, "
+                                  f"not {path!r}")
+        quota = None
+        if "quota" in f:
+            quota = names.parse_size(f["quota"].raw_scalar())
+            if not quota:
+                raise f["quota"].error("must be a size such as 2GiB")
+        caches.append(CacheUse(_name(f["name"]), path, quota,
+                               f["shared"].boolean() if "shared" in f else False))
+    return tuple(caches)
+
+
+def _stages(node: Node) -> tuple[Stage, ...]:
+    stages = []
+    seen: set[str] = set()
+    for item in node.sequence():
+        f = item.mapping(required={"name"}, optional={"image", "command", "env", "time_limit"})
+        name = _name(f["name"])
+        if name in seen:
+            raise f["name"].error(f"stage {name!r} is declared twice")
+        seen.add(name)
+        stages.append(Stage(
+            name=name,
+            image=_image_ref(f["image"]) if "image" in f else None,
+            command=_command(f["command"]) if "command" in f else None,
+            env=_env(f["env"]) if "env" in f else {},
+            time_limit=_time_limit(f["time_limit"]) if "time_limit" in f else None,
+        ))
+    return tuple(stages)
+
+
+def _deploy_targets(fields: dict[str, Node]) -> tuple[str, ...]:
+    targets: list[str] = []
+    if "deploy_target" in fields:  # the experiment's single path
+        node = fields["deploy_target"]
+        path = node.string()
+        if not path.startswith("/") or posixpath.normpath(path) != path:
+            raise node.error(f"must be a normalised absolute path, not {path!r}")
+        targets.append(path)
+    if "deploy_targets" in fields:
+        targets += _names(fields["deploy_targets"])
+    return tuple(targets)
+
+
+def _task(name: str, owner: str, node: Node, fields: dict[str, Node],
+          repositories: tuple[Repository, ...]) -> Task:
+    if "checkout" in fields:
+        repositories = _checkout(fields["checkout"])
+    network = Network.DEFAULT
+    if "network" in fields:
+        value = fields["network"].string()
+        try:
+            network = Network(value)
+        except ValueError:
+            raise fields["network"].error(
+                f"must be 'default' or 'none', not {value!r} (host networking is never "
+                "given to tasks)") from None
+    return Task(
+        name=name,
+        owner=owner,
+        source=f"{node.file}:{node.line}",
+        image=_image_ref(fields["image"]),
+        command=_command(fields["command"]) if "command" in fields else None,
+        env=_env(fields["env"]) if "env" in fields else {},
+        repositories=repositories,
+        secrets=_names(fields["secrets"]) if "secrets" in fields else (),
+        caches=_caches(fields["caches"]) if "caches" in fields else (),
+        deploy_targets=_deploy_targets(fields),
+        network=network,
+        time_limit=_time_limit(fields["time_limit"]) if "time_limit" in fields else None,
+        stages=_stages(fields["stages"]) if "stages" in fields else (),
+    )
+
+
+def _image_decl(name: str, node: Node, base_dir: Path) -> Image:
+    f = node.mapping(optional={"dockerfile", "inline", "context"})
+    if ("dockerfile" in f) == ("inline" in f):
+        raise node.error("needs exactly one of dockerfile: (a path) or inline: (its text)")
+
+    def inside(key: str) -> Path:
+        text = f[key].string()
+        path = Path(os.path.normpath(base_dir / text))
+        if text.startswith("/") or (path != base_dir and base_dir not in path.parents):
+            raise f[key].error(f"must be a path inside {base_dir}, not {text!r}")
+        return path
+
+    return Image(
+        name=name,
+        source=f"{node.file}:{node.line}",
+        context=inside("context") if "context" in f else base_dir,
+        dockerfile=inside("dockerfile") if "dockerfile" in f else None,
+        inline=f["inline"].string(max_len=65536) if "inline" in f else None,
+    )
+
+
+# -- files --------------------------------------------------------------------
+
+def parse_file(path: Path, *, default_owner: str, secrets_base: Path) -> FileDeclarations:
+    """Parse one declaration file; raises ConfigError for the first problem."""
+    root = load_file(path)
+    out = FileDeclarations(str(path))
+    if root is None:
+        return out
+    top = root.mapping(optional={"owner", "user", "images", "tasks", "task", "checkout",
+                                 "secrets_base", "gitea_api_base"})
+    if "owner" in top and "user" in top:
+        raise top["user"].error("give owner: or user:, not both")
+    owner_node = top.get("owner") or top.get("user")
+    owner = _name(owner_node) if owner_node else default_owner
+
+    if "task" in top:  # the experiment's single-task form
+        if "tasks" in top or "images" in top:
+            raise top["task"].error("a file with task: declares one task; use tasks: for more")
+        name = path.stem
+        if not names.is_name(name):
+            raise ConfigError(str(path), 0, "", f"the file name {name!r} is not a task name "
+                              f"({names.NAME_HELP})")
+        fields = top["task"].mapping(required={"image"}, optional=TASK_KEYS)
+        if "checkout" in top and "checkout" in fields:
+            raise fields["checkout"].error("checkout: is already given at the top of the file")
+        repos = _checkout(top["checkout"]) if "checkout" in top else ()
+        out.tasks[name] = _task(name, owner, top["task"], fields, repos)
+        if "secrets_base" in top:
+            declared = Path(top["secrets_base"].string())
+            if declared != secrets_base:
+                out.warnings.append(
+                    f"{path}:{top['secrets_base'].line}: secrets_base {declared} is ignored; "
+                    f"the agent's secrets store is {secrets_base} (agent.yml paths.secrets)")
+        if "gitea_api_base" in top:
+            top["gitea_api_base"].string()  # accepted for the experiment; not used yet
+        return out
+
+    for key in ("checkout", "secrets_base", "gitea_api_base"):
+        if key in top:
+            raise top[key].error("only allowed beside task: (the single-task form)")
+    if "images" in top:
+        for name, node in top["images"].mapping(free=True).items():
+            if not names.is_name(name):
+                raise node.error(f"image name {name!r} is not {names.NAME_HELP}")
+            out.images[name] = _image_decl(name, node, path.parent)
+    if "tasks" in top:
+        for name, node in top["tasks"].mapping(free=True).items():
+            if not names.is_name(name):
+                raise node.error(f"task name {name!r} is not {names.NAME_HELP}")
+            fields = node.mapping(required={"image"}, optional=TASK_KEYS)
+            out.tasks[name] = _task(name, owner, node, fields, ())
+    return out
+
+
+@dataclass
+class DeclarationSet:
+    """The declarations in force, and what went wrong loading them."""
+
+    images: dict[str, Image] = field(default_factory=dict)
+    tasks: dict[str, Task] = field(default_factory=dict)
+    by_file: dict[str, FileDeclarations] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # file -> message
+    warnings: list[str] = field(default_factory=list)
+
+
+def declaration_files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob("*.yml") if p.is_file())
+
+
+def parse_all(directory: Path, *, default_owner: str,
+              secrets_base: Path) -> dict[str, FileDeclarations | ConfigError]:
+    """Every file's parse, or its error."""
+    results: dict[str, FileDeclarations | ConfigError] = {}
+    for path in declaration_files(directory):
+        try:
+            results[str(path)] = parse_file(path, default_owner=default_owner,
+                                            secrets_base=secrets_base)
+        except ConfigError as e:
+            results[str(path)] = e
+    return results
+
+
+def image_refs(parsed: dict[str, FileDeclarations | ConfigError]) -> set[str]:
+    """Images tasks name that no file declares: they must exist in Docker."""
+    declared = {n for f in parsed.values() if isinstance(f, FileDeclarations) for n in f.images}
+    refs = set()
+    for f in parsed.values():
+        if isinstance(f, FileDeclarations):
+            for task in f.tasks.values():
+                refs |= {task.image} | {s.image for s in task.stages if s.image}
+    return refs - declared
+
+
+def assemble(parsed: dict[str, FileDeclarations | ConfigError], *,
+             existing_images: set[str], previous: DeclarationSet | None) -> DeclarationSet:
+    """Combine files into one set, each file whole or not at all.
+
+    A file that fails to parse or conflicts with the others is refused; its
+    last good version (from ``previous``) stays in force and the error is
+    kept for ``efci status``.
+    """
+    result = DeclarationSet()
+    candidates: dict[str, FileDeclarations] = {}
+    for file, item in parsed.items():
+        if isinstance(item, ConfigError):
+            result.errors[file] = item.message
+            if previous and file in previous.by_file:
+                candidates[file] = previous.by_file[file]
+        else:
+            candidates[file] = item
+
+    declared_images = {n: f for f, decl in candidates.items() for n in decl.images}
+    for file, decl in candidates.items():
+        try:
+            _check_against(file, decl, result, declared_images, existing_images)
+        except ConfigError as e:
+            result.errors[file] = e.message
+            old = previous.by_file.get(file) if previous else None
+            if old is None or old is decl:
+                continue
+            try:
+                _check_against(file, old, result, declared_images, existing_images)
+            except ConfigError:
+                continue
+            decl = old
+        result.by_file[file] = decl
+        result.images.update(decl.images)
+        result.tasks.update(decl.tasks)
+        result.warnings += decl.warnings
+    return result
+
+
+def _check_against(file: str, decl: FileDeclarations, so_far: DeclarationSet,
+                   declared_images: dict[str, str], existing_images: set[str]) -> None:
+    for name, task in decl.tasks.items():
+        if name in so_far.tasks:
+            raise ConfigError(file, 0, f"tasks.{name}",
+                              f"task {name!r} is already declared at {so_far.tasks[name].source}")
+        for ref, where in [(task.image, "image")] + [
+                (s.image, f"stages.{s.name}.image") for s in task.stages if s.image]:
+            if ref not in declared_images and ref not in existing_images:
+                line = int(task.source.rsplit(":", 1)[1])
+                raise ConfigError(file, line, f"tasks.{name}.{where}",
+                                  f"image {ref!r} is neither declared under images: nor present "
+                                  "in Docker (docker image ls)")
+    for name in decl.images:
+        if name in so_far.images:
+            raise ConfigError(file, 0, f"images.{name}",
+                              f"image {name!r} is already declared at {so_far.images[name].source}")

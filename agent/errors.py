@@ -1,0 +1,80 @@
+"""The agent's error classes: each knows its message, its protocol code and
+the exit status `efci` returns for it (borg's habit), so a failure reads the
+same in the daemon's log, over the socket and at the shell."""
+
+from __future__ import annotations
+
+
+class EfciError(Exception):
+    """Base of every error the agent reports to a person on purpose."""
+
+    code = "error"
+    exit_status = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_wire(self) -> dict[str, object]:
+        return {"code": self.code, "message": self.message}
+
+
+class ConfigError(EfciError):
+    """A file the administrator wrote is wrong: says file, line and field."""
+
+    code = "config"
+    exit_status = 78  # EX_CONFIG
+
+    def __init__(self, file: str, line: int, field: str, problem: str) -> None:
+        where = file + (f":{line}" if line else "")
+        super().__init__(f"{where}: {field + ': ' if field else ''}{problem}")
+        self.file, self.line, self.field, self.problem = file, line, field, problem
+
+    def to_wire(self) -> dict[str, object]:
+        return {**super().to_wire(), "file": self.file, "line": self.line, "field": self.field}
+
+
+class RequestError(EfciError):
+    """A control-socket request is malformed or asks for something invalid."""
+
+    code = "bad_request"
+    exit_status = 64  # EX_USAGE
+
+
+class NotFound(EfciError):
+    code = "not_found"
+    exit_status = 66  # EX_NOINPUT
+
+
+class Conflict(EfciError):
+    """The request is valid but the thing is in the wrong state for it."""
+
+    code = "conflict"
+    exit_status = 75  # EX_TEMPFAIL
+
+
+class AgentUnreachable(EfciError):
+    code = "unreachable"
+    exit_status = 69  # EX_UNAVAILABLE
+
+
+class CommandFailed(EfciError):
+    """A host program (docker, git, ...) failed: shows the command, its exit
+    status and its indented output, which is what an operator needs to act."""
+
+    code = "command_failed"
+
+    def __init__(self, argv: list[str], returncode: int, stdout: bytes, stderr: bytes) -> None:
+        self.argv, self.returncode = argv, returncode
+        self.stdout, self.stderr = stdout, stderr
+        parts = [f"command failed with exit status {returncode}: {' '.join(argv)}"]
+        for name, data in (("stdout", stdout), ("stderr", stderr)):
+            text = data.decode("utf-8", "replace").strip()
+            if text:
+                indented = "\n".join("    " + line for line in text.splitlines()[-20:])
+                parts.append(f"  {name}:\n{indented}")
+        super().__init__("\n".join(parts))
+
+    @property
+    def stderr_text(self) -> str:
+        return self.stderr.decode("utf-8", "replace").strip()

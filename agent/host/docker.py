@@ -1,0 +1,124 @@
+"""The docker CLI: pure argument builders and thin async calls.
+
+Every destroy here (stop, remove) is idempotent: a container that is
+already gone is not an error, so teardown and recovery can repeat them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from ..errors import CommandFailed
+from . import command
+
+# The seed's colour variables: tools each have their own idea of when to colour.
+COLOUR_ENV = {"TERM": "xterm-256color", "FORCE_COLOR": "1", "CLICOLOR_FORCE": "1"}
+
+LABEL_PREFIX = "org.efforting-ci."
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """What a task container is made of; built by the run code, checked here."""
+
+    name: str
+    image: str
+    command: tuple[str, ...] | None
+    network: str  # "none" or a docker network name; never "host"
+    env: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    tty: bool = False
+
+
+def create_argv(docker: str, spec: ContainerSpec) -> list[str]:
+    """``docker create`` for a task container.
+
+    Task containers never get host networking, privileges, devices or the
+    docker socket: nothing here can add them, and the network is refused
+    outright.  NET_RAW is dropped (no raw sockets, no ping floods, no ARP
+    spoofing on the bridge) and no process may gain privileges by setuid.
+    """
+    if spec.network in ("host", "") or spec.network.startswith("container:"):
+        raise ValueError(f"refusing network {spec.network!r} for a task container")
+    # --init: a tiny init as PID 1 forwards SIGTERM to the task and reaps
+    # zombies, so stopping a run does not always wait out the grace period.
+    argv = [docker, "create", "--name", spec.name, "--init", "--network", spec.network,
+            "--security-opt", "no-new-privileges", "--cap-drop", "NET_RAW"]
+    if spec.tty:
+        argv.append("--tty")
+    for key, value in sorted(spec.labels.items()):
+        argv += ["--label", f"{LABEL_PREFIX}{key}={value}"]
+    for key, value in {**COLOUR_ENV, **spec.env}.items():
+        argv += ["--env", f"{key}={value}"]
+    argv.append(spec.image)
+    if spec.command:
+        argv += list(spec.command)
+    return argv
+
+
+def start_attached_argv(docker: str, container: str) -> list[str]:
+    return [docker, "start", "--attach", container]
+
+
+async def server_version(docker: str) -> str:
+    """dockerd's version; raises CommandFailed when it does not answer."""
+    result = await command.run([docker, "version", "--format", "{{.Server.Version}}"])
+    return result.stdout.decode().strip()
+
+
+def _normalise_ref(ref: str) -> str:
+    last = ref.rsplit("/", 1)[-1]
+    return ref if ":" in last or "@" in last else ref + ":latest"
+
+
+async def present_images(docker: str, refs: set[str]) -> set[str]:
+    """Which of ``refs`` exist locally (one ``docker image ls``)."""
+    if not refs:
+        return set()
+    result = await command.run([docker, "image", "ls", "--format",
+                                "{{.Repository}}:{{.Tag}}"])
+    have = set(result.stdout.decode().split())
+    return {ref for ref in refs if _normalise_ref(ref) in have}
+
+
+async def create(docker: str, spec: ContainerSpec) -> str:
+    result = await command.run(create_argv(docker, spec))
+    return result.stdout.decode().strip()
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    status: str  # created, running, exited, ...
+    exit_code: int
+    image_id: str
+
+
+async def inspect(docker: str, container: str) -> ContainerState | None:
+    """The container's state, or None if there is no such container."""
+    result = await command.run(
+        [docker, "container", "inspect", "--format", "{{json .State}} {{json .Image}}",
+         container], check=False)
+    if result.returncode != 0:
+        if b"No such" in result.stderr or b"no such" in result.stderr:
+            return None
+        raise CommandFailed(result.args, result.returncode, result.stdout, result.stderr)
+    state_json, image_json = result.stdout.decode().rsplit(" ", 1)
+    state = json.loads(state_json)
+    return ContainerState(state["Status"], int(state["ExitCode"]), json.loads(image_json))
+
+
+async def stop(docker: str, container: str, *, grace: int) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; idempotent."""
+    await _ignoring_missing([docker, "stop", "--time", str(grace), container])
+
+
+async def remove(docker: str, container: str) -> None:
+    """Remove the container (and its anonymous volumes); idempotent."""
+    await _ignoring_missing([docker, "rm", "--force", "--volumes", container])
+
+
+async def _ignoring_missing(argv: list[str]) -> None:
+    result = await command.run(argv, check=False)
+    if result.returncode != 0 and b"No such container" not in result.stderr:
+        raise CommandFailed(argv, result.returncode, result.stdout, result.stderr)

@@ -1,0 +1,101 @@
+"""Plain data: what declarations say and what a run is. No I/O here."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Repository:
+    """One entry of a task's ``checkout.repositories``.
+
+    ``entry`` is the entry exactly as declared (keys and typed values); the
+    base worktree volume's name is a hash of it, so it must not be normalised.
+    """
+
+    repo_url: str
+    revision: str
+    mutable: bool
+    key: str
+    submodules: bool
+    mount_name: str
+    entry: dict[str, object]
+
+
+@dataclass(frozen=True)
+class CacheUse:
+    name: str
+    path: str  # inside the container
+    quota: int | None
+    shared: bool
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    image: str | None
+    command: tuple[str, ...] | None
+    env: dict[str, str]
+    time_limit: int | None
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image declaration: built from a Dockerfile and a context."""
+
+    name: str
+    source: str  # file:line of the declaration
+    context: Path
+    dockerfile: Path | None
+    inline: str | None
+
+
+class Network(enum.Enum):
+    DEFAULT = "default"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    owner: str
+    source: str  # file:line of the declaration, for messages
+    image: str
+    command: tuple[str, ...] | None  # None: the image's own CMD
+    env: dict[str, str] = field(default_factory=dict)
+    repositories: tuple[Repository, ...] = ()
+    secrets: tuple[str, ...] = ()
+    caches: tuple[CacheUse, ...] = ()
+    deploy_targets: tuple[str, ...] = ()  # names from agent.yml, or absolute paths
+    network: Network = Network.DEFAULT
+    time_limit: int | None = None  # seconds; None: agent.yml's default
+    stages: tuple[Stage, ...] = ()
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.owner}/{self.name}"
+
+
+class RunStatus(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # the task exited non-zero: a result, not an agent fault
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    ERROR = "error"  # the agent could not run it (docker failed, image missing, ...)
+
+    @property
+    def finished(self) -> bool:
+        return self not in (RunStatus.QUEUED, RunStatus.RUNNING)
+
+
+@dataclass(frozen=True)
+class Requester:
+    """Who asked, from SO_PEERCRED on the control socket."""
+
+    uid: int
+    gid: int
+    pid: int

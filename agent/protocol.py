@@ -1,0 +1,137 @@
+"""The control protocol: JSON lines over a unix socket, without any I/O.
+
+A client sends one request per line::
+
+    {"id": 1, "op": "run", "args": {"task": "hello", "follow": true}}
+
+and the agent answers with lines carrying the same id: zero or more
+*events* (``{"id": 1, "event": "log", ...}``) for streaming operations, then
+exactly one final line, ``{"id": 1, "ok": true, "result": ...}`` or
+``{"id": 1, "ok": false, "error": {"code": ..., "message": ...}}``.
+Log bytes travel base64-encoded in ``data`` so no byte is ever re-encoded.
+A connection may carry many requests, one after another.
+
+Lines are capped at :data:`MAX_LINE` bytes; a longer one is refused and the
+connection closed, since its end cannot be found without buffering it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import EfciError, RequestError
+
+MAX_LINE = 64 * 1024
+
+
+# op -> {arg: (type, required)}
+OPS: dict[str, dict[str, tuple[type, bool]]] = {
+    "ping": {},
+    "status": {},
+    "tasks": {},
+    "reload": {},
+    "run": {"task": (str, True), "follow": (bool, False)},
+    "runs": {"task": (str, False), "limit": (int, False)},
+    "show": {"run": (int, True)},
+    "logs": {"run": (int, True), "follow": (bool, False), "offset": (int, False)},
+    "cancel": {"run": (int, True)},
+}
+
+
+class LineTooLong(RequestError):
+    pass
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int | str | None
+    op: str
+    args: dict[str, Any]
+
+
+class LineSplitter:
+    """Feed bytes, get complete lines (without the newline)."""
+
+    def __init__(self, max_line: int = MAX_LINE) -> None:
+        self._buf = bytearray()
+        self._max = max_line
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        *lines, rest = self._buf.split(b"\n")
+        if len(rest) > self._max or any(len(line) > self._max for line in lines):
+            raise LineTooLong(f"request line longer than {self._max} bytes")
+        self._buf = bytearray(rest)
+        return [bytes(line) for line in lines]
+
+
+def parse_request(line: bytes) -> Request:
+    """Validate one request line; RequestError says what is wrong."""
+    try:
+        msg = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(f"request is not JSON: {e}") from None
+    if not isinstance(msg, dict):
+        raise RequestError("request must be a JSON object")
+    rid = msg.get("id")
+    if rid is not None and not (isinstance(rid, int | str) and not isinstance(rid, bool)
+                                and len(str(rid)) <= 64):
+        raise RequestError("id must be a number or a string of at most 64 characters")
+    unknown = set(msg) - {"id", "op", "args"}
+    if unknown:
+        raise RequestError(f"unknown request field {sorted(unknown)[0]!r}")
+    op = msg.get("op")
+    if not isinstance(op, str) or op not in OPS:
+        raise RequestError(f"unknown op {op!r}; known: {', '.join(sorted(OPS))}")
+    args = msg.get("args", {})
+    if not isinstance(args, dict):
+        raise RequestError("args must be a JSON object")
+    spec = OPS[op]
+    for name, value in args.items():
+        if name not in spec:
+            raise RequestError(f"{op}: unknown argument {name!r}")
+        kind = spec[name][0]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise RequestError(f"{op}: argument {name!r} must be {kind.__name__}")
+        if isinstance(value, int) and not 0 <= value < 2**62:
+            raise RequestError(f"{op}: argument {name!r} is out of range")
+    for name, (_, required) in spec.items():
+        if required and name not in args:
+            raise RequestError(f"{op}: missing argument {name!r}")
+    return Request(rid, op, args)
+
+
+def request_id_of(line: bytes) -> int | str | None:
+    """Best-effort id of a line that failed validation, to address the error."""
+    try:
+        rid = json.loads(line).get("id")
+    except (ValueError, AttributeError):
+        return None
+    return rid if isinstance(rid, int | str) and not isinstance(rid, bool) else None
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def ok(rid: int | str | None, result: Any) -> bytes:
+    return encode({"id": rid, "ok": True, "result": result})
+
+
+def error(rid: int | str | None, err: EfciError) -> bytes:
+    return encode({"id": rid, "ok": False, "error": err.to_wire()})
+
+
+def event(rid: int | str | None, kind: str, **fields: Any) -> bytes:
+    return encode({"id": rid, "event": kind, **fields})
+
+
+def log_event(rid: int | str | None, offset: int, data: bytes) -> bytes:
+    return event(rid, "log", offset=offset, data=base64.b64encode(data).decode("ascii"))
+
+
+def decode_log(message: dict[str, Any]) -> bytes:
+    return base64.b64decode(message["data"], validate=True)

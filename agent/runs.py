@@ -1,0 +1,209 @@
+"""The run lifecycle: queued -> running -> a result.
+
+A run is recorded (queued) before anything happens, waits for a free slot
+(``runs.max_parallel``), gets its container created and recorded, then runs
+attached with every byte of output going to its log.  Its end is one of:
+
+* succeeded / failed: the task exited 0 / non-zero (a result, not a fault);
+* timed_out: its time limit passed; the container was stopped;
+* cancelled: ``efci cancel`` or the agent stopping; the container was stopped;
+* error: the agent could not run it (docker refused, image missing...).
+
+Whatever happens, the status and the log are kept; teardown (stopping the
+container) runs shielded with a deadline, so cancellation cannot skip it.
+The finished container is kept, stopped, as the seed's lifecycle wants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .config import AgentConfig
+from .errors import Conflict, EfciError, NotFound
+from .host import docker
+from .logstore import LogStore, LogWriter
+from .model import Network, Requester, RunStatus, Task
+from .state import StateStore
+
+log = logging.getLogger(__name__)
+
+# Longest a teardown step may take once its run is being cancelled.
+TEARDOWN_SLACK = 30
+
+
+def task_to_wire(task: Task) -> dict[str, Any]:
+    """A task as plain JSON data (for the CLI and the run's snapshot)."""
+    data = dataclasses.asdict(task)
+    data["network"] = task.network.value
+    return data
+
+
+def container_spec(cfg: AgentConfig, instance: str, run_id: int,
+                   task: Task) -> docker.ContainerSpec:
+    """The task container for a run: pure, so unit tests can check it."""
+    return docker.ContainerSpec(
+        name=f"efci-{instance}-{run_id}",
+        image=task.image,
+        command=task.command,
+        network="none" if task.network is Network.NONE else "bridge",
+        env=dict(task.env),
+        labels={"instance": instance, "run": str(run_id), "task": task.qualified_name},
+    )
+
+
+@dataclass
+class ActiveRun:
+    id: int
+    task: Task
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    cancel_reason: str = ""
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+class Runs:
+    """Starts runs in its own nursery, tracks them, stops them.
+
+    Call :meth:`serve` (via ``nursery.start``) before :meth:`start`;
+    :meth:`shutdown` cancels every active run and waits until each has
+    recorded its end.
+    """
+
+    def __init__(self, cfg: AgentConfig, state: StateStore, logs: LogStore,
+                 instance: str) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.logs = logs
+        self.instance = instance
+        self.active: dict[int, ActiveRun] = {}
+        self._slots = trio.CapacityLimiter(cfg.max_parallel)
+        self._nursery: trio.Nursery | None = None
+        self._stopping = False
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                    ) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def start(self, task: Task, requester: Requester) -> int:
+        assert self._nursery is not None, "Runs.serve must be running"
+        if self._stopping:
+            raise Conflict("the agent is stopping; no new runs are started")
+        run_id = await self.state.call(self.state.create_run, task, requester,
+                                       task_to_wire(task))
+        run = ActiveRun(run_id, task)
+        self.active[run_id] = run
+        # Opened here, not in the run's task, so a follower that asks right
+        # after start() already sees a live log.
+        writer = self.logs.open_writer(run_id)
+        self._nursery.start_soon(self._execute, run, writer, name=f"run {run_id}")
+        log.info("run %d of %s queued (uid %d)", run_id, task.qualified_name, requester.uid)
+        return run_id
+
+    async def cancel(self, run_id: int, reason: str) -> None:
+        run = self.active.get(run_id)
+        if run is None:
+            record = await self.state.call(self.state.get_run, run_id)
+            if record is None:
+                raise NotFound(f"no run {run_id}")
+            raise Conflict(f"run {run_id} is not active (it is {record.status.value})")
+        run.cancel_reason = reason
+        run.scope.cancel()
+        await run.done.wait()
+
+    async def shutdown(self) -> None:
+        """Cancel every active run and wait for each to record its end."""
+        self._stopping = True
+        runs = list(self.active.values())
+        for run in runs:
+            run.cancel_reason = "the agent is stopping"
+            run.scope.cancel()
+        for run in runs:
+            await run.done.wait()
+
+    # -- one run ---------------------------------------------------------------
+
+    async def _execute(self, run: ActiveRun, writer: LogWriter) -> None:
+        try:
+            status, fields = RunStatus.ERROR, dict[str, Any]()
+            with run.scope:
+                async with self._slots:
+                    status, fields = await self._run_container(run, writer)
+            if run.scope.cancelled_caught:
+                status, fields = RunStatus.CANCELLED, {"error": run.cancel_reason}
+        except EfciError as e:
+            status, fields = RunStatus.ERROR, {"error": e.message}
+        except Exception as e:  # the agent broke: keep the run's record honest anyway
+            log.exception("run %d: unexpected error", run.id)
+            status, fields = RunStatus.ERROR, {"error": f"internal error: {e!r}"}
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._finish(run, writer, status, fields)
+
+    async def _finish(self, run: ActiveRun, writer: LogWriter, status: RunStatus,
+                      fields: dict[str, Any]) -> None:
+        try:
+            if fields.get("error"):
+                writer.append(f"\r\n[efci] {status.value}: {fields['error']}\r\n".encode())
+            await self.state.call(self.state.update_run, run.id, status=status,
+                                  finished_at=time.time(), **fields)
+        except Exception:
+            # Recovery at the next start finds the run unfinished and settles
+            # it from the container's state; the agent itself carries on.
+            log.exception("run %d: could not record its end (%s)", run.id, status.value)
+        else:
+            log.info("run %d of %s: %s%s", run.id, run.task.qualified_name, status.value,
+                     f" ({fields['error']})" if fields.get("error") else "")
+        finally:
+            writer.close()
+            del self.active[run.id]
+            run.done.set()
+
+    async def _run_container(self, run: ActiveRun, writer: LogWriter,
+                             ) -> tuple[RunStatus, dict[str, Any]]:
+        spec = container_spec(self.cfg, self.instance, run.id, run.task)
+        await self.state.call(self.state.update_run, run.id, status=RunStatus.RUNNING,
+                              started_at=time.time(), container_name=spec.name)
+        container = await docker.create(self.cfg.docker, spec)
+        await self.state.call(self.state.update_run, run.id, container_id=container)
+        limit = run.task.time_limit or self.cfg.time_limit
+        with trio.move_on_after(limit) as timer:
+            try:
+                await self._attach(container, writer)
+            finally:
+                if timer.cancel_called or run.scope.cancel_called:
+                    with trio.move_on_after(self.cfg.stop_grace + TEARDOWN_SLACK) as t:
+                        t.shield = True
+                        await docker.stop(self.cfg.docker, container, grace=self.cfg.stop_grace)
+        state = await docker.inspect(self.cfg.docker, container)
+        if state is None:
+            return RunStatus.ERROR, {"error": f"container {spec.name} disappeared"}
+        fields = {"exit_code": state.exit_code, "image_id": state.image_id}
+        if timer.cancelled_caught:
+            return RunStatus.TIMED_OUT, {**fields, "error": f"time limit of {limit}s reached"}
+        return (RunStatus.SUCCEEDED if state.exit_code == 0 else RunStatus.FAILED), fields
+
+    async def _attach(self, container: str, writer: LogWriter) -> None:
+        """Start the container attached and copy its output into the log."""
+        proc = await trio.lowlevel.open_process(
+            docker.start_attached_argv(self.cfg.docker, container),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            assert proc.stdout is not None
+            while data := await proc.stdout.receive_some(1 << 16):
+                writer.append(data)
+            await proc.wait()
+        finally:
+            with trio.CancelScope(shield=True):
+                if proc.returncode is None:
+                    proc.kill()  # only the attached client: the container lives on
+                await proc.wait()
+                await proc.stdout.aclose()  # type: ignore[union-attr]

@@ -1,0 +1,201 @@
+"""The state store: SQLite in WAL mode under the state directory.
+
+Every change a crash must not lose is committed before the agent acts on it
+(a run is recorded *queued* before its container exists, and its container
+id before the container starts), so recovery can find and finish it.
+
+The schema is versioned with ``PRAGMA user_version`` and migrated forward
+on open; a database newer than this code is refused rather than guessed at.
+Methods are synchronous and quick; the daemon calls them through
+:meth:`StateStore.call`, one at a time in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from .model import Requester, RunStatus, Task
+
+T = TypeVar("T")
+
+# Each entry moves the schema from version i to i+1; never edit a shipped one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        task TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        exit_code INTEGER,
+        error TEXT,
+        requested_uid INTEGER NOT NULL,
+        requested_gid INTEGER NOT NULL,
+        requested_pid INTEGER NOT NULL,
+        image TEXT NOT NULL,
+        image_id TEXT,
+        container_name TEXT,
+        container_id TEXT,
+        declaration TEXT NOT NULL
+    );
+    CREATE INDEX runs_by_task ON runs (task, id);
+    CREATE INDEX runs_unfinished ON runs (status) WHERE status IN ('queued', 'running');
+    """,
+)
+
+
+class SchemaTooNew(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: int
+    task: str
+    owner: str
+    status: RunStatus
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    exit_code: int | None
+    error: str | None
+    requested_uid: int
+    requested_gid: int
+    requested_pid: int
+    image: str
+    image_id: str | None
+    container_name: str | None
+    container_id: str | None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**self.__dict__, "status": self.status.value}
+
+
+_RUN_COLUMNS = ", ".join(RunRecord.__dataclass_fields__)
+
+
+def _record(row: sqlite3.Row) -> RunRecord:
+    values = dict(row)
+    values["status"] = RunStatus(values["status"])
+    return RunRecord(**values)
+
+
+class StateStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        # One connection, used by one worker thread at a time (the limiter).
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._limiter = trio.CapacityLimiter(1)
+        self._migrate()
+        os.chmod(path, 0o600)
+
+    def close(self) -> None:
+        self._db.close()
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one of this store's methods in the worker thread."""
+        return await trio.to_thread.run_sync(partial(fn, *args, **kwargs),
+                                             limiter=self._limiter)
+
+    # -- schema ------------------------------------------------------------
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        version = self.schema_version
+        if version > len(MIGRATIONS):
+            raise SchemaTooNew(
+                f"{self.path} has schema version {version}, newer than this efci knows "
+                f"({len(MIGRATIONS)}); run the newer efci or restore a backup")
+        for target in range(version + 1, len(MIGRATIONS) + 1):
+            with self._transaction():
+                for statement in MIGRATIONS[target - 1].split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {target}")
+        with self._transaction():
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('instance', ?)",
+                             (secrets.token_hex(4),))
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def instance(self) -> str:
+        """A random id of this agent's state, used in container names so two
+        agents on one host (``--root``) never touch each other's containers."""
+        return str(self._db.execute("SELECT value FROM meta WHERE key='instance'").fetchone()[0])
+
+    # -- runs ----------------------------------------------------------------
+
+    def create_run(self, task: Task, requester: Requester, declaration: dict[str, Any]) -> int:
+        with self._transaction():
+            cur = self._db.execute(
+                "INSERT INTO runs (task, owner, status, created_at, requested_uid,"
+                " requested_gid, requested_pid, image, declaration)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (task.name, task.owner, RunStatus.QUEUED.value, time.time(), requester.uid,
+                 requester.gid, requester.pid, task.image, json.dumps(declaration)))
+            return int(cur.lastrowid)  # type: ignore[arg-type]
+
+    def update_run(self, run_id: int, **fields: Any) -> None:
+        for key in fields:
+            if key not in RunRecord.__dataclass_fields__ or key == "id":
+                raise KeyError(key)
+        if isinstance(fields.get("status"), RunStatus):
+            fields["status"] = fields["status"].value
+        assignments = ", ".join(f"{key} = ?" for key in fields)
+        with self._transaction():
+            self._db.execute(f"UPDATE runs SET {assignments} WHERE id = ?",  # noqa: S608
+                             (*fields.values(), run_id))
+
+    def get_run(self, run_id: int) -> RunRecord | None:
+        row = self._db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?",  # noqa: S608
+                               (run_id,)).fetchone()
+        return _record(row) if row else None
+
+    def list_runs(self, *, task: str | None = None, limit: int = 20) -> list[RunRecord]:
+        query = f"SELECT {_RUN_COLUMNS} FROM runs"  # noqa: S608
+        args: tuple[Any, ...] = ()
+        if task is not None:
+            query += " WHERE task = ?"
+            args = (task,)
+        rows = self._db.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit))
+        return [_record(r) for r in rows]
+
+    def unfinished_runs(self) -> list[RunRecord]:
+        rows = self._db.execute(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'running')"  # noqa: S608
+            " ORDER BY id")
+        return [_record(r) for r in rows]
+

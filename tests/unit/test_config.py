@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent import config
+from agent.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.yml"
+    path.write_text(text)
+    return path
+
+
+def test_root_moves_every_default_path(tmp_path: Path) -> None:
+    cfg = config.defaults(config.Layout.under(tmp_path))
+    for attr in ("declarations_dir", "state_dir", "log_dir", "secrets_base", "caches_root",
+                 "socket_path"):
+        assert tmp_path in getattr(cfg, attr).parents, attr
+
+
+def test_system_layout_matches_the_design() -> None:
+    cfg = config.defaults(config.Layout.system())
+    assert cfg.socket_path == Path("/run/efforting-ci/agent.sock")
+    assert cfg.secrets_base == Path("/srv/ci-secrets")
+    assert cfg.state_dir == Path("/var/lib/efforting-ci")
+    assert cfg.declarations_dir == Path("/etc/efforting-ci/conf.d")
+
+
+def test_efci_root_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("EFCI_ROOT", str(tmp_path))
+    assert config.Layout.from_environment(None).etc == tmp_path / "etc"
+    assert config.Layout.from_environment("/x").etc == Path("/x/etc")
+
+
+def test_example_is_complete_and_loads_to_the_defaults(tmp_path: Path) -> None:
+    layout = config.Layout.under(tmp_path)
+    text = config.example(layout)
+    for setting in config.SETTINGS:
+        assert setting.key.rpartition(".")[2] + ":" in text
+    loaded = config.load(layout, write(tmp_path, text))
+    assert {**loaded.__dict__, "source": ""} == {**config.defaults(layout).__dict__, "source": ""}
+
+
+def test_values_are_parsed(tmp_path: Path) -> None:
+    cfg = config.load(config.Layout.under(tmp_path), write(tmp_path, """
+owner: mikael-lovqvist
+socket: {mode: "0600", group: wheel}
+runs: {time_limit: 15m, log_limit: 64MiB, max_parallel: 2}
+network: {blocked: [192.168.0.0/16]}
+deploy_targets:
+  sites: {path: /srv/sites, allow: [mikael-lovqvist/rsync-publish]}
+"""))
+    assert cfg.owner == "mikael-lovqvist" and cfg.socket_mode == 0o600
+    assert cfg.time_limit == 900 and cfg.log_limit == 64 << 20 and cfg.max_parallel == 2
+    assert cfg.network_blocked == ("192.168.0.0/16",)
+    assert cfg.deploy_targets["sites"].allow == ("mikael-lovqvist/rsync-publish",)
+
+
+@pytest.mark.parametrize(("text", "line", "field", "words"), [
+    ("runs:\n  time_limt: 1h\n", 2, "runs.time_limt", "unknown key"),
+    ("socket:\n  mode: 0660\n", 2, "socket.mode", "quotes"),
+    ("runs:\n  max_parallel: many\n", 2, "runs.max_parallel", "whole decimal number"),
+    ("paths:\n  state: relative/dir\n", 2, "paths.state", "absolute path"),
+    ("network:\n  subnet: 300.1.2.0/24\n", 2, "network.subnet", "network"),
+    ("owner: ../x\n", 1, "owner", "is not a name"),
+    ("owner: a\nowner: b\n", 2, "owner", "duplicate"),
+    ("deploy_targets:\n  s: {path: /x, allow: [nobody]}\n", 2, "deploy_targets.s.allow[0]",
+     "owner/task"),
+    ("- a list\n", 1, "", "mapping"),
+])
+def test_bad_agent_yml(tmp_path: Path, text: str, line: int, field: str, words: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        config.load(config.Layout.under(tmp_path), path)
+    assert (e.value.file, e.value.line, e.value.field) == (str(path), line, field)
+    assert words in e.value.message
+
+
+def test_missing_default_file_means_defaults_but_named_file_must_exist(tmp_path: Path) -> None:
+    layout = config.Layout.under(tmp_path)
+    assert config.load(layout).source == "(defaults)"
+    with pytest.raises(ConfigError, match="cannot read"):
+        config.load(layout, tmp_path / "nope.yml")

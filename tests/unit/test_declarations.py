@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from agent import declarations as d
+from agent.errors import ConfigError
+from agent.model import Network
+
+DATA = Path(__file__).parent.parent / "data"
+SEED_CONFIG = Path(__file__).parents[3] / "shared/seed/experiments/01-rsync-publish/config.yml"
+SECRETS = Path("/srv/ci-secrets")
+
+
+def parse(tmp_path: Path, text: str, name: str = "t.yml") -> d.FileDeclarations:
+    path = tmp_path / name
+    path.write_text(text)
+    return d.parse_file(path, default_owner="local", secrets_base=SECRETS)
+
+
+def test_our_copy_of_the_experiment_config_is_unchanged() -> None:
+    if not SEED_CONFIG.exists():
+        pytest.skip("shared/seed is not beside this checkout")
+    assert (DATA / "experiment-01/rsync-publish.yml").read_bytes() == SEED_CONFIG.read_bytes()
+
+
+def test_the_experiment_config_loads_as_a_task() -> None:
+    decl = d.parse_file(DATA / "experiment-01/rsync-publish.yml", default_owner="local",
+                        secrets_base=SECRETS)
+    task = decl.tasks["rsync-publish"]
+    assert task.owner == "mikael-lovqvist" and task.image == "ci-rsync"
+    assert task.deploy_targets == ("/srv/sites.efforting.tech",)
+    (repo,) = task.repositories
+    assert repo.mount_name == "websperiments" and repo.mutable
+    assert repo.key == "websperiments-deploy"
+    assert repo.entry == {"repo_url": "git@git.efforting.tech:mikael-lovqvist/websperiments.git",
+                          "revision": "main", "mutable": True, "key": "websperiments-deploy",
+                          "submodules": False}
+    assert decl.warnings == []
+
+
+def test_general_form(tmp_path: Path) -> None:
+    decl = parse(tmp_path, """
+owner: alice
+images:
+  builder: {dockerfile: docker/Dockerfile, context: docker}
+tasks:
+  build:
+    image: builder
+    command: make -j2
+    env: {CARGO_TERM_COLOR: always}
+    network: none
+    time_limit: 15m
+    caches: [{name: cargo, path: /root/.cargo, quota: 2GiB, shared: true}]
+    stages:
+      - {name: a, command: ["true"]}
+      - {name: b, image: efci/base:bookworm}
+""")
+    task = decl.tasks["build"]
+    assert task.owner == "alice" and task.command == ("/bin/sh", "-c", "make -j2")
+    assert task.network is Network.NONE and task.time_limit == 900
+    assert task.caches[0].quota == 2 << 30 and [s.name for s in task.stages] == ["a", "b"]
+    assert decl.images["builder"].dockerfile == tmp_path / "docker/Dockerfile"
+
+
+@pytest.mark.parametrize(("body", "field", "words"), [
+    ("tasks:\n  a/b: {image: x}\n", "tasks.a/b", "task name"),
+    ("tasks:\n  ..: {image: x}\n", "tasks...", "task name"),
+    ("tasks:\n  'a b': {image: x}\n", "tasks.a b", "task name"),
+    ("tasks:\n  'a;rm -rf': {image: x}\n", "tasks.a;rm -rf", "task name"),
+    ("tasks:\n  '$(id)': {image: x}\n", "tasks.$(id)", "task name"),
+    ("tasks:\n  t: {image: x, network: host}\n", "tasks.t.network", "host networking"),
+    ("tasks:\n  t: {image: '-v /:/host'}\n", "tasks.t.image", "docker image reference"),
+    ("tasks:\n  t: {image: x, command: []}\n", "tasks.t.command", "empty"),
+    ("tasks:\n  t: {image: x, env: {'A=B': c}}\n", "tasks.t.env.A=B", "environment variable"),
+    ("tasks:\n  t: {image: x, privileged: true}\n", "tasks.t.privileged", "unknown key"),
+    ("tasks:\n  t: {image: x, time_limit: soon}\n", "tasks.t.time_limit", "duration"),
+    ("tasks:\n  t: {image: x, secrets: [../../etc]}\n", "tasks.t.secrets[0]", "not a name"),
+    ("tasks:\n  t:\n    image: x\n    checkout:\n      repositories:\n        - {repo_url: "
+     "'git@h:r.git', revision: '--upload-pack=touch /tmp/pwned', mutable: true, key: k}\n",
+     "tasks.t.checkout.repositories[0].revision", "begins with '-'"),
+    ("tasks:\n  t:\n    image: x\n    checkout:\n      repositories:\n        - {repo_url: "
+     "'git@h:r.git', revision: main, key: k}\n",
+     "tasks.t.checkout.repositories[0].revision", "mutable: true"),
+    ("tasks:\n  t:\n    image: x\n    checkout:\n      repositories:\n        - {repo_url: "
+     "'ext::sh -c touch% /tmp/pwned', revision: main, mutable: true, key: k}\n",
+     "tasks.t.checkout.repositories[0].repo_url", "ext::"),
+    ("tasks:\n  t:\n    image: x\n    checkout:\n      repositories:\n        - {repo_url: "
+     "'git@h:r.git', revision: main, mutable: yes, key: k}\n",
+     "tasks.t.checkout.repositories[0].mutable", "true or false"),
+    ("tasks:\n  t:\n    image: x\n    checkout:\n      repositories:\n        - {repo_url: "
+     "'git@h:r.git', revision: main, mutable: true, key: k, name: ../etc}\n",
+     "tasks.t.checkout.repositories[0].name", "not a name"),
+    ("images:\n  i: {dockerfile: ../../etc/shadow}\n", "images.i.dockerfile", "inside"),
+    ("images:\n  i: {context: .}\n", "images.i", "exactly one"),
+    ("task: {image: x}\ntasks: {}\n", "task", "one task"),
+    ("owner: a\nuser: b\n", "user", "not both"),
+])
+def test_bad_declarations(tmp_path: Path, body: str, field: str, words: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse(tmp_path, body)
+    assert e.value.file == str(tmp_path / "t.yml") and e.value.line > 0
+    assert e.value.field == field and words in e.value.message, e.value.message
+
+
+def test_single_task_file_name_must_be_a_task_name(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file name"):
+        parse(tmp_path, "task: {image: x}\n", name="bad name.yml")
+
+
+def test_foreign_secrets_base_is_a_warning(tmp_path: Path) -> None:
+    decl = parse(tmp_path, "secrets_base: /elsewhere\ntask: {image: x}\n", name="one.yml")
+    assert "one" in decl.tasks and "ignored" in decl.warnings[0]
+
+
+def _parsed(tmp_path: Path) -> dict[str, d.FileDeclarations | ConfigError]:
+    return d.parse_all(tmp_path, default_owner="local", secrets_base=SECRETS)
+
+
+def test_assemble_keeps_last_good_version_of_a_broken_file(tmp_path: Path) -> None:
+    (tmp_path / "a.yml").write_text("tasks:\n  one: {image: efci/base:bookworm}\n")
+    (tmp_path / "b.yml").write_text("tasks:\n  two: {image: efci/base:bookworm}\n")
+    first = d.assemble(_parsed(tmp_path), existing_images={"efci/base:bookworm"}, previous=None)
+    assert set(first.tasks) == {"one", "two"} and not first.errors
+
+    (tmp_path / "a.yml").write_text("tasks:\n  one: {image: [broken\n")
+    (tmp_path / "b.yml").write_text("tasks:\n  two: {image: efci/base:bookworm}\n"
+                                    "  three: {image: efci/base:bookworm}\n")
+    second = d.assemble(_parsed(tmp_path), existing_images={"efci/base:bookworm"},
+                        previous=first)
+    assert set(second.tasks) == {"one", "two", "three"}  # a.yml: last good; b.yml: new
+    assert "YAML syntax" in second.errors[str(tmp_path / "a.yml")]
+
+
+def test_assemble_refuses_missing_images_and_duplicate_tasks(tmp_path: Path) -> None:
+    (tmp_path / "a.yml").write_text("tasks:\n  one: {image: nowhere:1}\n")
+    (tmp_path / "b.yml").write_text("tasks:\n  two: {image: efci/base:bookworm}\n")
+    (tmp_path / "c.yml").write_text("tasks:\n  two: {image: efci/base:bookworm}\n")
+    parsed = _parsed(tmp_path)
+    assert d.image_refs(parsed) == {"nowhere:1", "efci/base:bookworm"}
+    result = d.assemble(parsed, existing_images={"efci/base:bookworm"}, previous=None)
+    assert set(result.tasks) == {"two"}
+    assert "neither declared" in result.errors[str(tmp_path / "a.yml")]
+    assert "already declared" in result.errors[str(tmp_path / "c.yml")]
+
+
+def test_a_declared_image_satisfies_a_task(tmp_path: Path) -> None:
+    shutil.copy(DATA / "experiment-01/rsync-publish.yml", tmp_path)
+    (tmp_path / "images.yml").write_text("images:\n  ci-rsync: {inline: 'FROM x'}\n")
+    result = d.assemble(_parsed(tmp_path), existing_images=set(), previous=None)
+    assert set(result.tasks) == {"rsync-publish"} and not result.errors

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent import config
+from agent.host import docker
+from agent.model import Network, Task
+from agent.runs import container_spec
+
+CFG = config.defaults(config.Layout.under(Path("/tmp/x")))
+
+
+def task(**kw: object) -> Task:
+    return Task(**{"name": "t", "owner": "o", "source": "f:1", "image": "img:1",  # type: ignore[arg-type]
+                   "command": ("echo", "$(hostname)", "; rm -rf /"), **kw})
+
+
+def test_task_container_is_unprivileged_and_keeps_arguments_whole() -> None:
+    argv = docker.create_argv("docker", container_spec(CFG, "abcd", 7, task(env={"A": "x y"})))
+    assert argv[:4] == ["docker", "create", "--name", "efci-abcd-7"]
+    options = " ".join(argv[: argv.index("img:1")])
+    for forbidden in ("--privileged", "--cap-add", "--device", "docker.sock", "host"):
+        assert forbidden not in options
+    assert argv[argv.index("--security-opt"):][:2] == ["--security-opt", "no-new-privileges"]
+    assert argv[argv.index("--cap-drop") + 1] == "NET_RAW"
+    assert argv[-4:] == ["img:1", "echo", "$(hostname)", "; rm -rf /"]
+    assert "A=x y" in argv and "TERM=xterm-256color" in argv and "FORCE_COLOR=1" in argv
+    assert "--label" in argv and "org.efforting-ci.run=7" in argv
+
+
+def test_network_policy() -> None:
+    none = docker.create_argv("docker", container_spec(CFG, "a", 1, task(network=Network.NONE)))
+    assert none[none.index("--network") + 1] == "none"
+    for bad in ("host", "container:abc", ""):
+        spec = docker.ContainerSpec(name="n", image="i", command=None, network=bad)
+        with pytest.raises(ValueError, match="refusing network"):
+            docker.create_argv("docker", spec)
+
+
+def test_image_default_command_is_kept() -> None:
+    argv = docker.create_argv("docker", container_spec(CFG, "a", 1, task(command=None)))
+    assert argv[-1] == "img:1"

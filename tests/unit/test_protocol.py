@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agent import protocol
+from agent.errors import RequestError
+
+
+def test_request_round_trip() -> None:
+    req = protocol.parse_request(b'{"id": 7, "op": "run", "args": {"task": "t", "follow": true}}')
+    assert (req.id, req.op, req.args) == (7, "run", {"task": "t", "follow": True})
+
+
+@pytest.mark.parametrize(("line", "words"), [
+    (b"not json", "not JSON"),
+    (b"\xff\xfe", "not JSON"),
+    (b"[1, 2]", "JSON object"),
+    (b'{"op": "rm -rf"}', "unknown op"),
+    (b'{"id": 1}', "unknown op"),
+    (b'{"op": "run"}', "missing argument 'task'"),
+    (b'{"op": "run", "args": {"task": 5}}', "must be str"),
+    (b'{"op": "show", "args": {"run": true}}', "must be int"),
+    (b'{"op": "show", "args": {"run": -1}}', "out of range"),
+    (b'{"op": "show", "args": {"run": 1, "x": 2}}', "unknown argument"),
+    (b'{"op": "status", "args": []}', "args must be"),
+    (b'{"op": "status", "extra": 1}', "unknown request field"),
+    (b'{"op": "status", "id": [1]}', "id must be"),
+    (b'{"op": "status", "id": "' + b"x" * 65 + b'"}', "id must be"),
+])
+def test_bad_requests(line: bytes, words: str) -> None:
+    with pytest.raises(RequestError, match=words.replace("(", r"\(")):
+        protocol.parse_request(line)
+
+
+def test_splitter_handles_partial_and_many_lines() -> None:
+    s = protocol.LineSplitter(max_line=10)
+    assert s.feed(b"ab") == []
+    assert s.feed(b"c\nde\nf") == [b"abc", b"de"]
+    assert s.feed(b"\n") == [b"f"]
+
+
+def test_splitter_caps_a_line_without_newline() -> None:
+    s = protocol.LineSplitter(max_line=10)
+    s.feed(b"x" * 10)
+    with pytest.raises(protocol.LineTooLong):
+        s.feed(b"y")
+
+
+def test_log_events_carry_any_bytes() -> None:
+    data = bytes(range(256)) * 3 + b"\xff\xfe\r\r\n\x00"
+    message = json.loads(protocol.log_event(3, 10, data))
+    assert message["offset"] == 10 and protocol.decode_log(message) == data
+
+
+def test_request_id_of_a_bad_request() -> None:
+    assert protocol.request_id_of(b'{"id": 4, "op": "nope"}') == 4
+    assert protocol.request_id_of(b"garbage") is None
