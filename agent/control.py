@@ -24,6 +24,10 @@ from .model import Requester
 
 log = logging.getLogger(__name__)
 
+# Bounds on reading and discarding a refused client's remaining input.
+LINGER_SECONDS = 5
+LINGER_BYTES = 64 << 20
+
 Send = Callable[[bytes], Awaitable[None]]
 Handler = Callable[[protocol.Request, Requester, Send], Awaitable[object]]
 
@@ -130,12 +134,24 @@ async def _connection(stream: trio.SocketStream, handler: Handler) -> None:
                     lines = splitter.feed(data)
                 except protocol.LineTooLong as e:
                     await send(protocol.error(None, e))
+                    await _lingering_close(stream)
                     return
                 for line in lines:
                     if line.strip():
                         await _one_request(line, requester, handler, send)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away: nothing to answer
+
+
+async def _lingering_close(stream: trio.SocketStream) -> None:
+    """Close after an error without losing the error: closing a unix socket
+    with unread input resets it, and the peer would never read our answer.
+    So half-close, then discard what the peer still sends, within bounds."""
+    await stream.send_eof()
+    with trio.move_on_after(LINGER_SECONDS):
+        discarded = 0
+        while discarded < LINGER_BYTES and (data := await stream.receive_some(65536)):
+            discarded += len(data)
 
 
 async def _one_request(line: bytes, requester: Requester, handler: Handler,

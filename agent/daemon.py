@@ -53,7 +53,8 @@ class Agent:
         parsed = declarations.parse_all(self.cfg.declarations_dir,
                                         default_owner=self.cfg.owner,
                                         secrets_base=self.cfg.secrets_base)
-        present = await docker.present_images(self.cfg.docker, declarations.image_refs(parsed))
+        refs = declarations.image_refs(parsed, self.decls)
+        present = await docker.present_images(self.cfg.docker, refs)
         self.decls = declarations.assemble(parsed, existing_images=present, previous=self.decls)
         for file, message in self.decls.errors.items():
             kept = " (its last good version stays in force)" if file in self.decls.by_file else ""

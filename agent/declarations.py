@@ -325,15 +325,17 @@ def parse_all(directory: Path, *, default_owner: str,
     return results
 
 
-def image_refs(parsed: dict[str, FileDeclarations | ConfigError]) -> set[str]:
-    """Images tasks name that no file declares: they must exist in Docker."""
-    declared = {n for f in parsed.values() if isinstance(f, FileDeclarations) for n in f.images}
+def image_refs(parsed: dict[str, FileDeclarations | ConfigError],
+               previous: DeclarationSet | None) -> set[str]:
+    """Images that tasks name, in the new files and in the last good versions
+    :func:`assemble` may fall back to: those not declared must exist in Docker."""
+    files = [f for f in parsed.values() if isinstance(f, FileDeclarations)]
+    files += previous.by_file.values() if previous else []
     refs = set()
-    for f in parsed.values():
-        if isinstance(f, FileDeclarations):
-            for task in f.tasks.values():
-                refs |= {task.image} | {s.image for s in task.stages if s.image}
-    return refs - declared
+    for f in files:
+        for task in f.tasks.values():
+            refs |= {task.image} | {s.image for s in task.stages if s.image}
+    return refs - {n for f in files for n in f.images}
 
 
 def assemble(parsed: dict[str, FileDeclarations | ConfigError], *,

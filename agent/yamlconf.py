@@ -69,7 +69,10 @@ def load_bytes(data: bytes, name: str) -> Node | None:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else 0
-        raise ConfigError(name, line, "", f"YAML syntax: {e.problem or e.context}") from e
+        problem = f"YAML syntax: {e.problem or e.context}"
+        if e.problem and e.context and e.context_mark:
+            problem += f" ({e.context} at line {e.context_mark.line + 1})"
+        raise ConfigError(name, line, "", problem) from e
     except yaml.YAMLError as e:
         raise ConfigError(name, 0, "", f"YAML: {e}") from e
     finally:

@@ -139,7 +139,7 @@ def test_assemble_refuses_missing_images_and_duplicate_tasks(tmp_path: Path) -> 
     (tmp_path / "b.yml").write_text("tasks:\n  two: {image: efci/base:bookworm}\n")
     (tmp_path / "c.yml").write_text("tasks:\n  two: {image: efci/base:bookworm}\n")
     parsed = _parsed(tmp_path)
-    assert d.image_refs(parsed) == {"nowhere:1", "efci/base:bookworm"}
+    assert d.image_refs(parsed, None) == {"nowhere:1", "efci/base:bookworm"}
     result = d.assemble(parsed, existing_images={"efci/base:bookworm"}, previous=None)
     assert set(result.tasks) == {"two"}
     assert "neither declared" in result.errors[str(tmp_path / "a.yml")]

@@ -1,0 +1,146 @@
+"""Integration tests: the real agent process against the real dockerd.
+
+They need root, a dockerd that answers and the base image.  Run by hand
+without those they skip, saying why; under CI (CI=true) they fail instead,
+because a CI that skips them proves nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.client import Client
+from agent.errors import AgentUnreachable
+
+BASE_IMAGE = "efci/base:bookworm"
+
+
+def _missing_prerequisite() -> str | None:
+    if os.geteuid() != 0:
+        return "integration tests need root"
+    try:
+        subprocess.run(["docker", "version"], check=True, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "dockerd does not answer (scripts/test starts it)"
+    if subprocess.run(["docker", "image", "inspect", BASE_IMAGE],
+                      capture_output=True, check=False).returncode != 0:
+        return f"{BASE_IMAGE} is missing (scripts/build-base-image builds it)"
+    return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prerequisites() -> None:
+    problem = _missing_prerequisite()
+    if problem:
+        if os.environ.get("CI") or os.environ.get("EFCI_REQUIRE_INTEGRATION"):
+            pytest.fail(f"CI must run the integration tests, but {problem}")
+        pytest.skip(problem)
+
+
+class AgentProcess:
+    """An ``efci agent`` on its own --root, and the efci client beside it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.proc: subprocess.Popen[bytes] | None = None
+        (root / "etc/conf.d").mkdir(parents=True, exist_ok=True)
+        self.log = root / "agent.log"
+
+    @property
+    def conf_d(self) -> Path:
+        return self.root / "etc/conf.d"
+
+    def declare(self, name: str, text: str) -> None:
+        (self.conf_d / name).write_text(text)
+
+    def configure(self, text: str) -> None:
+        (self.root / "etc/agent.yml").write_text(text)
+
+    def start(self, *, wait: bool = True) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "--root", str(self.root), "agent"],
+                stdout=subprocess.DEVNULL, stderr=log)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited with {self.proc.returncode}:\n"
+                                     + self.log.read_text())
+            with contextlib.suppress(AgentUnreachable, FileNotFoundError):
+                with self.client() as c:
+                    c.call("ping")
+                return
+            time.sleep(0.1)
+        raise AssertionError("agent did not answer in time:\n" + self.log.read_text())
+
+    def client(self) -> Client:
+        return Client(self.root / "run/agent.sock", timeout=120)
+
+    def efci(self, *args: str, check: bool = True, timeout: float = 120,
+             **kw: object) -> subprocess.CompletedProcess[bytes]:
+        result = subprocess.run([sys.executable, "-m", "agent", "--root", str(self.root), *args],
+                                capture_output=True, timeout=timeout, check=False, **kw)  # type: ignore[call-overload]
+        if check and result.returncode != 0:
+            raise AssertionError(f"efci {' '.join(args)} -> {result.returncode}\n"
+                                 f"stdout: {result.stdout!r}\nstderr: {result.stderr!r}")
+        return result
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 90) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def instance(self) -> str | None:
+        db = self.root / "state/state.db"
+        if not db.exists():
+            return None
+        conn = sqlite3.connect(db)
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key='instance'").fetchone()
+        finally:
+            conn.close()
+        return str(row[0]) if row else None
+
+    def containers(self, *, running: bool = False) -> list[str]:
+        instance = self.instance()
+        if instance is None:
+            return []
+        argv = ["docker", "ps", "--quiet",
+                "--filter", f"label=org.efforting-ci.instance={instance}"]
+        if not running:
+            argv.append("--all")
+        out = subprocess.run(argv, capture_output=True, check=True).stdout.decode()
+        return out.split()
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        ids = self.containers()
+        if ids:
+            subprocess.run(["docker", "rm", "--force", *ids], capture_output=True, check=False)
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[AgentProcess]:
+    a = AgentProcess(tmp_path / "root")
+    try:
+        yield a
+    finally:
+        a.cleanup()
