@@ -36,30 +36,41 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", metavar="PATH", type=Path,
                    help="the agent's socket (default: from agent.yml; also EFCI_SOCKET)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    # The common options are accepted after the subcommand too (efci agent
+    # --config FILE, efci runs --json); SUPPRESS keeps a subcommand's absent
+    # option from overwriting one given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", type=Path, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    a = sub.add_parser("agent", help="run the agent daemon")
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    a = add("agent", "run the agent daemon")
     a.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    c = sub.add_parser("config", help="agent.yml helpers")
+    c = add("config", "agent.yml helpers")
     c.add_argument("action", choices=["example", "check"],
                    help="example: print a complete commented agent.yml; check: validate it")
 
-    sub.add_parser("status", help="what the agent is doing and what it loaded")
-    sub.add_parser("tasks", help="list declared tasks")
-    sub.add_parser("reload", help="re-read the declarations in conf.d")
-    r = sub.add_parser("run", help="start a run of TASK")
+    add("status", "what the agent is doing and what it loaded")
+    add("tasks", "list declared tasks")
+    add("reload", "re-read the declarations in conf.d")
+    r = add("run", "start a run of TASK")
     r.add_argument("task")
     r.add_argument("-f", "--follow", action="store_true",
                    help="stream its output and exit with its exit status")
-    rs = sub.add_parser("runs", help="list recent runs")
+    rs = add("runs", "list recent runs")
     rs.add_argument("--task", help="only runs of this task")
     rs.add_argument("--limit", type=int, default=20, help="how many (default 20)")
-    s = sub.add_parser("show", help="one run's record")
+    s = add("show", "one run's record")
     s.add_argument("run", type=int)
-    lg = sub.add_parser("logs", help="print a run's output, byte for byte")
+    lg = add("logs", "print a run's output, byte for byte")
     lg.add_argument("run", type=int)
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing until it ends")
-    cn = sub.add_parser("cancel", help="stop a run (its container is stopped)")
+    cn = add("cancel", "stop a run (its container is stopped)")
     cn.add_argument("run", type=int)
     return p
 

@@ -232,6 +232,11 @@ def test_bad_agent_yml_stops_the_agent_with_file_and_line(agent: AgentProcess) -
     result = agent.efci("agent", check=False)
     assert result.returncode == 78
     assert b"agent.yml:2: runs.time_limit: must be a duration" in result.stderr
+    other = agent.root / "other.yml"
+    other.write_text("socket:\n  mode: 0660\n")
+    result = agent.efci("agent", "--config", str(other), check=False)
+    assert result.returncode == 78
+    assert b"other.yml:2: socket.mode: must be a string" in result.stderr
 
 
 def test_socket_permissions_and_peer_credentials(agent: AgentProcess) -> None:

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent import cli
+
+
+def test_common_options_go_before_or_after_the_subcommand() -> None:
+    parser = cli._parser()
+    before = parser.parse_args(["--json", "--config", "/a.yml", "runs", "--limit", "3"])
+    after = parser.parse_args(["runs", "--limit", "3", "--json", "--config", "/a.yml"])
+    for args in (before, after):
+        assert args.json is True and args.config == Path("/a.yml") and args.limit == 3
+    plain = parser.parse_args(["--json", "status"])
+    assert plain.json is True  # not reset by the subcommand's absent --json
+
+
+def test_config_example_prints_a_loadable_file(capsys: pytest.CaptureFixture[str],
+                                                tmp_path: Path) -> None:
+    assert cli.main(["--root", str(tmp_path), "config", "example"]) == 0
+    text = capsys.readouterr().out
+    (tmp_path / "agent.yml").write_text(text)
+    assert cli.main(["--config", str(tmp_path / "agent.yml"), "config", "check"]) == 0
+    assert "agent.yml: ok" in capsys.readouterr().out
+
+
+def test_unreachable_agent_is_one_line(capsys: pytest.CaptureFixture[str],
+                                       tmp_path: Path) -> None:
+    assert cli.main(["--root", str(tmp_path), "status"]) == 69
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "run/agent.sock") in err[0]
