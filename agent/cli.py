@@ -70,6 +70,14 @@ def _parser() -> argparse.ArgumentParser:
     lg = add("logs", "print a run's output, byte for byte")
     lg.add_argument("run", type=int)
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing until it ends")
+    lg.add_argument("--raw", action="store_true",
+                    help="the output bytes only, nothing else, even on stderr")
+    lg.add_argument("-t", "--timestamps", action="store_true",
+                    help="prefix each line with the time it was printed")
+    lg.add_argument("--since", metavar="WHEN", help="from a time: 10m (ago) or 2026-11-28T17:00")
+    lg.add_argument("-n", "--tail", metavar="N", type=int, help="only the last N lines")
+    lg.add_argument("--position", type=int, default=0, metavar="POS",
+                    help="resume at a position (from --json output's 'next')")
     cn = add("cancel", "stop a run (its container is stopped)")
     cn.add_argument("run", type=int)
     return p
@@ -204,16 +212,60 @@ def _reload(client: Client, args: argparse.Namespace) -> int:
     return 2 if result["errors"] else 0
 
 
-def _write_log_event(message: dict[str, Any]) -> None:
-    from .protocol import decode_log
+class LogPrinter:
+    """Prints a log's records as they arrive: output bytes to stdout exactly,
+    the agent's messages to stderr (so stdout redirects byte for byte).
+    ``raw`` prints output bytes only; ``timestamps`` prefixes each line with
+    the time of the record it starts in; ``as_json`` prints a JSON line per
+    record (payload in base64) for scripts."""
 
-    if message["event"] == "log":
-        sys.stdout.buffer.write(decode_log(message))
-        sys.stdout.buffer.flush()
+    def __init__(self, *, raw: bool = False, timestamps: bool = False,
+                 as_json: bool = False) -> None:
+        self.raw, self.timestamps, self.as_json = raw, timestamps, as_json
+        self.streams: dict[int, str] = {}
+        self._at_line_start = True
+        self._out = sys.stdout.buffer
 
+    def __call__(self, message: dict[str, Any]) -> None:
+        from .logformat import Kind
+        from .protocol import decode_records
 
-def _json_event(message: dict[str, Any]) -> None:
-    print(json.dumps(message), flush=True)
+        if message["event"] == "streams":
+            self.streams = {v: k for k, v in message["streams"].items()}
+            return
+        if message["event"] != "records":
+            return
+        for record in decode_records(message):
+            if self.as_json:
+                self._json(record)
+            elif record.kind is Kind.OUTPUT:
+                self._output(record.payload, record.time_ns)
+            elif record.kind in (Kind.AGENT, Kind.GAP) and not self.raw:
+                text = record.payload.decode("utf-8", "replace") if record.kind is Kind.AGENT \
+                    else record.json()["message"]
+                self._out.flush()
+                print(f"efci: {text}", file=sys.stderr, flush=True)
+        self._out.flush()
+
+    def _output(self, data: bytes, time_ns: int) -> None:
+        if not self.timestamps:
+            self._out.write(data)
+            return
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time_ns / 1e9))
+        prefix = f"{stamp}.{time_ns % 1_000_000_000 // 1_000_000:03d} ".encode()
+        for line in data.splitlines(keepends=True):
+            if self._at_line_start:
+                self._out.write(prefix)
+            self._out.write(line)
+            self._at_line_start = line.endswith(b"\n")
+
+    def _json(self, record: Any) -> None:
+        import base64
+
+        print(json.dumps({"position": record.position, "kind": record.kind.name.lower(),
+                          "stream": self.streams.get(record.stream, str(record.stream)),
+                          "time_ns": record.time_ns,
+                          "data": base64.b64encode(record.payload).decode()}), flush=True)
 
 
 def _run(client: Client, args: argparse.Namespace) -> int:
@@ -226,21 +278,11 @@ def _run(client: Client, args: argparse.Namespace) -> int:
                   f"follow it with: efci logs --follow {run['id']}")
         return 0
 
-    def on_event(message: dict[str, Any]) -> None:
-        if args.json:
-            _json_event(message)
-        elif message["event"] == "started":
-            print(f"efci: run {message['run']} of {args.task} started", file=sys.stderr)
-        else:
-            _write_log_event(message)
-
-    run = client.call("run", {"task": args.task, "follow": True}, on_event=on_event)
-    if args.json:
-        _print_json(run)
-    else:
-        exit_part = f", exit status {run['exit_code']}" if run["exit_code"] is not None else ""
-        print(f"\nefci: run {run['id']} {run['status']}{exit_part} after {_duration(run)}",
-              file=sys.stderr)
+    # The log's own agent messages say when it was queued, started and ended.
+    run = client.call("run", {"task": args.task, "follow": True},
+                      on_event=LogPrinter(as_json=args.json))
+    if args.json:  # JSON lines: the records, then the run
+        print(json.dumps(run))
     if run["status"] in ("succeeded", "failed"):
         return int(run["exit_code"])
     return EXIT_BY_STATUS.get(run["status"], 1)
@@ -277,11 +319,33 @@ def _show(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _since_ns(text: str) -> int:
+    """'10m' (ago) or a local time '2026-11-28T17:00:00' (or with a space)."""
+    from .names import parse_duration
+
+    seconds = parse_duration(text)
+    if seconds is not None:
+        return time.time_ns() - seconds * 1_000_000_000
+    for fmt in ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d"):
+        try:
+            return int(time.mktime(time.strptime(text, fmt)) * 1e9)
+        except ValueError:
+            continue
+    raise EfciError(f"--since {text!r}: give a duration ago (10m, 1h30m) or a local time "
+                    "(2026-11-28T17:00:00)")
+
+
 def _logs(client: Client, args: argparse.Namespace) -> int:
-    result = client.call("logs", {"run": args.run, "follow": args.follow},
-                         on_event=_json_event if args.json else _write_log_event)
-    if args.json:
-        _print_json(result)
+    request: dict[str, Any] = {"run": args.run, "follow": args.follow,
+                               "position": args.position}
+    if args.since:
+        request["since_ns"] = _since_ns(args.since)
+    if args.tail is not None:
+        request["tail"] = args.tail
+    printer = LogPrinter(raw=args.raw, timestamps=args.timestamps, as_json=args.json)
+    result = client.call("logs", request, on_event=printer)
+    if args.json:  # JSON lines: the records, then where to resume
+        print(json.dumps(result))
     return 0
 
 

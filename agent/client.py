@@ -64,10 +64,17 @@ class Client:
         self._sock.sendall(line)
 
     def read_message(self) -> dict[str, Any]:
+        """One message; a binary frame's bytes are put in ``payload``."""
         line = self._file.readline()
         if not line:
             raise AgentUnreachable(f"the agent at {self.socket_path} closed the connection")
-        return json.loads(line)
+        message: dict[str, Any] = json.loads(line)
+        if "size" in message:
+            message["payload"] = self._file.read(message["size"])
+            if len(message["payload"]) != message["size"]:
+                raise AgentUnreachable(f"the agent at {self.socket_path} closed the "
+                                       "connection in the middle of a message")
+        return message
 
     def call(self, op: str, args: dict[str, Any] | None = None, *,
              on_event: EventHandler | None = None) -> Any:

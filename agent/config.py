@@ -74,6 +74,7 @@ class AgentConfig:
     stop_grace: int
     max_parallel: int
     log_limit: int
+    terminal_size: tuple[int, int]
     network_name: str
     network_bridge: str
     network_subnet: str
@@ -121,6 +122,15 @@ def _mode(node: Node) -> int:
     if not re.fullmatch(r"0?[0-7]{3}", text):
         raise node.error(f"must be an octal mode in quotes such as \"0660\", not {text!r}")
     return int(text, 8)
+
+
+def _terminal(node: Node) -> tuple[int, int]:
+    text = node.raw_scalar()
+    cols, _, rows = text.partition("x")
+    if not (cols.isdigit() and rows.isdigit() and 10 <= int(cols) <= 1000
+            and 5 <= int(rows) <= 1000):
+        raise node.error(f"must be COLUMNSxROWS such as 160x50, not {text!r}")
+    return int(cols), int(rows)
 
 
 def _subnet(node: Node) -> str:
@@ -198,7 +208,9 @@ SETTINGS: tuple[Setting, ...] = (
             lambda n: n.integer(minimum=1, maximum=256), _const(4), "4",
             "Runs executing at once; more wait queued."),
     Setting("runs.log_limit", "log_limit", _size, _const(1 << 30), "1GiB",
-            "Largest log kept per run."),
+            "Largest log kept per run: past it, its beginning and its end are kept."),
+    Setting("runs.terminal_size", "terminal_size", _terminal, _const((160, 50)), "160x50",
+            "Terminal size task containers see (columns x rows)."),
     Setting("network.name", "network_name", _name, _const("efci"), "efci",
             "Docker network task containers join."),
     Setting("network.bridge", "network_bridge", _bridge, _const("efci0"), "efci0",

@@ -24,6 +24,10 @@ from .model import Requester
 
 log = logging.getLogger(__name__)
 
+# A client that takes no data for this long is dropped, so a stuck follower
+# ties up no task; it can resume from the last position it received.
+SEND_TIMEOUT = 60
+
 # Bounds on reading and discarding a refused client's remaining input.
 LINGER_SECONDS = 5
 LINGER_BYTES = 64 << 20
@@ -100,7 +104,8 @@ class ControlServer:
             task_status.started()
             while True:
                 stream = await listener.accept()
-                nursery.start_soon(_connection, stream, self._tracked)
+                nursery.start_soon(serve_connection, stream, peer_credentials(stream.socket),
+                                   self._tracked)
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
@@ -118,13 +123,20 @@ class ControlServer:
                 self._idle.set()
 
 
-async def _connection(stream: trio.SocketStream, handler: Handler) -> None:
-    requester = peer_credentials(stream.socket)
+async def serve_connection(stream: trio.abc.HalfCloseableStream, requester: Requester,
+                           handler: Handler) -> None:
+    """Answer one client's requests, in order, until it hangs up."""
     send_lock = trio.Lock()
 
     async def send(data: bytes) -> None:
         async with send_lock:
-            await stream.send_all(data)
+            try:
+                with trio.fail_after(SEND_TIMEOUT):
+                    await stream.send_all(data)
+            except trio.TooSlowError:
+                log.warning("dropped a client (pid %d) that read nothing for %ds",
+                            requester.pid, SEND_TIMEOUT)
+                raise trio.BrokenResourceError("client too slow") from None
 
     splitter = protocol.LineSplitter()
     async with stream:
@@ -143,7 +155,7 @@ async def _connection(stream: trio.SocketStream, handler: Handler) -> None:
             pass  # the client went away: nothing to answer
 
 
-async def _lingering_close(stream: trio.SocketStream) -> None:
+async def _lingering_close(stream: trio.abc.HalfCloseableStream) -> None:
     """Close after an error without losing the error: closing a unix socket
     with unread input resets it, and the peer would never read our answer.
     So half-close, then discard what the peer still sends, within bounds."""

@@ -22,7 +22,8 @@ from .config import AgentConfig
 from .control import ControlServer, Send, bind_socket
 from .errors import CommandFailed, EfciError, NotFound
 from .host import docker
-from .logstore import LogStore
+from .logformat import Kind
+from .logstore import LogStore, records_with_skip
 from .model import Requester, RunStatus
 from .runs import Runs, task_to_wire
 from .state import StateStore
@@ -95,7 +96,20 @@ class Agent:
                               error="finished while the agent was not running; "
                                     "output after the agent stopped is not in the log")
             await self.state.call(self.state.update_run, record.id, status=status, **fields)
+            self._close_log_of_recovered(record.id, status, fields)
             log.warning("recovered run %d: %s (%s)", record.id, status.value, fields["error"])
+
+    def _close_log_of_recovered(self, run_id: int, status: RunStatus,
+                                fields: dict[str, Any]) -> None:
+        cut = self.logs.recover(run_id)
+        writer = self.logs.open_writer(run_id)
+        try:
+            if cut:
+                writer.message(f"{cut} bytes of a torn last record were cut off at recovery")
+            writer.message(f"run {run_id} {status.value}: {fields['error']}")
+            writer.event(Kind.STATUS, {"status": status.value, **fields})
+        finally:
+            writer.close()
 
     # -- requests ---------------------------------------------------------------
 
@@ -134,7 +148,7 @@ class Agent:
         run_id = await self.runs.start(found, requester)
         if follow:
             await send(protocol.event(request.id, "started", run=run_id))
-            await self._stream_log(request, send, run_id, 0, follow=True)
+            await self._stream_log(request, send, run_id, 0, 0, follow=True)
         return await self._run_wire(run_id)
 
     async def op_runs(self, *_: Any, task: str | None = None, limit: int = 20) -> object:
@@ -145,10 +159,19 @@ class Agent:
         return await self._run_wire(run)
 
     async def op_logs(self, request: protocol.Request, _q: Any, send: Send, run: int,
-                      follow: bool = False, offset: int = 0) -> object:
+                      follow: bool = False, position: int = 0, since_ns: int | None = None,
+                      tail: int | None = None) -> object:
+        """A run's log from ``position``, a time, or its last ``tail`` lines;
+        the index finds the start without reading the whole log."""
         await self._run_wire(run)  # NotFound for an unknown run
-        end = await self._stream_log(request, send, run, offset, follow=follow)
-        return {"run": run, "offset": end}
+        skip = 0
+        with self.logs.reader(run) as reader:
+            if since_ns is not None:
+                position = await trio.to_thread.run_sync(reader.position_at_time, since_ns)
+            if tail is not None:
+                position, skip = await trio.to_thread.run_sync(reader.position_of_tail, tail)
+        end = await self._stream_log(request, send, run, position, skip, follow=follow)
+        return {"run": run, "next": end}
 
     async def op_cancel(self, _r: Any, requester: Requester, _s: Any, run: int) -> object:
         await self.runs.cancel(run, f"cancelled by uid {requester.uid}")
@@ -158,14 +181,20 @@ class Agent:
         record = await self.state.call(self.state.get_run, run_id)
         if record is None:
             raise NotFound(f"no run {run_id}; see efci runs")
-        return {**record.to_wire(), "log_size": self.logs.size(run_id)}
+        return {**record.to_wire(), "log_size": self.logs.end(run_id)}
 
     async def _stream_log(self, request: protocol.Request, send: Send, run_id: int,
-                          offset: int, *, follow: bool) -> int:
-        async for at, data in self.logs.follow(run_id, offset, live=follow):
-            await send(protocol.log_event(request.id, at, data))
-            offset = at + len(data)
-        return offset
+                          position: int, skip: int, *, follow: bool) -> int:
+        streams = self.logs.streams(run_id)
+        await send(protocol.event(request.id, "streams", streams=streams))
+        async for batch in self.logs.follow(run_id, position, live=follow):
+            if any(r.stream not in streams.values() for r in batch):
+                streams = self.logs.streams(run_id)
+                await send(protocol.event(request.id, "streams", streams=streams))
+            await send(protocol.records_event(request.id, records_with_skip(batch, skip)))
+            skip = 0
+            position = batch[-1].end
+        return position
 
 
 async def serve(cfg: AgentConfig) -> None:

@@ -1,24 +1,102 @@
-"""Run logs: bytes in, the same bytes out, followable while they grow.
+"""Run logs: append-only, binary-safe, followable, replayable by run id.
 
-Each run has one append-only file ``<log_dir>/<run id>.log`` holding the
-exact bytes its container printed, never decoded.  Followers read from an
-offset and wait for the writer's next append; a run with no open writer is
-finished, so following it ends at its end of file.
+Each run's log is a directory ``<log_dir>/<run id>/`` of segment files
+(``000000.seg``, ...; format in :mod:`agent.logformat`), an ``index`` of
+fixed-size entries, and ``streams.json`` naming the stream ids.
 
-Past ``limit`` bytes the writer stops storing output and appends one
-truncation notice, so a runaway task cannot fill the disk; the task itself
-keeps running.
+Writing: one :class:`LogWriter` per run appends records with unbuffered
+``os.write`` calls, so a killed agent loses nothing it had handed the
+kernel; :meth:`LogWriter.sync` fsyncs (the agent calls it every second while
+a run writes, and at the end).  After a crash, :meth:`LogStore.recover`
+truncates a torn tail at the last whole record; nothing before it changes.
+
+Bounds: past ``limit`` bytes the store keeps the first half of the limit's
+segments and the most recent ones, dropping whole segments in between and
+writing a GAP record that says how much went; the task keeps running and
+memory stays flat (nothing is buffered beyond one record).
+
+Reading: :class:`LogReader` walks records from any position, skipping the
+gaps; the index lets it start at a time or at the last N lines without
+reading the whole log.  Followers wait for the writer's next append.
 """
 
 from __future__ import annotations
 
+import bisect
+import json
 import os
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
-READ_CHUNK = 1 << 16
+from .logformat import (
+    AGENT_STREAM,
+    SEGMENT_HEADER,
+    TASK_STREAM,
+    IndexEntry,
+    Kind,
+    Record,
+    encode_json,
+    encode_record,
+    iter_records,
+    parse_index,
+    parse_segment_header,
+    segment_header,
+    valid_end,
+)
+
+MAX_SEGMENT = 64 << 20
+MIN_SEGMENT = 64 << 10
+INDEX_EVERY_BYTES = 1 << 20  # an index entry per MiB of records
+INDEX_EVERY_NS = 1_000_000_000  # and per second of writing
+CHUNK = 1 << 20 - 1  # largest payload we put in one record (below MAX_PAYLOAD)
+
+
+def segment_size_for(limit: int) -> int:
+    """At least eight segments per limit, so head and tail keep useful parts."""
+    return max(MIN_SEGMENT, min(MAX_SEGMENT, limit // 8))
+
+
+@dataclass(frozen=True)
+class Segment:
+    number: int
+    start: int  # position of its first byte (the header)
+    path: Path
+
+    @property
+    def first_record(self) -> int:
+        return self.start + SEGMENT_HEADER.size
+
+
+def _segment_path(run_dir: Path, number: int) -> Path:
+    return run_dir / f"{number:06d}.seg"
+
+
+def list_segments(run_dir: Path) -> list[Segment]:
+    segments = []
+    for path in sorted(run_dir.glob("*.seg")):
+        with open(path, "rb") as f:
+            number, start = parse_segment_header(f.read(SEGMENT_HEADER.size))
+        segments.append(Segment(number, start, path))
+    return segments
+
+
+def _fsync_all(*fds: int) -> None:
+    for fd in fds:
+        os.fsync(fd)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
 
 
 class LogStore:
@@ -26,80 +104,385 @@ class LogStore:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.limit = limit
-        self._changed: dict[int, trio.Event] = {}  # run id -> set on next append/close
+        self.segment_size = segment_size_for(limit)
+        self._writers: dict[int, LogWriter] = {}
+        self._changed: dict[int, trio.Event] = {}  # set on a live log's next append
 
-    def path(self, run_id: int) -> Path:
-        return self.directory / f"{run_id}.log"
+    def run_dir(self, run_id: int) -> Path:
+        return self.directory / str(run_id)
 
     def open_writer(self, run_id: int) -> LogWriter:
+        """The run's writer, appending after whatever the log already holds."""
+        if run_id in self._writers:
+            raise RuntimeError(f"log of run {run_id} already has a writer")
+        writer = LogWriter(self, run_id)
+        self._writers[run_id] = writer
         self._changed[run_id] = trio.Event()
-        return LogWriter(self, run_id)
+        return writer
 
     def is_live(self, run_id: int) -> bool:
-        return run_id in self._changed
+        return run_id in self._writers
 
-    def _notify(self, run_id: int, *, closed: bool = False) -> None:
+    def live_writers(self) -> list[LogWriter]:
+        return list(self._writers.values())
+
+    def _notify(self, run_id: int) -> None:
+        event = self._changed.get(run_id)
+        if event is not None:
+            event.set()
+            self._changed[run_id] = trio.Event()
+
+    def _closed(self, run_id: int) -> None:
+        self._writers.pop(run_id, None)
         event = self._changed.pop(run_id, None)
         if event is not None:
             event.set()
-        if not closed:
-            self._changed[run_id] = trio.Event()
 
-    def size(self, run_id: int) -> int:
-        try:
-            return self.path(run_id).stat().st_size
-        except FileNotFoundError:
+    def end(self, run_id: int) -> int:
+        """The position just past the last record."""
+        writer = self._writers.get(run_id)
+        if writer is not None:
+            return writer.position
+        segments = list_segments(self.run_dir(run_id)) if self.run_dir(run_id).is_dir() else []
+        if not segments:
             return 0
+        last = segments[-1]
+        return last.start + last.path.stat().st_size
 
-    def read(self, run_id: int, offset: int, limit: int = READ_CHUNK) -> bytes:
-        try:
-            with open(self.path(run_id), "rb") as f:
-                f.seek(offset)
-                return f.read(limit)
-        except FileNotFoundError:
-            return b""
+    def streams(self, run_id: int) -> dict[str, int]:
+        """Stream names and their ids in this run's log."""
+        names = {"agent": AGENT_STREAM, "task": TASK_STREAM}
+        path = self.run_dir(run_id) / "streams.json"
+        if path.exists():
+            names.update(json.loads(path.read_text()))
+        return names
 
-    async def follow(self, run_id: int, offset: int = 0,
-                     *, live: bool = True) -> AsyncIterator[tuple[int, bytes]]:
-        """Yield ``(offset, data)`` chunks from ``offset``; with ``live``, wait
-        for more until the run's writer closes."""
-        while True:
-            changed = self._changed.get(run_id)  # taken before reading: no lost wakeup
-            data = self.read(run_id, offset)
-            if data:
-                yield offset, data
-                offset += len(data)
-                continue
-            if not live or changed is None:
-                return
-            await changed.wait()
+    def recover(self, run_id: int) -> int:
+        """Truncate a torn tail left by a crash; returns the bytes cut off."""
+        run_dir = self.run_dir(run_id)
+        if not run_dir.is_dir() or run_id in self._writers:
+            return 0
+        return _recover(run_dir)
+
+    def reader(self, run_id: int) -> LogReader:
+        return LogReader(self.run_dir(run_id))
+
+    async def follow(self, run_id: int, position: int = 0, *, live: bool = True,
+                     max_bytes: int = 1 << 20) -> AsyncIterator[list[Record]]:
+        """Batches of records from ``position``; with ``live``, waits for
+        more until the run's writer closes.  Reads go to the files, so a
+        slow follower costs disk reads, never the agent's memory."""
+        with self.reader(run_id) as reader:
+            while True:
+                changed = self._changed.get(run_id)  # taken before reading: no lost wakeup
+                records = reader.read(position, max_bytes)
+                if records:
+                    yield records
+                    position = records[-1].end
+                    await trio.lowlevel.checkpoint()
+                    continue
+                if not live or changed is None:
+                    return
+                await changed.wait()
+
+
+def _recover(run_dir: Path) -> int:
+    segments = list_segments(run_dir)
+    if not segments:
+        return 0
+    last = segments[-1]
+    data = last.path.read_bytes()
+    end = valid_end(data, SEGMENT_HEADER.size)
+    cut = len(data) - end
+    if cut:
+        with open(last.path, "r+b") as f:
+            f.truncate(end)
+            os.fsync(f.fileno())
+    index = run_dir / "index"
+    if index.exists():
+        log_end = last.start + end
+        entries = [e for e in parse_index(index.read_bytes()) if e.position < log_end]
+        _write_atomically(index, b"".join(e.pack() for e in entries))
+    return cut
 
 
 class LogWriter:
-    def __init__(self, store: LogStore, run_id: int) -> None:
-        self._store = store
-        self._run_id = run_id
-        self._file = open(store.path(run_id), "ab")  # noqa: SIM115 - closed by close()
-        self._written = self._file.tell()
-        self._truncated = False
+    """Appends records to one run's log.  Not shared between tasks: each run
+    has exactly one, opened by the run and closed at its end."""
 
-    def append(self, data: bytes | bytearray) -> None:
-        if self._truncated or not data:
-            return
-        room = self._store.limit - self._written
-        if len(data) > room:
-            data = data[:room] + (
-                f"\r\n[efci: log limit of {self._store.limit} bytes reached; "
-                "further output is not stored]\r\n").encode()
-            self._truncated = True
-        self._file.write(data)
-        self._file.flush()
-        self._written += len(data)
-        self._store._notify(self._run_id)
+    def __init__(self, store: LogStore, run_id: int) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.dir = store.run_dir(run_id)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _recover(self.dir)
+        self.streams = store.streams(run_id)
+        self._segments = list_segments(self.dir)
+        self._index = os.open(self.dir / "index", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._dirty = False
+        self._last_time = 0
+        entries = parse_index((self.dir / "index").read_bytes())
+        self._last_entry = entries[-1] if entries else IndexEntry(0, 0, 0, 0)
+        self.output_bytes, self.newlines = self._totals(self._last_entry)
+        if self._segments:
+            last = self._segments[-1]
+            self._fd = os.open(last.path, os.O_WRONLY | os.O_APPEND)
+            self._segment_bytes = os.fstat(self._fd).st_size
+            self.position = last.start + self._segment_bytes
+        else:
+            self._fd = -1
+            self.position = 0
+            self._open_segment(0, 0)
+
+    def _totals(self, entry: IndexEntry) -> tuple[int, int]:
+        """Output bytes and newlines up to the end, from an index entry on."""
+        output, newlines = entry.output_bytes, entry.newlines
+        with LogReader(self.dir) as reader:
+            for record in reader.records_from(entry.position):
+                if record.kind is Kind.OUTPUT:
+                    output += len(record.payload)
+                    newlines += record.payload.count(b"\n")
+        return output, newlines
+
+    # -- writing ---------------------------------------------------------------
+
+    def _open_segment(self, number: int, start: int) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        segment = Segment(number, start, _segment_path(self.dir, number))
+        self._fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL,
+                           0o640)
+        os.write(self._fd, segment_header(number, start))
+        self._segments.append(segment)
+        self._segment_bytes = SEGMENT_HEADER.size
+        self.position = start + SEGMENT_HEADER.size
+
+    def _roll(self) -> None:
+        """Start the next segment, dropping middle ones past the limit."""
+        current = self._segments[-1]
+        self._open_segment(current.number + 1, self.position)
+        keep = max(2, self.store.limit // self.store.segment_size)
+        head = keep // 2
+        dropped = 0
+        while len(self._segments) > keep:
+            victim = self._segments[head]
+            nxt = self._segments[head + 1]
+            dropped += nxt.start - victim.start
+            victim.path.unlink()
+            del self._segments[head]
+        if dropped:
+            # The holes between the segments left are everything dropped so far.
+            total = sum(b.start - a.start - a.path.stat().st_size
+                        for a, b in zip(self._segments, self._segments[1:], strict=False))
+            self._write(encode_json(Kind.GAP, AGENT_STREAM, self._now(),
+                                    {"dropped_bytes": dropped, "dropped_total": total,
+                                     "message": f"{total} bytes of log were dropped before "
+                                                f"this point to keep it within "
+                                                f"{self.store.limit} bytes"}))
+
+    def _now(self) -> int:
+        self._last_time = max(time.time_ns(), self._last_time)  # never goes back
+        return self._last_time
+
+    def _write(self, record: bytes) -> None:
+        if self._segment_bytes + len(record) > self.store.segment_size and \
+                self._segment_bytes > SEGMENT_HEADER.size:
+            self._roll()
+        os.write(self._fd, record)
+        self._segment_bytes += len(record)
+        self.position += len(record)
+        self._dirty = True
+
+    def _append(self, kind: Kind, stream: int, payload: bytes | bytearray | memoryview) -> None:
+        view = memoryview(payload)
+        now = self._now()
+        if self.position - self._last_entry.position >= INDEX_EVERY_BYTES or \
+                now - self._last_entry.time_ns >= INDEX_EVERY_NS:
+            self._add_index_entry(now)
+        for start in range(0, max(len(view), 1), CHUNK):
+            self._write(encode_record(kind, stream, now, view[start:start + CHUNK]))
+        if kind is Kind.OUTPUT:
+            self.output_bytes += len(view)
+            self.newlines += view.tobytes().count(b"\n")
+        self.store._notify(self.run_id)
+
+    def _add_index_entry(self, now: int) -> None:
+        if self._segment_bytes + 1 > self.store.segment_size:
+            self._roll()  # the entry must point at the record about to be written
+        self._last_entry = IndexEntry(self.position, now, self.output_bytes, self.newlines)
+        os.write(self._index, self._last_entry.pack())
+
+    def stream(self, name: str) -> int:
+        """The id of a named stream (the checkout, a stage), defined once."""
+        if name not in self.streams:
+            if len(self.streams) >= 255:
+                raise ValueError("too many streams in one log")
+            self.streams[name] = max(self.streams.values()) + 1
+            _write_atomically(self.dir / "streams.json", json.dumps(self.streams).encode())
+        return self.streams[name]
+
+    def output(self, data: bytes | bytearray, stream: int = TASK_STREAM) -> None:
+        if data:
+            self._append(Kind.OUTPUT, stream, data)
+
+    def message(self, text: str) -> None:
+        self._append(Kind.AGENT, AGENT_STREAM, text.encode())
+
+    def event(self, kind: Kind, value: dict[str, Any], stream: int = AGENT_STREAM) -> None:
+        self._append(kind, stream, json.dumps(value, separators=(",", ":")).encode())
+
+    async def sync(self) -> None:
+        """fsync what was written since the last sync, in a worker thread."""
+        if self._dirty:
+            self._dirty = False
+            await trio.to_thread.run_sync(_fsync_all, self._fd, self._index)
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+        """Sync and close; idempotent."""
+        if self._fd >= 0:
+            os.fsync(self._fd)
+            os.fsync(self._index)
+            os.close(self._fd)
+            os.close(self._index)
+            self._fd = -1
+        self.store._closed(self.run_id)
+
+
+class LogReader:
+    """Reads records of one log from any position; keeps one file open."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = run_dir
+        self._segments: list[Segment] = []
+        self._file: Any = None
+        self._file_number = -1
+
+    def close(self) -> None:
+        if self._file is not None:
             self._file.close()
-        self._store._notify(self._run_id, closed=True)
+            self._file = None
+            self._file_number = -1
+
+    def __enter__(self) -> LogReader:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _refresh(self) -> None:
+        self._segments = list_segments(self.dir) if self.dir.is_dir() else []
+
+    def _open(self, seg: Segment) -> bool:
+        if self._file_number != seg.number:
+            self.close()
+            try:
+                self._file = open(seg.path, "rb")  # noqa: SIM115 - kept open across reads
+            except FileNotFoundError:
+                return False  # dropped to keep the log within its limit
+            self._file_number = seg.number
+        return True
+
+    def read(self, position: int, max_bytes: int = 1 << 20) -> list[Record]:
+        """Whole records from ``position`` (a record boundary, or a position
+        in dropped space, which moves on to the next record there is), about
+        ``max_bytes`` of them but at least one if there is one."""
+        for _ in range(3):  # segments may roll or be dropped between two looks
+            if not self._segments or position >= self._segments[-1].start:
+                self._refresh()
+            starts = [s.start for s in self._segments]
+            i = max(bisect.bisect_right(starts, position) - 1, 0)
+            while i < len(self._segments):
+                seg = self._segments[i]
+                if not self._open(seg):
+                    break  # refresh and look again
+                position = max(position, seg.first_record)
+                offset = position - seg.start
+                if offset < os.fstat(self._file.fileno()).st_size:
+                    return self._read_at(position, offset, max_bytes)
+                i += 1
+                if i == len(self._segments):
+                    return []  # the end, for now
+                position = self._segments[i].first_record
+            else:
+                return []
+        return []
+
+    def _read_at(self, position: int, offset: int, max_bytes: int) -> list[Record]:
+        self._file.seek(offset)
+        data = self._file.read(max_bytes)
+        records = list(iter_records(data, 0, position))
+        if not records and len(data) >= 4:  # one record larger than max_bytes
+            self._file.seek(offset)
+            length = int.from_bytes(data[:4], "little")
+            records = list(iter_records(self._file.read(length + 64), 0, position))[:1]
+        return records
+
+    def records_from(self, position: int) -> Any:
+        """Every record from ``position`` to the current end (a generator)."""
+        while records := self.read(position):
+            yield from records
+            position = records[-1].end
+
+    # -- where to start ------------------------------------------------------------
+
+    def index(self) -> list[IndexEntry]:
+        path = self.dir / "index"
+        return parse_index(path.read_bytes()) if path.exists() else []
+
+    def position_at_time(self, time_ns: int) -> int:
+        """The first record at or after ``time_ns``."""
+        entries = [e for e in self.index() if e.time_ns <= time_ns]
+        start = entries[-1].position if entries else 0
+        for record in self.records_from(start):
+            if record.time_ns >= time_ns:
+                return record.position
+        return self.end()
+
+    def end(self) -> int:
+        self._refresh()
+        if not self._segments:
+            return 0
+        last = self._segments[-1]
+        return last.start + last.path.stat().st_size
+
+    def position_of_tail(self, lines: int) -> tuple[int, int]:
+        """(record position, bytes to skip in it) where the last ``lines``
+        lines of output begin, scanning only from a late enough index entry."""
+        entries = self.index()
+        for entry in reversed([IndexEntry(0, 0, 0, 0), *entries]):
+            found = self._tail_from(entry, lines)
+            if found is not None:
+                return found
+        return 0, 0
+
+    def _tail_from(self, entry: IndexEntry, lines: int) -> tuple[int, int] | None:
+        # Newline positions after the entry: (record position, offset after it).
+        marks: list[tuple[int, int]] = []
+        last_byte = b"\n"
+        for record in self.records_from(entry.position):
+            if record.kind is not Kind.OUTPUT or not record.payload:
+                continue
+            start = 0
+            while (i := record.payload.find(b"\n", start)) >= 0:
+                marks.append((record.position, i + 1))
+                start = i + 1
+            last_byte = record.payload[-1:]
+        wanted = lines if last_byte == b"\n" else lines - 1  # newlines to keep after start
+        if lines <= 0:
+            return self.end(), 0
+        if len(marks) > wanted:
+            return marks[len(marks) - wanted - 1]
+        if entry.position == 0:
+            return 0, 0
+        return None
+
+
+def records_with_skip(records: list[Record], skip: int) -> list[Record]:
+    """``records`` with the first one's payload shortened by ``skip`` bytes."""
+    if not skip or not records:
+        return records
+    first = records[0]
+    trimmed = Record(first.position, first.kind, first.stream, first.time_ns,
+                     first.payload[skip:])
+    return [trimmed, *records[1:]]
+

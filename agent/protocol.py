@@ -5,11 +5,12 @@ A client sends one request per line::
     {"id": 1, "op": "run", "args": {"task": "hello", "follow": true}}
 
 and the agent answers with lines carrying the same id: zero or more
-*events* (``{"id": 1, "event": "log", ...}``) for streaming operations, then
-exactly one final line, ``{"id": 1, "ok": true, "result": ...}`` or
+*events* (``{"id": 1, "event": "records", ...}``) for streaming operations,
+then exactly one final line, ``{"id": 1, "ok": true, "result": ...}`` or
 ``{"id": 1, "ok": false, "error": {"code": ..., "message": ...}}``.
-Log bytes travel base64-encoded in ``data`` so no byte is ever re-encoded.
-A connection may carry many requests, one after another.
+A message with a ``size`` field is followed by exactly that many raw bytes
+(a binary frame): that is how log records travel, never as text that could
+be re-encoded.  A connection may carry many requests, one after another.
 
 Lines are capped at :data:`MAX_LINE` bytes; a longer one is refused and the
 connection closed, since its end cannot be found without buffering it.
@@ -17,12 +18,12 @@ connection closed, since its end cannot be found without buffering it.
 
 from __future__ import annotations
 
-import base64
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import EfciError, RequestError
+from .logformat import Kind, Record
 
 MAX_LINE = 64 * 1024
 
@@ -36,7 +37,8 @@ OPS: dict[str, dict[str, tuple[type, bool]]] = {
     "run": {"task": (str, True), "follow": (bool, False)},
     "runs": {"task": (str, False), "limit": (int, False)},
     "show": {"run": (int, True)},
-    "logs": {"run": (int, True), "follow": (bool, False), "offset": (int, False)},
+    "logs": {"run": (int, True), "follow": (bool, False), "position": (int, False),
+             "since_ns": (int, False), "tail": (int, False)},
     "cancel": {"run": (int, True)},
 }
 
@@ -59,7 +61,7 @@ class LineSplitter:
         self._buf = bytearray()
         self._max = max_line
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes | bytearray) -> list[bytes]:
         self._buf += data
         *lines, rest = self._buf.split(b"\n")
         if len(rest) > self._max or any(len(line) > self._max for line in lines):
@@ -129,9 +131,21 @@ def event(rid: int | str | None, kind: str, **fields: Any) -> bytes:
     return encode({"id": rid, "event": kind, **fields})
 
 
-def log_event(rid: int | str | None, offset: int, data: bytes) -> bytes:
-    return event(rid, "log", offset=offset, data=base64.b64encode(data).decode("ascii"))
+def records_event(rid: int | str | None, records: list[Record]) -> bytes:
+    """One binary frame: a line describing the records, then their payloads.
+
+    ``records`` lists ``[position, kind, stream, time_ns, length]``; ``next``
+    is where to resume reading after them."""
+    meta = [[r.position, r.kind.value, r.stream, r.time_ns, len(r.payload)] for r in records]
+    blob = b"".join(r.payload for r in records)
+    return event(rid, "records", records=meta, next=records[-1].end, size=len(blob)) + blob
 
 
-def decode_log(message: dict[str, Any]) -> bytes:
-    return base64.b64decode(message["data"], validate=True)
+def decode_records(message: dict[str, Any]) -> list[Record]:
+    """The records of a ``records`` event whose frame was read into ``payload``."""
+    out, at = [], 0
+    blob: bytes = message["payload"]
+    for position, kind, stream, time_ns, length in message["records"]:
+        out.append(Record(position, Kind(kind), stream, time_ns, blob[at:at + length]))
+        at += length
+    return out

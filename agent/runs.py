@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +27,8 @@ import trio
 from .config import AgentConfig
 from .errors import Conflict, EfciError, NotFound
 from .host import docker
+from .host.pty import open_pty_process
+from .logformat import TASK_STREAM, Kind
 from .logstore import LogStore, LogWriter
 from .model import Network, Requester, RunStatus, Task
 from .state import StateStore
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 # Longest a teardown step may take once its run is being cancelled.
 TEARDOWN_SLACK = 30
+LOG_SYNC_INTERVAL = 1.0
 
 
 def task_to_wire(task: Task) -> dict[str, Any]:
@@ -48,13 +50,17 @@ def task_to_wire(task: Task) -> dict[str, Any]:
 def container_spec(cfg: AgentConfig, instance: str, run_id: int,
                    task: Task) -> docker.ContainerSpec:
     """The task container for a run: pure, so unit tests can check it."""
+    cols, rows = cfg.terminal_size
     return docker.ContainerSpec(
         name=f"efci-{instance}-{run_id}",
         image=task.image,
         command=task.command,
         network="none" if task.network is Network.NONE else "bridge",
-        env=dict(task.env),
+        # The docker client sizes the container's TTY only just after it
+        # starts; COLUMNS and LINES tell the size to programs that look first.
+        env={"COLUMNS": str(cols), "LINES": str(rows), **task.env},
         labels={"instance": instance, "run": str(run_id), "task": task.qualified_name},
+        tty=True,
     )
 
 
@@ -64,6 +70,7 @@ class ActiveRun:
     task: Task
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     cancel_reason: str = ""
+    queued_at: float = field(default_factory=time.monotonic)
     done: trio.Event = field(default_factory=trio.Event)
 
 
@@ -91,7 +98,15 @@ class Runs:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            await trio.sleep_forever()
+            await self._sync_logs_forever()
+
+    async def _sync_logs_forever(self) -> None:
+        """The fsync policy: every live log at least once a second (and each
+        at its run's end, in LogWriter.close)."""
+        while True:
+            await trio.sleep(LOG_SYNC_INTERVAL)
+            for writer in self.logs.live_writers():
+                await writer.sync()
 
     async def start(self, task: Task, requester: Requester) -> int:
         assert self._nursery is not None, "Runs.serve must be running"
@@ -104,6 +119,7 @@ class Runs:
         # Opened here, not in the run's task, so a follower that asks right
         # after start() already sees a live log.
         writer = self.logs.open_writer(run_id)
+        writer.message(f"run {run_id} of {task.qualified_name} queued by uid {requester.uid}")
         self._nursery.start_soon(self._execute, run, writer, name=f"run {run_id}")
         log.info("run %d of %s queued (uid %d)", run_id, task.qualified_name, requester.uid)
         return run_id
@@ -151,8 +167,11 @@ class Runs:
     async def _finish(self, run: ActiveRun, writer: LogWriter, status: RunStatus,
                       fields: dict[str, Any]) -> None:
         try:
-            if fields.get("error"):
-                writer.append(f"\r\n[efci] {status.value}: {fields['error']}\r\n".encode())
+            exit_part = f", exit status {fields['exit_code']}" if "exit_code" in fields else ""
+            took = f" after {time.monotonic() - run.queued_at:.1f}s"
+            writer.message(f"run {run.id} {status.value}{exit_part}{took}"
+                           + (f": {fields['error']}" if fields.get("error") else ""))
+            writer.event(Kind.STATUS, {"status": status.value, **fields})
             await self.state.call(self.state.update_run, run.id, status=status,
                                   finished_at=time.time(), **fields)
         except Exception:
@@ -172,8 +191,10 @@ class Runs:
         spec = container_spec(self.cfg, self.instance, run.id, run.task)
         await self.state.call(self.state.update_run, run.id, status=RunStatus.RUNNING,
                               started_at=time.time(), container_name=spec.name)
+        writer.event(Kind.STATUS, {"status": RunStatus.RUNNING.value})
         container = await docker.create(self.cfg.docker, spec)
         await self.state.call(self.state.update_run, run.id, container_id=container)
+        writer.message(f"container {spec.name} ({container[:12]}) from {spec.image}")
         limit = run.task.time_limit or self.cfg.time_limit
         with trio.move_on_after(limit) as timer:
             try:
@@ -192,18 +213,15 @@ class Runs:
         return (RunStatus.SUCCEEDED if state.exit_code == 0 else RunStatus.FAILED), fields
 
     async def _attach(self, container: str, writer: LogWriter) -> None:
-        """Start the container attached and copy its output into the log."""
-        proc = await trio.lowlevel.open_process(
-            docker.start_attached_argv(self.cfg.docker, container),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            assert proc.stdout is not None
-            while data := await proc.stdout.receive_some(1 << 16):
-                writer.append(data)
+        """Start the container attached under a raw host PTY and copy every
+        byte of its terminal output into the log.  Killing the attached
+        client on the way out leaves the container itself running."""
+        cols, rows = self.cfg.terminal_size
+        writer.event(Kind.RESIZE, {"cols": cols, "rows": rows}, stream=TASK_STREAM)
+        writer.event(Kind.MARKER, {"step": "task", "event": "start"})
+        argv = docker.start_attached_argv(self.cfg.docker, container)
+        async with open_pty_process(argv, cols=cols, rows=rows) as proc:
+            while data := await proc.receive_some(1 << 16):
+                writer.output(data)
             await proc.wait()
-        finally:
-            with trio.CancelScope(shield=True):
-                if proc.returncode is None:
-                    proc.kill()  # only the attached client: the container lives on
-                await proc.wait()
-                await proc.stdout.aclose()  # type: ignore[union-attr]
+        writer.event(Kind.MARKER, {"step": "task", "event": "end"})

@@ -46,7 +46,9 @@ def create_argv(docker: str, spec: ContainerSpec) -> list[str]:
     argv = [docker, "create", "--name", spec.name, "--init", "--network", spec.network,
             "--security-opt", "no-new-privileges", "--cap-drop", "NET_RAW"]
     if spec.tty:
-        argv.append("--tty")
+        # Output is read through the attached client; docker need not keep
+        # a second copy in its json-file log.
+        argv += ["--tty", "--log-driver", "none"]
     for key, value in sorted(spec.labels.items()):
         argv += ["--label", f"{LABEL_PREFIX}{key}={value}"]
     for key, value in {**COLOUR_ENV, **spec.env}.items():

@@ -69,7 +69,9 @@ def hello(agent: AgentProcess) -> AgentProcess:
 def test_run_follow_prints_output_and_exits_like_the_task(hello: AgentProcess) -> None:
     result = hello.efci("run", "--follow", "hello", check=False)
     assert result.returncode == 3
-    assert result.stdout == b"hello from a task\n\x1b[32mgreen\x1b[0m\n"
+    # The container's own terminal turns LF into CR LF, as any terminal does;
+    # our raw host PTY adds nothing (no CR CR LF).
+    assert result.stdout == b"hello from a task\r\n\x1b[32mgreen\x1b[0m\r\n"
     assert b"failed, exit status 3" in result.stderr
     run = show(hello, 1)
     assert (run["status"], run["exit_code"], run["task"]) == ("failed", 3, "hello")
@@ -81,9 +83,9 @@ def test_run_follow_prints_output_and_exits_like_the_task(hello: AgentProcess) -
 
 def test_logs_are_byte_exact(hello: AgentProcess) -> None:
     assert hello.efci("run", "--follow", "bytes").returncode == 0
-    expected = b"\xff\xfe not utf-8\x00NUL\r\rprogress\r\n"
+    expected = b"\xff\xfe not utf-8\x00NUL\r\rprogress\r\r\n"  # the tty's ONLCR
     assert hello.efci("logs", "1").stdout == expected
-    assert (hello.root / "state/logs/1.log").read_bytes() == expected
+    assert hello.efci("logs", "--raw", "1").stdout == expected
 
 
 def test_a_follower_started_mid_run_gets_the_same_bytes_as_a_replay(hello: AgentProcess) -> None:
@@ -92,7 +94,7 @@ def test_a_follower_started_mid_run_gets_the_same_bytes_as_a_replay(hello: Agent
     followed = hello.efci("logs", "--follow", str(run)).stdout
     assert show(hello, run)["status"] == "succeeded"
     assert followed == hello.efci("logs", str(run)).stdout
-    assert followed == b"".join(b"tick %d\n" % i for i in range(1, 21))
+    assert followed == b"".join(b"tick %d\r\n" % i for i in range(1, 21))
 
 
 def test_time_limit_stops_the_container(hello: AgentProcess) -> None:
@@ -101,7 +103,7 @@ def test_time_limit_stops_the_container(hello: AgentProcess) -> None:
     run = show(hello, 1)
     assert run["status"] == "timed_out" and "time limit of 2s" in run["error"]
     assert container_status(run["container_id"]) == "exited"
-    assert b"time limit of 2s reached" in hello.efci("logs", "1").stdout
+    assert b"time limit of 2s reached" in hello.efci("logs", "1").stderr
 
 
 def test_cancel_stops_the_container_and_records_who(hello: AgentProcess) -> None:

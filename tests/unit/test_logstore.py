@@ -1,59 +1,189 @@
+"""The log store: framing, crash recovery, bounds, index, following."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
-import trio.lowlevel
 
-from agent.logstore import LogStore
+from agent import logformat as fmt
+from agent.logstore import LogStore, records_with_skip
 
 NASTY = b"\x1b[31mred\x1b[0m\r\n\rprogress 50%\r\xff\xfe\x00 invalid utf-8 and NUL\n"
 
 
+def output(store: LogStore, run_id: int) -> bytes:
+    with store.reader(run_id) as reader:
+        return b"".join(r.payload for r in reader.records_from(0) if r.kind is fmt.Kind.OUTPUT)
+
+
 def test_bytes_in_bytes_out(tmp_path: Path) -> None:
-    store = LogStore(tmp_path, limit=1 << 20)
-    writer = store.open_writer(1)
-    writer.append(NASTY)
-    writer.append(NASTY)
-    writer.close()
-    assert store.path(1).read_bytes() == NASTY * 2
-    assert store.read(1, len(NASTY)) == NASTY and store.size(1) == 2 * len(NASTY)
-    assert not store.is_live(1)
+    store = LogStore(tmp_path, limit=1 << 30)
+    w = store.open_writer(1)
+    w.message("run 1 started")
+    w.output(NASTY)
+    w.output(NASTY)
+    w.event(fmt.Kind.RESIZE, {"cols": 80, "rows": 24}, stream=fmt.TASK_STREAM)
+    w.close()
+    assert output(store, 1) == NASTY * 2
+    with store.reader(1) as reader:
+        records = list(reader.records_from(0))
+    kinds = [r.kind for r in records]
+    assert kinds == [fmt.Kind.AGENT, fmt.Kind.OUTPUT, fmt.Kind.OUTPUT, fmt.Kind.RESIZE]
+    times = [r.time_ns for r in records]
+    assert times == sorted(times)
+    assert not store.is_live(1) and store.end(1) == w.position
 
 
-def test_limit_keeps_the_beginning_and_says_so(tmp_path: Path) -> None:
-    store = LogStore(tmp_path, limit=10)
-    writer = store.open_writer(1)
-    writer.append(b"0123456789abcdef")
-    writer.append(b"more")
-    writer.close()
-    data = store.path(1).read_bytes()
-    assert data.startswith(b"0123456789\r\n[efci: log limit of 10 bytes reached")
-    assert b"more" not in data
+def test_segment_header_and_record_layout(tmp_path: Path) -> None:
+    store = LogStore(tmp_path, limit=1 << 30)
+    w = store.open_writer(1)
+    w.output(b"abc")
+    w.close()
+    data = (tmp_path / "1/000000.seg").read_bytes()
+    assert data[:8] == b"EFCILOG\x00" and fmt.parse_segment_header(data) == (0, 0)
+    length, kind, stream, _, _, _ = fmt.RECORD_HEADER.unpack_from(data, 24)
+    assert (length, kind, stream) == (3, fmt.Kind.OUTPUT, fmt.TASK_STREAM)
+    assert data.endswith(b"abc")
 
 
-async def test_follower_gets_everything_until_close(tmp_path: Path) -> None:
-    store = LogStore(tmp_path, limit=1 << 20)
-    writer = store.open_writer(1)
-    received = bytearray()
+def test_recovery_at_every_byte_of_the_last_record(tmp_path: Path) -> None:
+    store = LogStore(tmp_path / "orig", limit=1 << 30)
+    w = store.open_writer(1)
+    w.output(b"first record\n")
+    w.output(b"second record \xff\x00\n")
+    last_start = w.position
+    w.output(b"the last record, to be torn")
+    w.close()
+    seg = (tmp_path / "orig/1/000000.seg").read_bytes()
+    index = (tmp_path / "orig/1/index").read_bytes()
+    good = output(store, 1)[:-len(b"the last record, to be torn")]
+    for cut in range(last_start, len(seg)):
+        copy = LogStore(tmp_path / f"c{cut}", limit=1 << 30)
+        (tmp_path / f"c{cut}/1").mkdir()
+        (tmp_path / f"c{cut}/1/000000.seg").write_bytes(seg[:cut])
+        (tmp_path / f"c{cut}/1/index").write_bytes(index)
+        assert copy.recover(1) == cut - last_start
+        assert output(copy, 1) == good, cut
+        assert (tmp_path / f"c{cut}/1/000000.seg").read_bytes() == seg[:last_start]
+        # and it can be appended to again
+        w2 = copy.open_writer(1)
+        w2.output(b"after")
+        w2.close()
+        assert output(copy, 1) == good + b"after"
 
-    async def follow() -> None:
-        async for _, data in store.follow(1, 0):
-            received.extend(data)
+
+def test_a_corrupted_tail_is_cut_not_believed(tmp_path: Path) -> None:
+    store = LogStore(tmp_path, limit=1 << 30)
+    w = store.open_writer(1)
+    w.output(b"keep")
+    w.output(b"flip")
+    w.close()
+    path = tmp_path / "1/000000.seg"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert store.recover(1) == fmt.RECORD_HEADER.size + 4
+    assert output(store, 1) == b"keep"
+
+
+def test_big_writes_are_split_and_roll_segments(tmp_path: Path) -> None:
+    store = LogStore(tmp_path, limit=64 << 20)  # segments of 8 MiB
+    w = store.open_writer(1)
+    line = bytes(range(256)) * (100 * 4096)  # 100 MiB, no newline
+    w.output(line[: 30 << 20])
+    w.close()
+    assert len(list((tmp_path / "1").glob("*.seg"))) >= 4
+    assert output(store, 1) == line[: 30 << 20]
+
+
+def test_past_the_limit_head_and_tail_are_kept_with_a_gap_record(tmp_path: Path) -> None:
+    store = LogStore(tmp_path, limit=1 << 20)  # 128 KiB segments, 8 kept
+    w = store.open_writer(1)
+    chunk = b"x" * 1000 + b"\n"
+    for i in range(4000):  # ~4 MiB
+        w.output(b"%06d" % i + chunk)
+    w.output(b"THE END\n")
+    w.close()
+    total = sum(p.stat().st_size for p in (tmp_path / "1").glob("*.seg"))
+    assert total <= (1 << 20) + store.segment_size
+    with store.reader(1) as reader:
+        records = list(reader.records_from(0))
+    data = b"".join(r.payload for r in records if r.kind is fmt.Kind.OUTPUT)
+    assert data.startswith(b"000000" + chunk) and data.endswith(b"THE END\n")
+    gaps = [r.json() for r in records if r.kind is fmt.Kind.GAP]
+    assert gaps and gaps[-1]["dropped_total"] > 2 << 20
+
+
+def test_index_finds_a_time_and_the_last_lines(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = iter(range(10**18, 10**18 + 10**15, 10**8))  # 0.1 s per record
+    monkeypatch.setattr("agent.logstore.time.time_ns", lambda: next(clock))
+    store = LogStore(tmp_path, limit=1 << 30)
+    w = store.open_writer(1)
+    for i in range(5000):
+        w.output(b"line %d\n" % i)
+    w.output(b"partial")
+    w.close()
+    with store.reader(1) as reader:
+        assert len(reader.index()) > 10
+        pos, skip = reader.position_of_tail(3)
+        tail = b"".join(r.payload for r in records_with_skip(reader.read(pos), skip))
+        start = 10**18 + 2500 * 10**8
+        first = reader.read(reader.position_at_time(start))[0]
+    assert tail.startswith(b"line 4998\nline 4999\npartial")
+    assert first.time_ns == start and first.payload == b"line 2500\n"
+
+
+async def test_followers_get_every_byte_until_close(tmp_path: Path) -> None:
+    store = LogStore(tmp_path, limit=1 << 20)  # small segments: rolls and drops
+    w = store.open_writer(1)
+    received: list[bytearray] = [bytearray() for _ in range(5)]
+
+    async def follow(buf: bytearray) -> None:
+        async for batch in store.follow(1, 0, max_bytes=4096):
+            buf.extend(b"".join(r.payload for r in batch if r.kind is fmt.Kind.OUTPUT))
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(follow)
-        for i in range(50):
-            writer.append(NASTY + str(i).encode())
+        for buf in received:
+            nursery.start_soon(follow, buf)
+        for i in range(300):
+            w.output(NASTY + b"%d" % i)
             await trio.lowlevel.checkpoint()
-        writer.close()
-    assert bytes(received) == store.path(1).read_bytes()
+        w.close()
+    expected = b"".join(NASTY + b"%d" % i for i in range(300))
+    assert all(bytes(buf) == expected for buf in received)
 
 
-async def test_follow_of_a_finished_log_ends_and_resumes_from_an_offset(tmp_path: Path) -> None:
+async def test_follow_of_a_finished_log_ends(tmp_path: Path) -> None:
     store = LogStore(tmp_path, limit=1 << 20)
-    writer = store.open_writer(1)
-    writer.append(b"abcdef")
-    writer.close()
-    chunks = [chunk async for chunk in store.follow(1, 2)]
-    assert chunks == [(2, b"cdef")]
+    w = store.open_writer(1)
+    w.output(b"abc")
+    w.output(b"def")
+    w.close()
+    with store.reader(1) as reader:
+        second = reader.read(0)[1].position
+    batches = [b async for b in store.follow(1, second)]
+    assert [r.payload for b in batches for r in b] == [b"def"]
+
+
+async def test_sync_fsyncs_in_a_thread(tmp_path: Path) -> None:
+    store = LogStore(tmp_path, limit=1 << 20)
+    w = store.open_writer(1)
+    w.output(b"x")
+    await w.sync()
+    await w.sync()  # nothing new: no work
+    w.close()
+    assert (tmp_path / "1/000000.seg").stat().st_size == 24 + 20 + 1
+
+
+def test_streams_are_named_once(tmp_path: Path) -> None:
+    store = LogStore(tmp_path, limit=1 << 20)
+    w = store.open_writer(1)
+    checkout = w.stream("checkout")
+    assert w.stream("checkout") == checkout and checkout not in (0, 1)
+    w.close()
+    w2 = store.open_writer(1)
+    assert w2.stream("checkout") == checkout and w2.stream("stage:b") == checkout + 1
+    w2.close()

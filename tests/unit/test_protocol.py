@@ -6,6 +6,7 @@ import pytest
 
 from agent import protocol
 from agent.errors import RequestError
+from agent.logformat import Kind, Record
 
 
 def test_request_round_trip() -> None:
@@ -48,10 +49,15 @@ def test_splitter_caps_a_line_without_newline() -> None:
         s.feed(b"y")
 
 
-def test_log_events_carry_any_bytes() -> None:
-    data = bytes(range(256)) * 3 + b"\xff\xfe\r\r\n\x00"
-    message = json.loads(protocol.log_event(3, 10, data))
-    assert message["offset"] == 10 and protocol.decode_log(message) == data
+def test_records_travel_as_binary_frames() -> None:
+    data = bytes(range(256)) * 3 + b"\xff\xfe\r\r\n\x00\n{"
+    records = [Record(24, Kind.OUTPUT, 1, 5, data), Record(24 + 20 + len(data), Kind.AGENT, 0, 6,
+                                                          b"done")]
+    frame = protocol.records_event(3, records)
+    line, _, blob = frame.partition(b"\n")
+    message = json.loads(line)
+    assert message["size"] == len(blob) == len(data) + 4 and message["next"] == records[1].end
+    assert protocol.decode_records({**message, "payload": blob}) == records
 
 
 def test_request_id_of_a_bad_request() -> None:

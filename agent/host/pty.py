@@ -1,0 +1,80 @@
+"""A subprocess attached to a host pseudo-terminal, read as a Trio stream.
+
+The task container has its own TTY (``docker create --tty``); the docker
+client that attaches to it writes the container's terminal output to our
+PTY.  Our side is set to raw mode, so it adds nothing (no second CR before
+each LF) and changes no byte: the log holds exactly what the container's
+terminal produced.  The window size set here is what the docker client
+passes on to the container's TTY, so programs inside see those columns.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import subprocess
+import termios
+import tty
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import trio
+
+
+def set_window_size(fd: int, cols: int, rows: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+class PtyProcess:
+    """Read the child's terminal output with :meth:`receive_some`; ``b""``
+    means the child and everything holding the terminal are gone."""
+
+    def __init__(self, process: trio.Process, master: trio.lowlevel.FdStream,
+                 master_fd: int) -> None:
+        self.process = process
+        self._master = master
+        self._master_fd = master_fd
+
+    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        try:
+            return bytes(await self._master.receive_some(max_bytes))
+        except trio.BrokenResourceError as e:
+            # Linux answers EIO once the last slave descriptor is closed.
+            if isinstance(e.__cause__, OSError) and e.__cause__.errno == errno.EIO:
+                return b""
+            raise
+
+    def resize(self, cols: int, rows: int) -> None:
+        set_window_size(self._master_fd, cols, rows)
+
+    async def wait(self) -> int:
+        return await self.process.wait()
+
+
+@asynccontextmanager
+async def open_pty_process(argv: Sequence[str], *, cols: int,
+                           rows: int) -> AsyncIterator[PtyProcess]:
+    """Start ``argv`` with stdout and stderr on a new raw PTY of the given
+    size; on exit (also when cancelled) the child is killed and reaped."""
+    master_fd, slave_fd = os.openpty()
+    try:
+        tty.setraw(slave_fd)
+        set_window_size(slave_fd, cols, rows)
+        process = await trio.lowlevel.open_process(
+            list(argv), stdin=subprocess.DEVNULL, stdout=slave_fd, stderr=slave_fd)
+    except BaseException:
+        os.close(master_fd)
+        raise
+    finally:
+        os.close(slave_fd)  # the child holds its own copies
+    master = trio.lowlevel.FdStream(master_fd)  # takes ownership of master_fd
+    try:
+        yield PtyProcess(process, master, master_fd)
+    finally:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+            await master.aclose()
