@@ -38,13 +38,25 @@ class PtyProcess:
         self._master_fd = master_fd
 
     async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        """Wait for output, then also take what is already there, up to
+        ``max_bytes``: a PTY hands out about 4 KiB per read, and bigger
+        chunks make fewer, larger log records without waiting any longer."""
         try:
-            return bytes(await self._master.receive_some(max_bytes))
+            data = bytearray(await self._master.receive_some(max_bytes))
         except trio.BrokenResourceError as e:
             # Linux answers EIO once the last slave descriptor is closed.
             if isinstance(e.__cause__, OSError) and e.__cause__.errno == errno.EIO:
                 return b""
             raise
+        while len(data) < max_bytes:
+            try:
+                more = os.read(self._master_fd, max_bytes - len(data))  # non-blocking fd
+            except (BlockingIOError, OSError):
+                break  # nothing more now (or EIO at the end: the next call says so)
+            if not more:
+                break
+            data += more
+        return bytes(data)
 
     def resize(self, cols: int, rows: int) -> None:
         set_window_size(self._master_fd, cols, rows)
