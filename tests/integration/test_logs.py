@@ -220,3 +220,21 @@ def test_tail_since_and_timestamps(agent: AgentProcess) -> None:
     assert {r["stream"] for r in records} == {"task"}
     assert b"".join(base64.b64decode(r["data"]) for r in records) == b"line 1000\r\nlast\r\n"
     assert json.loads(lines[-1])["next"] == show(agent, 1)["log_size"]
+
+
+def test_past_its_limit_a_log_keeps_head_and_tail_and_says_so(agent: AgentProcess) -> None:
+    agent.configure("runs:\n  log_limit: 1MiB\n")
+    agent.declare("logs.yml", f"""
+tasks:
+  chatty:
+    image: {BASE_IMAGE}
+    command: ["sh", "-c", "seq 1 2000000; echo the end"]
+""")
+    agent.start()
+    assert agent.efci("run", "--follow", "chatty", timeout=600).returncode == 0
+    segments = list((agent.root / "state/logs/1").glob("*.seg"))
+    assert sum(p.stat().st_size for p in segments) < 2 << 20
+    result = agent.efci("logs", "1")
+    assert result.stdout.startswith(b"1\r\n2\r\n3\r\n") and result.stdout.endswith(b"the end\r\n")
+    assert b"bytes of log were dropped before this point" in result.stderr
+    assert b"run 1 succeeded, exit status 0" in result.stderr
