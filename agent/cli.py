@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     lg = add("logs", "print a run's output, byte for byte")
     lg.add_argument("run", type=int)
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing until it ends")
+    lg.add_argument("--stream", metavar="NAME",
+                    help="only this stream's output: task, or checkout:NAME for a checkout")
     lg.add_argument("--raw", action="store_true",
                     help="the output bytes only, nothing else, even on stderr")
     lg.add_argument("-t", "--timestamps", action="store_true",
@@ -80,6 +82,28 @@ def _parser() -> argparse.ArgumentParser:
                     help="resume at a position (from --json output's 'next')")
     cn = add("cancel", "stop a run (its container is stopped)")
     cn.add_argument("run", type=int)
+
+    k = add("key", "deploy keys and pinned host keys (efci key ACTION --help)")
+    ks = k.add_subparsers(dest="action", required=True, metavar="ACTION")
+    owner_help = "whose key (default: agent.yml's owner)"
+    for action, text in (("create", "make an ed25519 key pair; prints the public half"),
+                         ("show", "the public half, to add as a read-only deploy key"),
+                         ("delete", "remove a key pair")):
+        ka = ks.add_parser(action, help=text, parents=[common])
+        ka.add_argument("name")
+        ka.add_argument("--owner", help=owner_help)
+        if action == "delete":
+            ka.add_argument("--force", action="store_true",
+                            help="delete even if declared tasks use it")
+    kl = ks.add_parser("list", help="list key pairs", parents=[common])
+    kl.add_argument("--owner", help="only this owner's")
+    kt = ks.add_parser("trust", help="pin a git server's ssh host key", parents=[common])
+    kt.add_argument("host")
+    kt.add_argument("--port", type=int, default=22)
+    kt.add_argument("--owner", help=owner_help)
+    kt.add_argument("--keys", metavar="FILE", type=Path,
+                    help="known_hosts lines to pin (- for stdin), e.g. from the server's "
+                         "/etc/ssh/ssh_host_*_key.pub; without it, ssh-keyscan asks the host")
     return p
 
 
@@ -219,9 +243,10 @@ class LogPrinter:
     the time of the record it starts in; ``as_json`` prints a JSON line per
     record (payload in base64) for scripts."""
 
-    def __init__(self, *, raw: bool = False, timestamps: bool = False,
-                 as_json: bool = False) -> None:
+    def __init__(self, *, raw: bool = False, timestamps: bool = False, as_json: bool = False,
+                 stream: str | None = None) -> None:
         self.raw, self.timestamps, self.as_json = raw, timestamps, as_json
+        self.only_stream = stream
         self.streams: dict[int, str] = {}
         self._at_line_start = True
         self._out = sys.stdout.buffer
@@ -239,7 +264,8 @@ class LogPrinter:
             if self.as_json:
                 self._json(record)
             elif record.kind is Kind.OUTPUT:
-                self._output(record.payload, record.time_ns)
+                if self.only_stream in (None, self.streams.get(record.stream)):
+                    self._output(record.payload, record.time_ns)
             elif record.kind in (Kind.AGENT, Kind.GAP) and not self.raw:
                 text = record.payload.decode("utf-8", "replace") if record.kind is Kind.AGENT \
                     else record.json()["message"]
@@ -313,6 +339,10 @@ def _show(client: Client, args: argparse.Namespace) -> int:
         print(f"{key + ':':16}{'-' if run.get(key) is None else run[key]}")
     for key in ("created_at", "started_at", "finished_at"):
         print(f"{key + ':':16}{_when(run[key])}")
+    for w in run["worktrees"]:
+        how = "reused" if w["reused"] else "checked out"
+        print(f"{'worktree:':16}/src/{w['mount_name']} {w['commit_sha'][:12]} ({how}, "
+              f"{w['volume']})")
     print(f"{'took:':16}{_duration(run)}")
     print(f"{'requested by:':16}uid {run['requested_uid']} gid {run['requested_gid']} "
           f"pid {run['requested_pid']}")
@@ -342,7 +372,8 @@ def _logs(client: Client, args: argparse.Namespace) -> int:
         request["since_ns"] = _since_ns(args.since)
     if args.tail is not None:
         request["tail"] = args.tail
-    printer = LogPrinter(raw=args.raw, timestamps=args.timestamps, as_json=args.json)
+    printer = LogPrinter(raw=args.raw, timestamps=args.timestamps, as_json=args.json,
+                         stream=args.stream)
     result = client.call("logs", request, on_event=printer)
     if args.json:  # JSON lines: the records, then where to resume
         print(json.dumps(result))
@@ -358,7 +389,56 @@ def _cancel(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_key(key: dict[str, Any]) -> None:
+    used = ", ".join(key["used_by"]) or "no declared task"
+    print(f"# {key['owner']}/{key['name']}  {key['fingerprint']}  used by {used}")
+    print(key["public_key"])
+
+
+def _key(client: Client, args: argparse.Namespace) -> int:
+    owner = {"owner": args.owner} if args.owner else {}
+    if args.action == "list":
+        keys = client.call("key_list", owner)
+        if args.json:
+            _print_json(keys)
+        else:
+            _table([[k["owner"], k["name"], k["fingerprint"], ", ".join(k["used_by"]) or "-"]
+                    for k in keys], ["OWNER", "KEY", "FINGERPRINT", "USED BY"])
+        return 0
+    if args.action == "trust":
+        request: dict[str, Any] = {"host": args.host, "port": args.port, **owner}
+        if args.keys:
+            request["keys"] = (sys.stdin.read() if str(args.keys) == "-"
+                               else args.keys.read_text())
+        result = client.call("key_trust", request)
+        if args.json:
+            _print_json(result)
+        else:
+            how = "as read by ssh-keyscan just now" if result["scanned"] else "as given"
+            print(f"pinned for {result['owner']}, {how}; compare with the server's own:")
+            for line in result["fingerprints"]:
+                print(f"  {line}")
+        return 0
+    request = {"name": args.name, **owner}
+    if args.action == "delete":
+        result = client.call("key_delete", {**request, "force": args.force})
+        if args.json:
+            _print_json(result)
+        else:
+            print(f"deleted key {result['owner']}/{result['name']}")
+        return 0
+    key = client.call(f"key_{args.action}", request)
+    if args.json:
+        _print_json(key)
+    else:
+        _print_key(key)
+        if args.action == "create":
+            print("\nAdd the line above to the repository in Gitea as a read-only deploy key "
+                  "(Settings > Deploy Keys).", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {
     "status": _status, "tasks": _tasks, "reload": _reload, "run": _run, "runs": _runs,
-    "show": _show, "logs": _logs, "cancel": _cancel,
+    "show": _show, "logs": _logs, "cancel": _cancel, "key": _key,
 }

@@ -18,10 +18,12 @@ from typing import Any
 import trio
 
 from . import __version__, declarations, protocol
+from .checkout import Checkouts
 from .config import AgentConfig
 from .control import ControlServer, Send, bind_socket
-from .errors import CommandFailed, EfciError, NotFound
+from .errors import CommandFailed, Conflict, EfciError, NotFound
 from .host import docker
+from .keys import KeyInfo, KeyStore
 from .logformat import Kind
 from .logstore import LogStore, records_with_skip
 from .model import Requester, RunStatus
@@ -42,7 +44,9 @@ class Agent:
         self.state = state
         self.logs = logs
         self.instance = state.instance()
-        self.runs = Runs(cfg, state, logs, self.instance)
+        self.keys = KeyStore(cfg.secrets_base)
+        self.checkouts = Checkouts(cfg, state, self.keys, self.instance)
+        self.runs = Runs(cfg, state, logs, self.checkouts, self.instance)
         self.decls = declarations.DeclarationSet()
         self.started_at = time.time()
         self.docker_version = ""
@@ -181,7 +185,50 @@ class Agent:
         record = await self.state.call(self.state.get_run, run_id)
         if record is None:
             raise NotFound(f"no run {run_id}; see efci runs")
-        return {**record.to_wire(), "log_size": self.logs.end(run_id)}
+        worktrees = await self.state.call(self.state.run_worktrees, run_id)
+        return {**record.to_wire(), "log_size": self.logs.end(run_id), "worktrees": worktrees}
+
+    # -- deploy keys (the private half never crosses the socket) ------------------
+
+    def _key_wire(self, key: KeyInfo) -> dict[str, Any]:
+        return {"owner": key.owner, "name": key.name, "public_key": key.public_key,
+                "fingerprint": key.fingerprint, "created_at": key.created_at,
+                "used_by": self._tasks_using(key.owner, key.name)}
+
+    def _tasks_using(self, owner: str, name: str) -> list[str]:
+        return sorted(t.name for t in self.decls.tasks.values()
+                      if t.owner == owner and any(r.key == name for r in t.repositories))
+
+    async def op_key_create(self, *_: Any, name: str, owner: str | None = None) -> object:
+        key = await self.keys.create(owner or self.cfg.owner, name)
+        log.info("created deploy key %s/%s (%s)", key.owner, key.name, key.fingerprint)
+        return self._key_wire(key)
+
+    async def op_key_list(self, *_: Any, owner: str | None = None) -> object:
+        return [self._key_wire(k) for k in await self.keys.all(owner)]
+
+    async def op_key_show(self, *_: Any, name: str, owner: str | None = None) -> object:
+        return self._key_wire(await self.keys.info(owner or self.cfg.owner, name))
+
+    async def op_key_delete(self, *_: Any, name: str, owner: str | None = None,
+                            force: bool = False) -> object:
+        owner = owner or self.cfg.owner
+        users = self._tasks_using(owner, name)
+        if users and not force:
+            raise Conflict(f"key {name!r} of owner {owner!r} is used by task"
+                           f"{'s' if len(users) > 1 else ''} {', '.join(users)}; "
+                           "give --force to delete it anyway")
+        self.keys.delete(owner, name)
+        log.info("deleted deploy key %s/%s%s", owner, name, " (forced)" if users else "")
+        return {"owner": owner, "name": name, "was_used_by": users}
+
+    async def op_key_trust(self, *_: Any, host: str, port: int = 22, owner: str | None = None,
+                           keys: str | None = None) -> object:
+        owner = owner or self.cfg.owner
+        fingerprints = await self.keys.trust(owner, host, port, keys)
+        log.info("pinned host keys of %s port %d for %s", host, port, owner)
+        return {"owner": owner, "host": host, "port": port, "fingerprints": fingerprints,
+                "scanned": keys is None}
 
     async def _stream_log(self, request: protocol.Request, send: Send, run_id: int,
                           position: int, skip: int, *, follow: bool) -> int:

@@ -128,16 +128,19 @@ def _repository(node: Node) -> Repository:
     )
 
 
-def _checkout(node: Node) -> tuple[Repository, ...]:
-    repos = tuple(_repository(n) for n in node.mapping(required={"repositories"})
-                  ["repositories"].sequence())
+def _checkout(node: Node) -> tuple[tuple[Repository, ...], bool]:
+    """The repositories, and whether unpinned host keys are accepted."""
+    fields = node.mapping(required={"repositories"}, optional={"unchecked_host_keys"})
+    unchecked = fields["unchecked_host_keys"].boolean() if "unchecked_host_keys" in fields \
+        else False
+    repos = tuple(_repository(n) for n in fields["repositories"].sequence())
     seen: dict[str, int] = {}
     for i, repo in enumerate(repos):
         if repo.mount_name in seen:
             raise node.error(f"repositories {seen[repo.mount_name]} and {i} both mount at "
                              f"/src/{repo.mount_name}; give one a name:")
         seen[repo.mount_name] = i
-    return repos
+    return repos, unchecked
 
 
 def _caches(node: Node) -> tuple[CacheUse, ...]:
@@ -191,9 +194,10 @@ def _deploy_targets(fields: dict[str, Node]) -> tuple[str, ...]:
 
 
 def _task(name: str, owner: str, node: Node, fields: dict[str, Node],
-          repositories: tuple[Repository, ...]) -> Task:
+          checkout: tuple[tuple[Repository, ...], bool]) -> Task:
     if "checkout" in fields:
-        repositories = _checkout(fields["checkout"])
+        checkout = _checkout(fields["checkout"])
+    repositories, unchecked_host_keys = checkout
     network = Network.DEFAULT
     if "network" in fields:
         value = fields["network"].string()
@@ -217,6 +221,7 @@ def _task(name: str, owner: str, node: Node, fields: dict[str, Node],
         network=network,
         time_limit=_time_limit(fields["time_limit"]) if "time_limit" in fields else None,
         stages=_stages(fields["stages"]) if "stages" in fields else (),
+        unchecked_host_keys=unchecked_host_keys,
     )
 
 
@@ -266,8 +271,8 @@ def parse_file(path: Path, *, default_owner: str, secrets_base: Path) -> FileDec
         fields = top["task"].mapping(required={"image"}, optional=TASK_KEYS)
         if "checkout" in top and "checkout" in fields:
             raise fields["checkout"].error("checkout: is already given at the top of the file")
-        repos = _checkout(top["checkout"]) if "checkout" in top else ()
-        out.tasks[name] = _task(name, owner, top["task"], fields, repos)
+        checkout = _checkout(top["checkout"]) if "checkout" in top else ((), False)
+        out.tasks[name] = _task(name, owner, top["task"], fields, checkout)
         if "secrets_base" in top:
             declared = Path(top["secrets_base"].string())
             if declared != secrets_base:
@@ -291,7 +296,7 @@ def parse_file(path: Path, *, default_owner: str, secrets_base: Path) -> FileDec
             if not names.is_name(name):
                 raise node.error(f"task name {name!r} is not {names.NAME_HELP}")
             fields = node.mapping(required={"image"}, optional=TASK_KEYS)
-            out.tasks[name] = _task(name, owner, node, fields, ())
+            out.tasks[name] = _task(name, owner, node, fields, ((), False))
     return out
 
 

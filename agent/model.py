@@ -72,6 +72,8 @@ class Task:
     network: Network = Network.DEFAULT
     time_limit: int | None = None  # seconds; None: agent.yml's default
     stages: tuple[Stage, ...] = ()
+    # Only when the declaration asks: clone from hosts whose key is not pinned.
+    unchecked_host_keys: bool = False
 
     @property
     def qualified_name(self) -> str:

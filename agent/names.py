@@ -7,6 +7,7 @@ command lines, so anything that is not plainly a name is refused.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 # Task, image, owner, key, secret, cache and deploy-target names: they become
@@ -23,12 +24,24 @@ IMAGE_REF = re.compile(
 )
 IMAGE_REF_HELP = "a docker image reference such as efci/base:bookworm"
 
+# A host name or an IPv4 address (IPv6 addresses are checked with ipaddress).
+HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}))*")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 FULL_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 
 def is_name(value: str) -> bool:
     return bool(NAME.fullmatch(value)) and ".." not in value
+
+
+def is_host(value: str) -> bool:
+    if HOST.fullmatch(value) and len(value) <= 253:
+        return True
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def ref_format_problem(ref: str) -> str | None:

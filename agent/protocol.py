@@ -40,6 +40,12 @@ OPS: dict[str, dict[str, tuple[type, bool]]] = {
     "logs": {"run": (int, True), "follow": (bool, False), "position": (int, False),
              "since_ns": (int, False), "tail": (int, False)},
     "cancel": {"run": (int, True)},
+    "key_create": {"name": (str, True), "owner": (str, False)},
+    "key_list": {"owner": (str, False)},
+    "key_show": {"name": (str, True), "owner": (str, False)},
+    "key_delete": {"name": (str, True), "owner": (str, False), "force": (bool, False)},
+    "key_trust": {"host": (str, True), "port": (int, False), "owner": (str, False),
+                  "keys": (str, False)},
 }
 
 

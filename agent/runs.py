@@ -1,10 +1,14 @@
 """The run lifecycle: queued -> running -> a result.
 
-A run is recorded (queued) before anything happens, waits for a free slot
-(``runs.max_parallel``), gets its container created and recorded, then runs
-attached with every byte of output going to its log.  Its end is one of:
+A run is recorded (queued) before anything happens and waits for a free
+slot (``runs.max_parallel``).  Then, as in the seed's two-step sequence:
+its repositories are checked out into their base worktree volumes by the
+checkout container (or reused), and its task container is created, recorded
+and run attached, with every byte of output going to its log.  Its end is
+one of:
 
-* succeeded / failed: the task exited 0 / non-zero (a result, not a fault);
+* succeeded / failed: the task exited 0 / non-zero, or its checkout failed
+  (a result, not a fault);
 * timed_out: its time limit passed; the container was stopped;
 * cancelled: ``efci cancel`` or the agent stopping; the container was stopped;
 * error: the agent could not run it (docker refused, image missing...).
@@ -19,11 +23,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
+from .checkout import CheckoutFailed, Checkouts, Worktree
 from .config import AgentConfig
 from .errors import Conflict, EfciError, NotFound
 from .host import docker
@@ -47,9 +53,12 @@ def task_to_wire(task: Task) -> dict[str, Any]:
     return data
 
 
-def container_spec(cfg: AgentConfig, instance: str, run_id: int,
-                   task: Task) -> docker.ContainerSpec:
-    """The task container for a run: pure, so unit tests can check it."""
+def container_spec(cfg: AgentConfig, instance: str, run_id: int, task: Task,
+                   worktrees: Sequence[Worktree] = ()) -> docker.ContainerSpec:
+    """The task container for a run: pure, so unit tests can check it.
+
+    Each base worktree is mounted read-only at /src/<name>, as in the seed's
+    experiment."""
     cols, rows = cfg.terminal_size
     return docker.ContainerSpec(
         name=f"efci-{instance}-{run_id}",
@@ -60,6 +69,8 @@ def container_spec(cfg: AgentConfig, instance: str, run_id: int,
         # starts; COLUMNS and LINES tell the size to programs that look first.
         env={"COLUMNS": str(cols), "LINES": str(rows), **task.env},
         labels={"instance": instance, "run": str(run_id), "task": task.qualified_name},
+        mounts=tuple(docker.VolumeMount(w.volume, f"/src/{w.mount_name}", readonly=True)
+                     for w in worktrees),
         tty=True,
     )
 
@@ -83,10 +94,11 @@ class Runs:
     """
 
     def __init__(self, cfg: AgentConfig, state: StateStore, logs: LogStore,
-                 instance: str) -> None:
+                 checkouts: Checkouts, instance: str) -> None:
         self.cfg = cfg
         self.state = state
         self.logs = logs
+        self.checkouts = checkouts
         self.instance = instance
         self.active: dict[int, ActiveRun] = {}
         self._slots = trio.CapacityLimiter(cfg.max_parallel)
@@ -152,9 +164,11 @@ class Runs:
             status, fields = RunStatus.ERROR, dict[str, Any]()
             with run.scope:
                 async with self._slots:
-                    status, fields = await self._run_container(run, writer)
+                    status, fields = await self._run(run, writer)
             if run.scope.cancelled_caught:
                 status, fields = RunStatus.CANCELLED, {"error": run.cancel_reason}
+        except CheckoutFailed as e:
+            status, fields = RunStatus.FAILED, {"error": e.message}
         except EfciError as e:
             status, fields = RunStatus.ERROR, {"error": e.message}
         except Exception as e:  # the agent broke: keep the run's record honest anyway
@@ -186,30 +200,42 @@ class Runs:
             del self.active[run.id]
             run.done.set()
 
-    async def _run_container(self, run: ActiveRun, writer: LogWriter,
-                             ) -> tuple[RunStatus, dict[str, Any]]:
-        spec = container_spec(self.cfg, self.instance, run.id, run.task)
+    async def _run(self, run: ActiveRun, writer: LogWriter) -> tuple[RunStatus, dict[str, Any]]:
+        """Checkout, then the task container; the time limit covers both."""
+        self.checkouts.check(run.task)  # refuse before anything runs
         await self.state.call(self.state.update_run, run.id, status=RunStatus.RUNNING,
-                              started_at=time.time(), container_name=spec.name)
+                              started_at=time.time())
         writer.event(Kind.STATUS, {"status": RunStatus.RUNNING.value})
-        container = await docker.create(self.cfg.docker, spec)
-        await self.state.call(self.state.update_run, run.id, container_id=container)
-        writer.message(f"container {spec.name} ({container[:12]}) from {spec.image}")
         limit = run.task.time_limit or self.cfg.time_limit
+        container = ""
         with trio.move_on_after(limit) as timer:
+            worktrees = []
+            for index, repo in enumerate(run.task.repositories):
+                worktree = await self.checkouts.prepare(run.id, run.task, index, repo, writer)
+                await self.state.call(self.state.add_run_worktree, run.id, worktree.volume,
+                                      worktree.mount_name, worktree.commit, worktree.reused)
+                worktrees.append(worktree)
+            spec = container_spec(self.cfg, self.instance, run.id, run.task, worktrees)
+            await self.state.call(self.state.update_run, run.id, container_name=spec.name)
             try:
+                container = await docker.create(self.cfg.docker, spec)
+                await self.state.call(self.state.update_run, run.id, container_id=container)
+                writer.message(f"container {spec.name} ({container[:12]}) from {spec.image}")
                 await self._attach(container, writer)
             finally:
                 if timer.cancel_called or run.scope.cancel_called:
                     with trio.move_on_after(self.cfg.stop_grace + TEARDOWN_SLACK) as t:
                         t.shield = True
-                        await docker.stop(self.cfg.docker, container, grace=self.cfg.stop_grace)
+                        await docker.stop(self.cfg.docker, spec.name, grace=self.cfg.stop_grace)
+        timed_out = {"error": f"time limit of {limit}s reached"} if timer.cancelled_caught else {}
+        if not container:  # the time limit struck during the checkout
+            return RunStatus.TIMED_OUT, timed_out
         state = await docker.inspect(self.cfg.docker, container)
         if state is None:
-            return RunStatus.ERROR, {"error": f"container {spec.name} disappeared"}
-        fields = {"exit_code": state.exit_code, "image_id": state.image_id}
-        if timer.cancelled_caught:
-            return RunStatus.TIMED_OUT, {**fields, "error": f"time limit of {limit}s reached"}
+            return RunStatus.ERROR, {"error": f"container {container[:12]} disappeared"}
+        fields = {"exit_code": state.exit_code, "image_id": state.image_id, **timed_out}
+        if timed_out:
+            return RunStatus.TIMED_OUT, fields
         return (RunStatus.SUCCEEDED if state.exit_code == 0 else RunStatus.FAILED), fields
 
     async def _attach(self, container: str, writer: LogWriter) -> None:

@@ -56,6 +56,24 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX runs_by_task ON runs (task, id);
     CREATE INDEX runs_unfinished ON runs (status) WHERE status IN ('queued', 'running');
     """,
+    """
+    CREATE TABLE worktrees (
+        volume TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        entry TEXT NOT NULL,
+        commit_sha TEXT,
+        ready INTEGER NOT NULL DEFAULT 0,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE run_worktrees (
+        run_id INTEGER NOT NULL REFERENCES runs (id),
+        volume TEXT NOT NULL,
+        mount_name TEXT NOT NULL,
+        commit_sha TEXT NOT NULL,
+        reused INTEGER NOT NULL,
+        PRIMARY KEY (run_id, volume)
+    );
+    """,
 )
 
 
@@ -192,6 +210,39 @@ class StateStore:
             args = (task,)
         rows = self._db.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit))
         return [_record(r) for r in rows]
+
+    # -- worktrees ---------------------------------------------------------------
+
+    def worktree_commit(self, volume: str) -> str | None:
+        """The commit of a base worktree whose checkout completed, else None."""
+        row = self._db.execute("SELECT commit_sha FROM worktrees WHERE volume = ? AND ready = 1",
+                               (volume,)).fetchone()
+        return str(row[0]) if row else None
+
+    def worktree_checking_out(self, volume: str, owner: str, entry: dict[str, Any]) -> None:
+        """Recorded before the checkout container runs: not ready until done."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO worktrees (volume, owner, entry, ready, updated_at)"
+                " VALUES (?, ?, ?, 0, ?) ON CONFLICT (volume) DO UPDATE"
+                " SET ready = 0, updated_at = excluded.updated_at",
+                (volume, owner, json.dumps(entry, ensure_ascii=False), time.time()))
+
+    def worktree_ready(self, volume: str, commit: str) -> None:
+        with self._transaction():
+            self._db.execute("UPDATE worktrees SET ready = 1, commit_sha = ?, updated_at = ?"
+                             " WHERE volume = ?", (commit, time.time(), volume))
+
+    def add_run_worktree(self, run_id: int, volume: str, mount_name: str, commit: str,
+                         reused: bool) -> None:
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO run_worktrees VALUES (?, ?, ?, ?, ?)",
+                             (run_id, volume, mount_name, commit, int(reused)))
+
+    def run_worktrees(self, run_id: int) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT volume, mount_name, commit_sha, reused FROM run_worktrees"
+                                " WHERE run_id = ? ORDER BY rowid", (run_id,))
+        return [{**dict(r), "reused": bool(r["reused"])} for r in rows]
 
     def unfinished_runs(self) -> list[RunRecord]:
         rows = self._db.execute(

@@ -19,6 +19,17 @@ LABEL_PREFIX = "org.efforting-ci."
 
 
 @dataclass(frozen=True)
+class VolumeMount:
+    volume: str
+    target: str
+    readonly: bool
+
+    def option(self) -> str:
+        return f"type=volume,source={self.volume},target={self.target}" + (
+            ",readonly" if self.readonly else "")
+
+
+@dataclass(frozen=True)
 class ContainerSpec:
     """What a task container is made of; built by the run code, checked here."""
 
@@ -28,6 +39,7 @@ class ContainerSpec:
     network: str  # "none" or a docker network name; never "host"
     env: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
+    mounts: tuple[VolumeMount, ...] = ()
     tty: bool = False
 
 
@@ -53,6 +65,8 @@ def create_argv(docker: str, spec: ContainerSpec) -> list[str]:
         argv += ["--label", f"{LABEL_PREFIX}{key}={value}"]
     for key, value in {**COLOUR_ENV, **spec.env}.items():
         argv += ["--env", f"{key}={value}"]
+    for mount in spec.mounts:
+        argv += ["--mount", mount.option()]
     argv.append(spec.image)
     if spec.command:
         argv += list(spec.command)
@@ -108,6 +122,18 @@ async def inspect(docker: str, container: str) -> ContainerState | None:
     state_json, image_json = result.stdout.decode().rsplit(" ", 1)
     state = json.loads(state_json)
     return ContainerState(state["Status"], int(state["ExitCode"]), json.loads(image_json))
+
+
+async def volume_exists(docker: str, volume: str) -> bool:
+    result = await command.run([docker, "volume", "inspect", volume], check=False)
+    return result.returncode == 0
+
+
+async def create_volume(docker: str, volume: str, labels: dict[str, str]) -> None:
+    argv = [docker, "volume", "create"]
+    for key, value in labels.items():
+        argv += ["--label", f"{key}={value}"]
+    await command.run([*argv, volume])
 
 
 async def stop(docker: str, container: str, *, grace: int) -> None:

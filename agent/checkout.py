@@ -1,0 +1,174 @@
+"""Base worktrees: one Docker volume per repository entry, brought to its
+revision by the one-shot checkout container (the seed's two-step sequence,
+step 1).
+
+An immutable entry (a full sha) is checked out once and reused as is; a
+mutable one (a ref name) is brought up to date on every run.  A worktree is
+recorded "not ready" before its checkout container runs and "ready" with its
+commit after, so one interrupted by a crash is checked out again, never
+reused half-made.  Checkouts of one volume never overlap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import trio
+
+from . import names
+from .config import AgentConfig
+from .errors import CommandFailed, EfciError
+from .host import command, docker
+from .host.git import (
+    HEAD_LINE,
+    CheckoutContainer,
+    checkout_argv,
+    ssh_host,
+    volume_labels,
+    worktree_volume_name,
+)
+from .host.pty import open_pty_process
+from .keys import KeyStore
+from .logformat import Kind
+from .logstore import LogWriter
+from .model import Repository, Task
+from .state import StateStore
+
+log = logging.getLogger(__name__)
+
+
+class CheckoutFailed(EfciError):
+    """The repository could not be checked out: a result of the run (failed)."""
+
+    code = "checkout_failed"
+
+
+@dataclass(frozen=True)
+class Worktree:
+    volume: str
+    mount_name: str
+    commit: str
+    reused: bool
+
+
+def _image_context() -> Path:
+    return Path(str(resources.files("agent") / "checkout_image"))
+
+
+def checkout_image_tag(base_image: str) -> str:
+    """Tagged by a hash of its files and base, so a change rebuilds it."""
+    digest = hashlib.sha256(base_image.encode())
+    for path in sorted(_image_context().iterdir()):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return f"efci/checkout:{digest.hexdigest()[:16]}"
+
+
+class Checkouts:
+    def __init__(self, cfg: AgentConfig, state: StateStore, keys: KeyStore,
+                 instance: str) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.keys = keys
+        self.instance = instance
+        self._image_lock = trio.Lock()
+        self._volume_locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
+
+    async def ensure_image(self) -> str:
+        """The checkout image's tag, building it first if it is missing."""
+        tag = checkout_image_tag(self.cfg.base_image)
+        async with self._image_lock:
+            probe = await command.run([self.cfg.docker, "image", "inspect", tag], check=False)
+            if probe.returncode != 0:
+                log.info("building the checkout image %s", tag)
+                await command.run([self.cfg.docker, "build", "--quiet", "--tag", tag,
+                                   "--build-arg", f"BASE={self.cfg.base_image}",
+                                   str(_image_context())])
+        return tag
+
+    def check(self, task: Task) -> None:
+        """Refuse before anything runs: missing keys, unpinned hosts."""
+        for repo in task.repositories:
+            if not self.keys.private_path(task.owner, repo.key).exists():
+                raise CheckoutFailed(
+                    f"deploy key {repo.key!r} of owner {task.owner!r} does not exist; "
+                    f"create it with: efci key create {repo.key} --owner {task.owner}")
+            host = ssh_host(repo.repo_url)
+            if host is None:
+                raise CheckoutFailed(f"{repo.repo_url!r} is not an ssh URL")
+            if not task.unchecked_host_keys and not self.keys.is_trusted(task.owner, *host):
+                raise CheckoutFailed(
+                    f"the ssh host key of {host[0]} (port {host[1]}) is not pinned for owner "
+                    f"{task.owner!r}; pin it with: efci key trust {host[0]} --port {host[1]} "
+                    f"--owner {task.owner} (or set checkout.unchecked_host_keys: true)")
+
+    async def prepare(self, run_id: int, task: Task, index: int, repo: Repository,
+                      writer: LogWriter) -> Worktree:
+        """Bring this entry's base worktree to its revision, or reuse it."""
+        volume = worktree_volume_name(task.owner, repo.entry)
+        async with self._volume_locks[volume]:
+            commit = await self.state.call(self.state.worktree_commit, volume)
+            exists = await docker.volume_exists(self.cfg.docker, volume)
+            if commit and exists and not repo.mutable:
+                writer.message(f"{repo.mount_name}: reusing worktree {volume} at {commit[:12]} "
+                               "(immutable revision)")
+                return Worktree(volume, repo.mount_name, commit, reused=True)
+            if not exists:
+                await docker.create_volume(self.cfg.docker, volume,
+                                           volume_labels(task.owner, repo))
+            await self.state.call(self.state.worktree_checking_out, volume, task.owner,
+                                  repo.entry)
+            commit = await self._run_checkout(run_id, task, index, repo, volume, writer)
+            if not repo.mutable and commit != repo.revision:
+                raise CheckoutFailed(f"{repo.mount_name}: checked out {commit}, "
+                                     f"not {repo.revision}")
+            await self.state.call(self.state.worktree_ready, volume, commit)
+        return Worktree(volume, repo.mount_name, commit, reused=False)
+
+    async def _run_checkout(self, run_id: int, task: Task, index: int, repo: Repository,
+                            volume: str, writer: LogWriter) -> str:
+        image = await self.ensure_image()
+        stream = writer.stream(f"checkout:{repo.mount_name}")
+        container = CheckoutContainer(
+            name=f"efci-{self.instance}-{run_id}-checkout-{index}",
+            image=image, volume=volume,
+            key=self.keys.private_path(task.owner, repo.key),
+            known_hosts=self.keys.known_hosts(task.owner),
+            network="host", unchecked_host_keys=task.unchecked_host_keys)
+        if task.unchecked_host_keys:
+            writer.message(f"{repo.mount_name}: WARNING: host keys are not checked for this "
+                           "checkout (checkout.unchecked_host_keys); a machine in the middle "
+                           "could serve another repository")
+        writer.message(f"{repo.mount_name}: checking out {repo.revision} of {repo.repo_url} "
+                       f"into {volume}")
+        writer.event(Kind.MARKER, {"step": "checkout", "name": repo.mount_name,
+                                   "event": "start"})
+        argv = checkout_argv(self.cfg.docker, container, repo,
+                             is_sha=bool(names.FULL_SHA.fullmatch(repo.revision)))
+        tail = b""
+        status: int | None = None
+        cols, rows = self.cfg.terminal_size
+        try:
+            async with open_pty_process(argv, cols=cols, rows=rows) as proc:
+                while data := await proc.receive_some():
+                    writer.output(data, stream)
+                    tail = (tail + data)[-4096:]
+                status = await proc.wait()
+        finally:
+            if status is None:  # cancelled: killing `docker run` leaves the container
+                with trio.move_on_after(30) as cleanup:
+                    cleanup.shield = True
+                    with contextlib.suppress(CommandFailed):
+                        await docker.remove(self.cfg.docker, container.name)
+        writer.event(Kind.MARKER, {"step": "checkout", "name": repo.mount_name, "event": "end"})
+        heads = HEAD_LINE.findall(tail)
+        if status != 0 or not heads:
+            raise CheckoutFailed(
+                f"checkout of {repo.repo_url} at {repo.revision!r} failed (exit status "
+                f"{status}); its output is in the log, stream checkout:{repo.mount_name}")
+        return str(heads[-1].decode())

@@ -1,0 +1,96 @@
+"""The checkout container: what it is given and how it is started.
+
+Pure functions: the argument list of ``docker run`` for one repository
+entry, the ssh host a URL names, and the worktree volume's name and labels
+(the seed experiment's rule, byte for byte).  The program inside the
+container is ``agent/checkout_image/efci-checkout``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..model import Repository
+from ..names import is_host
+
+CHECKOUT_PROGRAM = "/usr/local/bin/efci-checkout"
+HEAD_LINE = re.compile(rb"efci-checkout: HEAD ([0-9a-f]{40,64})")
+
+
+def worktree_volume_name(owner: str, entry: dict[str, object]) -> str:
+    """``ci-worktree-`` + 24 hex digits of sha256(owner, NUL, entry as JSON).
+
+    The JSON is what JavaScript's ``JSON.stringify`` gives for the entry with
+    its keys sorted: compact, non-ASCII kept as UTF-8 (index.mjs in the seed's
+    experiment 01), so volumes the experiment made are found again.
+    """
+    canonical = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.sha256(owner.encode() + b"\0" + canonical.encode()).hexdigest()
+    return f"ci-worktree-{digest[:24]}"
+
+
+def volume_labels(owner: str, repo: Repository) -> dict[str, str]:
+    """The labels the experiment sets on a worktree volume."""
+    return {"ci.owner": owner, "ci.repo_url": repo.repo_url, "ci.revision": repo.revision,
+            "ci.mutable": "true" if repo.mutable else "false"}
+
+
+_SCP_LIKE = re.compile(r"(?:[^@/:]+@)?(\[[^\]]+\]|[^:/]+):(?![/:])")
+_SSH_URL = re.compile(r"ssh://(?:[^@/]+@)?(\[[^\]]+\]|[^:/]+)(?::(\d+))?/")
+
+
+def ssh_host(url: str) -> tuple[str, int] | None:
+    """(host, port) of an ssh URL (``ssh://[user@]host[:port]/path`` or
+    ``[user@]host:path``), or None if it is not one."""
+    m = _SSH_URL.match(url)
+    if m:
+        host, port = m.group(1).strip("[]"), int(m.group(2) or 22)
+    elif (m := _SCP_LIKE.match(url)) and "://" not in url:
+        host, port = m.group(1).strip("[]"), 22
+    else:
+        return None
+    return (host, port) if is_host(host) and 0 < port < 65536 else None
+
+
+def known_hosts_name(host: str, port: int) -> str:
+    """How ssh names a host in known_hosts."""
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+@dataclass(frozen=True)
+class CheckoutContainer:
+    name: str
+    image: str
+    volume: str
+    key: Path
+    known_hosts: Path
+    network: str  # "host" by default: the checkout runs only git, never task code
+    unchecked_host_keys: bool
+
+
+def checkout_argv(docker: str, c: CheckoutContainer, repo: Repository, *,
+                  is_sha: bool) -> list[str]:
+    """``docker run`` of the checkout container for one repository entry.
+
+    The deploy key and known_hosts are mounted read-only and only here;
+    every capability is dropped but DAC_OVERRIDE, which lets the container's
+    root read the key the service user owns and write the volume.
+    """
+    argv = [docker, "run", "--rm", "--tty", "--log-driver", "none", "--name", c.name,
+            "--network", c.network, "--cap-drop", "ALL", "--cap-add", "DAC_OVERRIDE",
+            "--security-opt", "no-new-privileges",
+            "--mount", f"type=volume,source={c.volume},target=/worktree",
+            "--mount", f"type=bind,source={c.key},target=/efci/key,readonly",
+            "--mount", f"type=bind,source={c.known_hosts},target=/efci/known_hosts,readonly",
+            c.image, "--url", repo.repo_url, "--revision", repo.revision]
+    if is_sha:
+        argv.append("--sha")
+    if repo.submodules:
+        argv.append("--submodules")
+    if c.unchecked_host_keys:
+        argv.append("--unchecked-host-keys")
+    return argv

@@ -1,0 +1,163 @@
+"""Deploy keys and pinned host keys in the secrets store (the seed's layout)::
+
+    <secrets_base>/git-ssh/<owner>/public/<name>    the public half, to show
+    <secrets_base>/git-ssh/<owner>/private/<name>   0600 in a 0700 directory
+    <secrets_base>/git-ssh/<owner>/known_hosts      host keys pinned by efci key trust
+
+The private half never leaves the store: nothing here returns its content;
+it is only ever mounted, read-only, into a checkout container.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import names
+from .errors import Conflict, NotFound, RequestError
+from .host import ssh
+from .host.git import known_hosts_name
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    owner: str
+    name: str
+    public_key: str
+    fingerprint: str
+    created_at: float
+
+
+def _is_key_type(word: str) -> bool:
+    return word.startswith(("ssh-", "ecdsa-", "sk-"))
+
+
+def _check_name(value: str, what: str) -> None:
+    if not names.is_name(value):
+        raise RequestError(f"{what} {value!r} is not {names.NAME_HELP}")
+
+
+class KeyStore:
+    def __init__(self, secrets_base: Path) -> None:
+        self.base = secrets_base
+
+    def owner_dir(self, owner: str) -> Path:
+        _check_name(owner, "owner")
+        return self.base / "git-ssh" / owner
+
+    def private_path(self, owner: str, name: str) -> Path:
+        _check_name(name, "key name")
+        return self.owner_dir(owner) / "private" / name
+
+    def public_path(self, owner: str, name: str) -> Path:
+        _check_name(name, "key name")
+        return self.owner_dir(owner) / "public" / name
+
+    def known_hosts(self, owner: str) -> Path:
+        """The owner's pinned host keys; created empty so it can be mounted."""
+        path = self.owner_dir(owner) / "known_hosts"
+        if not path.exists():
+            self._dirs(owner)
+            path.touch(mode=0o644)
+        return path
+
+    def _dirs(self, owner: str) -> None:
+        self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.base, 0o700)
+        owner_dir = self.owner_dir(owner)
+        (owner_dir / "public").mkdir(mode=0o755, parents=True, exist_ok=True)
+        (owner_dir / "private").mkdir(mode=0o700, exist_ok=True)
+        os.chmod(owner_dir / "private", 0o700)
+
+    async def create(self, owner: str, name: str) -> KeyInfo:
+        """A new ed25519 pair, generated in a private temporary directory on
+        the same filesystem and moved into place; never overwrites."""
+        private, public = self.private_path(owner, name), self.public_path(owner, name)
+        if private.exists() or public.exists():
+            raise Conflict(f"key {name!r} of owner {owner!r} already exists; "
+                           f"efci key delete {name} --owner {owner} first to replace it")
+        self._dirs(owner)
+        tmp = Path(tempfile.mkdtemp(prefix=".keygen-", dir=self.base))  # 0700
+        try:
+            await ssh.generate_ed25519(tmp / "key", f"ci/{owner}/{name}")
+            os.chmod(tmp / "key", 0o600)
+            # link() refuses to replace an existing file, unlike rename().
+            os.link(tmp / "key.pub", public)
+            try:
+                os.link(tmp / "key", private)
+            except BaseException:
+                public.unlink()
+                raise
+        except FileExistsError:
+            raise Conflict(f"key {name!r} of owner {owner!r} was created meanwhile") from None
+        finally:
+            shutil.rmtree(tmp)
+        return await self.info(owner, name)
+
+    async def info(self, owner: str, name: str) -> KeyInfo:
+        public = self.public_path(owner, name)
+        if not public.exists() or not self.private_path(owner, name).exists():
+            raise NotFound(f"no key {name!r} of owner {owner!r}; "
+                           f"efci key create {name} --owner {owner} makes one")
+        return KeyInfo(owner, name, public.read_text().strip(), await ssh.fingerprint(public),
+                       public.stat().st_mtime)
+
+    async def all(self, owner: str | None = None) -> list[KeyInfo]:
+        root = self.base / "git-ssh"
+        owners = [owner] if owner else sorted(p.name for p in root.iterdir()) \
+            if root.is_dir() else []
+        keys = []
+        for o in owners:
+            public_dir = self.owner_dir(o) / "public"
+            if public_dir.is_dir():
+                for path in sorted(public_dir.iterdir()):
+                    if names.is_name(path.name) and self.private_path(o, path.name).exists():
+                        keys.append(await self.info(o, path.name))
+        return keys
+
+    def delete(self, owner: str, name: str) -> None:
+        private, public = self.private_path(owner, name), self.public_path(owner, name)
+        if not private.exists() and not public.exists():
+            raise NotFound(f"no key {name!r} of owner {owner!r}")
+        private.unlink(missing_ok=True)
+        public.unlink(missing_ok=True)
+
+    async def trust(self, owner: str, host: str, port: int,
+                    lines: str | None = None) -> list[str]:
+        """Pin ``host``'s keys for ``owner``: the given known_hosts ``lines``
+        (pasted from the server: the safe way), or what ssh-keyscan reads now.
+        Returns their fingerprints; earlier pins of the host are replaced."""
+        if not names.is_host(host) or not 0 < port < 65536:
+            raise RequestError(f"{host!r} port {port} is not a host name or address and port")
+        label = known_hosts_name(host, port)
+        if lines is None:
+            lines = await ssh.scan_host_keys(host, port)
+        wanted = []
+        for line in lines.splitlines():
+            parts = line.split()
+            if not parts or line.startswith("#"):
+                continue
+            if not _is_key_type(parts[0]):  # "host type key": a known_hosts line
+                parts = parts[1:]
+            if len(parts) < 2 or not _is_key_type(parts[0]):  # "type key [comment]"
+                raise RequestError(f"not a host key line: {line[:80]!r}")
+            wanted.append(f"{label} {parts[0]} {parts[1]}")
+        if not wanted:
+            raise NotFound(f"no host keys for {label}")
+        path = self.known_hosts(owner)
+        kept = [line for line in path.read_text().splitlines()
+                if line.split(" ", 1)[0] != label]
+        tmp = path.with_name(".known_hosts.tmp")
+        tmp.write_text("\n".join([*kept, *wanted]) + "\n")
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, path)
+        return await ssh.fingerprints_of("\n".join(wanted) + "\n")
+
+    def is_trusted(self, owner: str, host: str, port: int) -> bool:
+        path = self.owner_dir(owner) / "known_hosts"
+        label = known_hosts_name(host, port)
+        return path.exists() and any(line.split(" ", 1)[0] == label
+                                     for line in path.read_text().splitlines())

@@ -1,0 +1,306 @@
+"""Deploy keys and checkouts against a real sshd serving real repositories."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.host.git import worktree_volume_name
+
+from .conftest import BASE_IMAGE, AgentProcess
+from .gitserver import GitServer, git
+from .test_agent import show
+
+OWNER = "alice"
+T0 = 1_600_000_000  # commit times, far enough apart to tell mtimes apart
+
+
+class Setup:
+    def __init__(self, agent: AgentProcess, server: GitServer) -> None:
+        self.agent, self.server = agent, server
+        self.volumes: list[str] = []
+
+    def key(self, name: str = "deploy") -> str:
+        """Create a deploy key through efci; returns its public half."""
+        out = json.loads(self.agent.efci("--json", "key", "create", name, "--owner", OWNER).stdout)
+        return str(out["public_key"])
+
+    def trust(self) -> None:
+        keys = self.agent.root / "hostkey.pub"
+        keys.write_text(self.server.host_key_line)
+        self.agent.efci("key", "trust", "127.0.0.1", "--port", str(self.server.port),
+                        "--owner", OWNER, "--keys", str(keys))
+
+    def declare(self, tasks: dict[str, dict]) -> None:  # type: ignore[type-arg]
+        self.agent.declare("tasks.yml", json.dumps({"owner": OWNER, "tasks": tasks}))
+        result = self.agent.efci("reload", check=False)
+        assert result.returncode == 0, result.stderr
+
+    def entry(self, repo: str, revision: str, *, mutable: bool, key: str = "deploy",
+              **extra: object) -> dict[str, object]:
+        entry = {"repo_url": self.server.url(repo), "revision": revision, "mutable": mutable,
+                 "key": key, "submodules": False, **extra}
+        self.volumes.append(worktree_volume_name(OWNER, entry))
+        return entry
+
+    def run(self, task: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+        result = self.agent.efci("run", "--follow", task, check=False, timeout=300)
+        run_id = json.loads(self.agent.efci("--json", "runs", "--limit", "1").stdout)[0]["id"]
+        return result.returncode, show(self.agent, run_id)
+
+    def output(self, run: int, stream: str = "task") -> bytes:
+        return self.agent.efci("logs", "--raw", "--stream", stream, str(run)).stdout
+
+
+@pytest.fixture
+def setup(agent: AgentProcess, tmp_path: Path) -> Iterator[Setup]:
+    server = GitServer(tmp_path / "git")
+    server.start()
+    agent.start()
+    s = Setup(agent, server)
+    try:
+        yield s
+    finally:
+        server.stop()
+        agent.cleanup()
+        if s.volumes:
+            subprocess.run(["docker", "volume", "rm", "--force", *set(s.volumes)],
+                           capture_output=True, check=False)
+
+
+def task(image: str = BASE_IMAGE, **kw: object) -> dict:  # type: ignore[type-arg]
+    return {"image": image, "command": ["true"], **kw}
+
+
+def created_containers(since: float, until: float) -> list[str]:
+    out = subprocess.run(["docker", "events", "--since", f"{since:.3f}", "--until",
+                          f"{until:.3f}", "--filter", "type=container", "--filter",
+                          "event=create", "--format", "{{.Actor.Attributes.name}}"],
+                         capture_output=True, check=True, timeout=60).stdout.decode()
+    return out.split()
+
+
+def test_key_commands_and_the_private_half_never_shown(setup: Setup) -> None:
+    a = setup.agent
+    public = setup.key()
+    assert public.startswith("ssh-ed25519 ") and public.endswith(f" ci/{OWNER}/deploy")
+    secrets = a.root / "secrets/git-ssh" / OWNER
+    private = secrets / "private/deploy"
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert (secrets / "private").stat().st_mode & 0o777 == 0o700
+    assert (a.root / "secrets").stat().st_mode & 0o777 == 0o700
+    again = a.efci("key", "create", "deploy", "--owner", OWNER, check=False)
+    assert again.returncode == 75 and b"already exists" in again.stderr
+    assert private.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+
+    listed = a.efci("key", "list").stdout
+    shown = a.efci("key", "show", "deploy", "--owner", OWNER).stdout
+    assert b"deploy" in listed and public.encode() in shown
+    for out in (listed, shown, a.efci("--json", "key", "list").stdout):
+        assert b"PRIVATE KEY" not in out
+
+    setup.declare({"uses-it": task(checkout={"repositories": [
+        setup.entry("r", "main", mutable=True)]})})
+    refused = a.efci("key", "delete", "deploy", "--owner", OWNER, check=False)
+    assert refused.returncode == 75 and b"used by task uses-it" in refused.stderr
+    assert private.exists()
+    a.efci("key", "delete", "deploy", "--owner", OWNER, "--force")
+    assert not private.exists() and not (secrets / "public/deploy").exists()
+    bad = a.efci("key", "create", "../x", "--owner", OWNER, check=False)
+    assert bad.returncode == 64 and b"is not a name" in bad.stderr
+
+
+def test_clone_over_ssh_into_the_experiments_volume(setup: Setup) -> None:
+    s = setup.server
+    s.create("site")
+    s.commit("site", {"index.html": b"<h1>old</h1>\n", "ünïcödé/日本語.txt": b"unicode\n"},
+             "first", when=T0)
+    s.commit("site", {"index.html": b"<h1>hello</h1>\n"}, "second", when=T0 + 3600)
+    s.authorize(setup.key(), "site")
+    setup.trust()
+    entry = setup.entry("site", "main", mutable=True)
+    setup.declare({"show": task(
+        checkout={"repositories": [entry]},
+        command=["sh", "-c", "cd /src/site && cat index.html && ls ünïcödé && "
+                 "stat -c '%Y %n' index.html ünïcödé/日本語.txt && touch x"])})
+    status, run = setup.run("show")
+    out = setup.output(run["id"])
+    assert status == 1, out  # touch x fails: the base worktree is read-only here
+    assert b"<h1>hello</h1>" in out and "日本語.txt".encode() in out
+    assert f"{T0 + 3600} index.html".encode() in out
+    assert f"{T0} ünïcödé/日本語.txt".encode() in out  # mtimes restored from history
+    assert b"Read-only file system" in out
+    (worktree,) = run["worktrees"]
+    assert worktree["volume"] == worktree_volume_name(OWNER, entry) == setup.volumes[0]
+    assert worktree["commit_sha"] == git("rev-parse", "HEAD", cwd=s.repos / "site.work")
+    labels = json.loads(subprocess.run(
+        ["docker", "volume", "inspect", "--format", "{{json .Labels}}", worktree["volume"]],
+        capture_output=True, check=True).stdout)
+    assert labels == {"ci.owner": OWNER, "ci.repo_url": s.url("site"), "ci.revision": "main",
+                      "ci.mutable": "true"}
+    messages = setup.agent.efci("logs", str(run["id"])).stderr
+    assert b"checking out main of" in messages
+
+
+def test_immutable_is_reused_and_mutable_is_updated(setup: Setup) -> None:
+    s = setup.server
+    s.create("lib")
+    first = s.commit("lib", {"VERSION": b"1\n"}, "v1")
+    s.authorize(setup.key(), "lib")
+    setup.trust()
+    setup.declare({
+        "pinned": task(checkout={"repositories": [setup.entry("lib", first, mutable=False)]},
+                       command=["cat", "/src/lib/VERSION"]),
+        "tracking": task(checkout={"repositories": [setup.entry("lib", "main", mutable=True)]},
+                         command=["cat", "/src/lib/VERSION"]),
+    })
+    assert setup.run("pinned")[0] == 0
+    before = time.time()
+    status, second_run = setup.run("pinned")
+    after = time.time()
+    assert status == 0 and second_run["worktrees"][0]["reused"] is True
+    created = created_containers(before, after)
+    assert created and not [n for n in created if "checkout" in n], created
+
+    status, run = setup.run("tracking")
+    assert status == 0 and b"1\r\n" in setup.output(run["id"])
+    second = s.commit("lib", {"VERSION": b"2\n"}, "v2")
+    status, run = setup.run("tracking")
+    assert status == 0 and setup.output(run["id"]).endswith(b"2\r\n")
+    assert run["worktrees"][0] == {**run["worktrees"][0], "commit_sha": second, "reused": False}
+    status, run = setup.run("pinned")  # the pinned one still shows the old commit
+    assert status == 0 and setup.output(run["id"]) == b"1\r\n"
+
+
+def test_missing_revisions_and_a_wrong_key_fail_clearly(setup: Setup) -> None:
+    s = setup.server
+    s.create("lib")
+    s.commit("lib", {"a": b"a\n"}, "a")
+    s.create("other")
+    s.commit("other", {"b": b"b\n"}, "b")
+    s.authorize(setup.key(), "lib")
+    s.authorize(setup.key("other-key"), "other")
+    setup.trust()
+    setup.declare({
+        "no-sha": task(checkout={"repositories": [
+            setup.entry("lib", "0" * 40, mutable=False)]}),
+        "no-branch": task(checkout={"repositories": [
+            setup.entry("lib", "no-such-branch", mutable=True)]}),
+        "wrong-key": task(checkout={"repositories": [
+            setup.entry("lib", "main", mutable=True, key="other-key")]}),
+    })
+    for name, words in (("no-sha", b"is not in"), ("no-branch", b"couldn't find remote ref"),
+                        ("wrong-key", b"may not run")):
+        status, run = setup.run(name)
+        assert status == 1 and run["status"] == "failed", name
+        assert "checkout of" in run["error"] and run["container_id"] is None, name
+        log = setup.agent.efci("logs", "--stream", "checkout:lib", str(run["id"]))
+        assert words in log.stdout, (name, log.stdout)
+        assert b"failed (exit status" in log.stderr
+
+
+def test_submodules_use_the_same_key(setup: Setup) -> None:
+    s = setup.server
+    s.create("inner")
+    s.commit("inner", {"inner.txt": b"from the submodule\n"}, "inner")
+    work = s.create("outer")
+    git("-c", "protocol.file.allow=always", "submodule", "add", "--quiet", "--name", "inner",
+        str(s.path("inner")), "inner", cwd=work)
+    git("config", "-f", ".gitmodules", "submodule.inner.url", s.url("inner"), cwd=work)
+    s.commit("outer", {"outer.txt": b"outer\n"}, "with a submodule")
+    s.authorize(setup.key(), "outer", "inner")
+    setup.trust()
+    setup.declare({"sub": task(checkout={"repositories": [
+        setup.entry("outer", "main", mutable=True, submodules=True)]},
+        command=["cat", "/src/outer/inner/inner.txt"])})
+    status, run = setup.run("sub")
+    assert status == 0, setup.agent.efci("logs", str(run["id"])).stdout
+    assert setup.output(run["id"]) == b"from the submodule\r\n"
+
+
+def test_unpinned_hosts_are_refused_unless_the_task_asks(setup: Setup) -> None:
+    s = setup.server
+    s.create("lib")
+    s.commit("lib", {"a": b"a\n"}, "a")
+    s.authorize(setup.key(), "lib")
+    setup.declare({
+        "strict": task(checkout={"repositories": [setup.entry("lib", "main", mutable=True)]}),
+        "lax": task(checkout={"repositories": [setup.entry("lib", "main", mutable=True)],
+                              "unchecked_host_keys": True}),
+    })
+    before = time.time()
+    status, run = setup.run("strict")
+    assert status == 1 and "is not pinned" in run["error"] and "efci key trust" in run["error"]
+    assert created_containers(before, time.time()) == []
+    status, run = setup.run("lax")
+    assert status == 0
+    assert b"WARNING: host keys are not checked" in setup.agent.efci("logs", str(run["id"])).stderr
+    # a pinned key that does not match is refused by ssh itself
+    wrong = setup.agent.root / "wrong.pub"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                    str(setup.agent.root / "wrong")], check=True)
+    setup.agent.efci("key", "trust", "127.0.0.1", "--port", str(s.port), "--owner", OWNER,
+                     "--keys", str(wrong))
+    status, run = setup.run("strict")
+    assert status == 1
+    assert b"Host key verification failed" in setup.output(run["id"], "checkout:lib")
+
+
+def test_the_task_never_sees_the_key(setup: Setup) -> None:
+    s = setup.server
+    s.create("lib")
+    s.commit("lib", {"a": b"a\n"}, "a")
+    s.authorize(setup.key(), "lib")
+    setup.trust()
+    setup.declare({"snoop": task(
+        checkout={"repositories": [setup.entry("lib", "main", mutable=True)]},
+        command=["sh", "-c", "ls -la /efci 2>&1; grep -rl 'OPENSSH PRIVATE' /src /root /tmp "
+                 "/etc 2>/dev/null; cat /proc/mounts; echo done"])})
+    status, run = setup.run("snoop")
+    assert status == 0
+    out = setup.output(run["id"])
+    assert b"No such file or directory" in out and b"secrets" not in out
+    private = (setup.agent.root / "secrets/git-ssh" / OWNER / "private/deploy").read_text()
+    body = "".join(private.splitlines()[1:-1])
+    for segment in (setup.agent.root / "state/logs" / str(run["id"])).glob("*"):
+        data = segment.read_bytes()
+        assert body[:40].encode() not in data and b"PRIVATE KEY" not in data
+    mounts = json.loads(subprocess.run(
+        ["docker", "inspect", "--format", "{{json .Mounts}}", run["container_id"]],
+        capture_output=True, check=True).stdout)
+    assert [(m["Type"], m["Destination"], m["RW"]) for m in mounts] == [
+        ("volume", "/src/lib", False)]
+
+
+BAD_ENTRIES = {
+    "option revision": {"revision": "--upload-pack=touch {marker}", "mutable": True},
+    "bad ref": {"revision": "a..b", "mutable": True},
+    "ext url": {"repo_url": "ext::sh -c touch% {marker}"},
+    "option url": {"repo_url": "--upload-pack=touch {marker}"},
+    "file url": {"repo_url": "file:///etc"},
+    "key with slash": {"key": "../../x"},
+    "name escaping /src": {"name": "../etc"},
+}
+
+
+@pytest.mark.parametrize("label", BAD_ENTRIES)
+def test_bad_checkout_entries_are_refused_before_anything_runs(
+        setup: Setup, tmp_path: Path, label: str) -> None:
+    marker = tmp_path / "pwned"
+    entry = {"repo_url": setup.server.url("x"), "revision": "main", "mutable": True,
+             "key": "deploy", **{k: v.format(marker=marker) if isinstance(v, str) else v
+                                 for k, v in BAD_ENTRIES[label].items()}}
+    setup.agent.declare("tasks.yml", json.dumps(
+        {"owner": OWNER, "tasks": {"evil": task(checkout={"repositories": [entry]})}}))
+    before = time.time()
+    reload = setup.agent.efci("reload", check=False)
+    assert reload.returncode == 2 and b"tasks.yml:" in reload.stderr
+    assert b"checkout.repositories[0]" in reload.stderr, reload.stderr
+    refused = setup.agent.efci("run", "evil", check=False)
+    assert refused.returncode == 66
+    assert created_containers(before, time.time()) == [] and not marker.exists()

@@ -1,0 +1,84 @@
+"""Worktree volume names, ssh URLs and the checkout container's arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.host.git import (
+    CheckoutContainer,
+    checkout_argv,
+    ssh_host,
+    volume_labels,
+    worktree_volume_name,
+)
+from agent.model import Repository
+
+# Computed with node from worktree_volume_name in the seed's index.mjs.
+VECTORS = [
+    ("mikael-lovqvist",
+     {"repo_url": "git@git.efforting.tech:mikael-lovqvist/websperiments.git",
+      "revision": "main", "mutable": True, "key": "websperiments-deploy", "submodules": False},
+     "ci-worktree-7d2d097976ef41dd031cd724"),
+    ("mikael-lövqvist",
+     {"repo_url": "git@git.efforting.tech:mikael/sité.git", "revision": "grüße/ünïcödé",
+      "mutable": True, "key": "k", "submodules": False, "name": "日本語"},
+     "ci-worktree-c16857b506fac26706f817f0"),
+    ("o",
+     {"repo_url": 'ssh://git@h:2222/a "quoted" \\ back\u0001.git',
+      "revision": "0123456789abcdef0123456789abcdef01234567", "mutable": False, "key": "k",
+      "submodules": True},
+     "ci-worktree-c9a7dc35335ce4a1d199255d"),
+    ("o", {"revision": "x", "repo_url": "u", "key": "k", "emoji": "😀\u2028", "mutable": True},
+     "ci-worktree-ffa50cbc61c7517b27ff7612"),
+]
+
+
+@pytest.mark.parametrize(("owner", "entry", "name"), VECTORS)
+def test_volume_names_match_the_experiment(owner: str, entry: dict[str, object],
+                                           name: str) -> None:
+    assert worktree_volume_name(owner, entry) == name
+    assert worktree_volume_name(owner, dict(reversed(entry.items()))) == name  # key order
+
+
+@pytest.mark.parametrize(("url", "host"), [
+    ("git@git.efforting.tech:mikael-lovqvist/websperiments.git", ("git.efforting.tech", 22)),
+    ("ssh://git@127.0.0.1:2222/srv/a.git", ("127.0.0.1", 2222)),
+    ("ssh://[::1]:2200/a.git", ("::1", 2200)),
+    ("example.org:repo.git", ("example.org", 22)),
+    ("https://example.org/a.git", None),
+    ("ext::sh -c touch% /tmp/x", None),
+    ("/srv/a.git", None),
+])
+def test_ssh_host(url: str, host: tuple[str, int] | None) -> None:
+    assert ssh_host(url) == host
+
+
+REPO = Repository(repo_url="ssh://git@h:2222/a.git", revision="main", mutable=True, key="k",
+                  submodules=True, mount_name="a", entry={})
+
+
+def test_checkout_container_gets_the_key_read_only_and_little_else() -> None:
+    c = CheckoutContainer(name="efci-x-1-checkout-0", image="efci/checkout:1",
+                          volume="ci-worktree-1",
+                          key=Path("/srv/ci-secrets/git-ssh/o/private/k"),
+                          known_hosts=Path("/srv/ci-secrets/git-ssh/o/known_hosts"),
+                          network="host", unchecked_host_keys=False)
+    argv = checkout_argv("docker", c, REPO, is_sha=False)
+    mounts = [argv[i + 1] for i, a in enumerate(argv) if a == "--mount"]
+    assert mounts == [
+        "type=volume,source=ci-worktree-1,target=/worktree",
+        "type=bind,source=/srv/ci-secrets/git-ssh/o/private/k,target=/efci/key,readonly",
+        "type=bind,source=/srv/ci-secrets/git-ssh/o/known_hosts,target=/efci/known_hosts,"
+        "readonly",
+    ]
+    assert argv[argv.index("--cap-drop") + 1] == "ALL" and "--privileged" not in argv
+    assert argv[argv.index("efci/checkout:1"):] == [
+        "efci/checkout:1", "--url", REPO.repo_url, "--revision", "main", "--submodules"]
+    assert "--unchecked-host-keys" not in argv and "--sha" not in argv
+
+
+def test_labels_are_the_experiments() -> None:
+    assert volume_labels("o", REPO) == {"ci.owner": "o", "ci.repo_url": REPO.repo_url,
+                                        "ci.revision": "main", "ci.mutable": "true"}
