@@ -43,6 +43,44 @@ from .state import StateStore
 log = logging.getLogger(__name__)
 
 
+class ReadWriteLock:
+    """Many runs may use a base worktree at once (as an overlay's lower
+    layer); a checkout needs it alone, since changing a lower layer under a
+    mounted overlay is undefined.  A checkout that ends becomes a use."""
+
+    def __init__(self) -> None:
+        self._readers = 0
+        self._writer = False
+        self._changed = trio.Condition()
+
+    async def acquire_write(self) -> None:
+        async with self._changed:
+            while self._writer or self._readers:
+                await self._changed.wait()
+            self._writer = True
+
+    async def acquire_read(self) -> None:
+        async with self._changed:
+            while self._writer:
+                await self._changed.wait()
+            self._readers += 1
+
+    async def downgrade(self) -> None:
+        async with self._changed:
+            self._writer, self._readers = False, self._readers + 1
+            self._changed.notify_all()
+
+    async def release_write(self) -> None:
+        async with self._changed:
+            self._writer = False
+            self._changed.notify_all()
+
+    async def release_read(self) -> None:
+        async with self._changed:
+            self._readers -= 1
+            self._changed.notify_all()
+
+
 class CheckoutFailed(EfciError):
     """The repository could not be checked out: a result of the run (failed)."""
 
@@ -77,7 +115,7 @@ class Checkouts:
         self.keys = keys
         self.instance = instance
         self._image_lock = trio.Lock()
-        self._volume_locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
+        self._locks: defaultdict[str, ReadWriteLock] = defaultdict(ReadWriteLock)
 
     async def ensure_image(self) -> str:
         """The checkout image's tag, building it first if it is missing."""
@@ -109,26 +147,50 @@ class Checkouts:
 
     async def prepare(self, run_id: int, task: Task, index: int, repo: Repository,
                       writer: LogWriter) -> Worktree:
-        """Bring this entry's base worktree to its revision, or reuse it."""
+        """Bring this entry's base worktree to its revision, or reuse it.
+
+        On return the caller holds a use of the worktree and must give it
+        back with :meth:`release`, after its overlay is unmounted."""
         volume = worktree_volume_name(task.owner, repo.entry)
-        async with self._volume_locks[volume]:
-            commit = await self.state.call(self.state.worktree_commit, volume)
-            exists = await docker.volume_exists(self.cfg.docker, volume)
-            if commit and exists and not repo.mutable:
-                writer.message(f"{repo.mount_name}: reusing worktree {volume} at {commit[:12]} "
-                               "(immutable revision)")
-                return Worktree(volume, repo.mount_name, commit, reused=True)
-            if not exists:
-                await docker.create_volume(self.cfg.docker, volume,
-                                           volume_labels(task.owner, repo))
-            await self.state.call(self.state.worktree_checking_out, volume, task.owner,
-                                  repo.entry)
-            commit = await self._run_checkout(run_id, task, index, repo, volume, writer)
-            if not repo.mutable and commit != repo.revision:
-                raise CheckoutFailed(f"{repo.mount_name}: checked out {commit}, "
-                                     f"not {repo.revision}")
-            await self.state.call(self.state.worktree_ready, volume, commit)
+        lock = self._locks[volume]
+        if not repo.mutable:  # most runs of a pinned revision only read it
+            await lock.acquire_read()
+            try:
+                commit = await self.state.call(self.state.worktree_commit, volume)
+                if commit and await docker.volume_exists(self.cfg.docker, volume):
+                    writer.message(f"{repo.mount_name}: reusing worktree {volume} at "
+                                   f"{commit[:12]} (immutable revision)")
+                    return Worktree(volume, repo.mount_name, commit, reused=True)
+            except BaseException:
+                await lock.release_read()
+                raise
+            await lock.release_read()
+        await lock.acquire_write()
+        try:
+            commit = None if repo.mutable else await self.state.call(
+                self.state.worktree_commit, volume)  # another run may have just made it
+            if commit is None:
+                commit = await self._check_out(run_id, task, index, repo, volume, writer)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await lock.release_write()
+            raise
+        await lock.downgrade()
         return Worktree(volume, repo.mount_name, commit, reused=False)
+
+    async def release(self, worktree: Worktree) -> None:
+        await self._locks[worktree.volume].release_read()
+
+    async def _check_out(self, run_id: int, task: Task, index: int, repo: Repository,
+                         volume: str, writer: LogWriter) -> str:
+        if not await docker.volume_exists(self.cfg.docker, volume):
+            await docker.create_volume(self.cfg.docker, volume, volume_labels(task.owner, repo))
+        await self.state.call(self.state.worktree_checking_out, volume, task.owner, repo.entry)
+        commit = await self._run_checkout(run_id, task, index, repo, volume, writer)
+        if not repo.mutable and commit != repo.revision:
+            raise CheckoutFailed(f"{repo.mount_name}: checked out {commit}, not {repo.revision}")
+        await self.state.call(self.state.worktree_ready, volume, commit)
+        return commit
 
     async def _run_checkout(self, run_id: int, task: Task, index: int, repo: Repository,
                             volume: str, writer: LogWriter) -> str:

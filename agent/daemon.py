@@ -26,6 +26,7 @@ from .host import docker
 from .keys import KeyInfo, KeyStore
 from .logformat import Kind
 from .logstore import LogStore, records_with_skip
+from .mutations import Mutations
 from .model import Requester, RunStatus
 from .runs import Runs, task_to_wire
 from .state import StateStore
@@ -46,7 +47,8 @@ class Agent:
         self.instance = state.instance()
         self.keys = KeyStore(cfg.secrets_base)
         self.checkouts = Checkouts(cfg, state, self.keys, self.instance)
-        self.runs = Runs(cfg, state, logs, self.checkouts, self.instance)
+        self.mutations = Mutations(cfg, self.instance)
+        self.runs = Runs(cfg, state, logs, self.checkouts, self.mutations, self.instance)
         self.decls = declarations.DeclarationSet()
         self.started_at = time.time()
         self.docker_version = ""
@@ -78,7 +80,8 @@ class Agent:
     # -- recovery -------------------------------------------------------------
 
     async def recover(self) -> None:
-        """Finish the records of runs a previous agent left unfinished."""
+        """Finish the records of runs a previous agent left unfinished, and
+        unmount what it left mounted."""
         for record in await self.state.call(self.state.unfinished_runs):
             fields: dict[str, Any] = {"finished_at": time.time()}
             container = record.container_id or record.container_name or ""
@@ -102,6 +105,7 @@ class Agent:
             await self.state.call(self.state.update_run, record.id, status=status, **fields)
             self._close_log_of_recovered(record.id, status, fields)
             log.warning("recovered run %d: %s (%s)", record.id, status.value, fields["error"])
+        await self.mutations.unmount_all()
 
     def _close_log_of_recovered(self, run_id: int, status: RunStatus,
                                 fields: dict[str, Any]) -> None:
@@ -287,6 +291,8 @@ async def _serve_until_signal(agent: Agent, sock: Any) -> None:
                          len(agent.runs.active))
                 break
             await agent.runs.shutdown()
+            with trio.CancelScope(shield=True):
+                await agent.mutations.unmount_all()  # each run did; this makes sure
             # Followers of the cancelled runs now get their last bytes and
             # status; give in-flight requests a moment, then close.
             with trio.move_on_after(SHUTDOWN_GRACE):

@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -36,6 +37,7 @@ from .host import docker
 from .host.pty import open_pty_process
 from .logformat import TASK_STREAM, Kind
 from .logstore import LogStore, LogWriter
+from .mutations import Mutations
 from .model import Network, Requester, RunStatus, Task
 from .state import StateStore
 
@@ -53,15 +55,19 @@ def task_to_wire(task: Task) -> dict[str, Any]:
     return data
 
 
+def task_container_name(instance: str, run_id: int) -> str:
+    return f"efci-{instance}-{run_id}"
+
+
 def container_spec(cfg: AgentConfig, instance: str, run_id: int, task: Task,
-                   worktrees: Sequence[Worktree] = ()) -> docker.ContainerSpec:
+                   views: Sequence[tuple[Path, str]] = ()) -> docker.ContainerSpec:
     """The task container for a run: pure, so unit tests can check it.
 
-    Each base worktree is mounted read-only at /src/<name>, as in the seed's
-    experiment."""
+    ``views`` are the run's overlay views of its worktrees (host path, mount
+    name); each appears writable at /src/<name>."""
     cols, rows = cfg.terminal_size
     return docker.ContainerSpec(
-        name=f"efci-{instance}-{run_id}",
+        name=task_container_name(instance, run_id),
         image=task.image,
         command=task.command,
         network="none" if task.network is Network.NONE else "bridge",
@@ -69,8 +75,8 @@ def container_spec(cfg: AgentConfig, instance: str, run_id: int, task: Task,
         # starts; COLUMNS and LINES tell the size to programs that look first.
         env={"COLUMNS": str(cols), "LINES": str(rows), **task.env},
         labels={"instance": instance, "run": str(run_id), "task": task.qualified_name},
-        mounts=tuple(docker.VolumeMount(w.volume, f"/src/{w.mount_name}", readonly=True)
-                     for w in worktrees),
+        mounts=tuple(docker.Mount("bind", str(path), f"/src/{name}", readonly=False)
+                     for path, name in views),
         tty=True,
     )
 
@@ -94,11 +100,12 @@ class Runs:
     """
 
     def __init__(self, cfg: AgentConfig, state: StateStore, logs: LogStore,
-                 checkouts: Checkouts, instance: str) -> None:
+                 checkouts: Checkouts, mutations: Mutations, instance: str) -> None:
         self.cfg = cfg
         self.state = state
         self.logs = logs
         self.checkouts = checkouts
+        self.mutations = mutations
         self.instance = instance
         self.active: dict[int, ActiveRun] = {}
         self._slots = trio.CapacityLimiter(cfg.max_parallel)
@@ -208,25 +215,28 @@ class Runs:
         writer.event(Kind.STATUS, {"status": RunStatus.RUNNING.value})
         limit = run.task.time_limit or self.cfg.time_limit
         container = ""
+        worktrees: list[Worktree] = []
         with trio.move_on_after(limit) as timer:
-            worktrees = []
-            for index, repo in enumerate(run.task.repositories):
-                worktree = await self.checkouts.prepare(run.id, run.task, index, repo, writer)
-                await self.state.call(self.state.add_run_worktree, run.id, worktree.volume,
-                                      worktree.mount_name, worktree.commit, worktree.reused)
-                worktrees.append(worktree)
-            spec = container_spec(self.cfg, self.instance, run.id, run.task, worktrees)
-            await self.state.call(self.state.update_run, run.id, container_name=spec.name)
             try:
+                for index, repo in enumerate(run.task.repositories):
+                    worktree = await self.checkouts.prepare(run.id, run.task, index, repo,
+                                                            writer)
+                    worktrees.append(worktree)
+                    await self.state.call(self.state.add_run_worktree, run.id, worktree.volume,
+                                          worktree.mount_name, worktree.commit, worktree.reused)
+                views = [(await self.mutations.mount(run.id, i, w.volume, w.mount_name),
+                          w.mount_name) for i, w in enumerate(worktrees)]
+                spec = container_spec(self.cfg, self.instance, run.id, run.task, views)
+                await self.state.call(self.state.update_run, run.id, container_name=spec.name)
                 container = await docker.create(self.cfg.docker, spec)
                 await self.state.call(self.state.update_run, run.id, container_id=container)
                 writer.message(f"container {spec.name} ({container[:12]}) from {spec.image}")
                 await self._attach(container, writer)
             finally:
-                if timer.cancel_called or run.scope.cancel_called:
-                    with trio.move_on_after(self.cfg.stop_grace + TEARDOWN_SLACK) as t:
-                        t.shield = True
-                        await docker.stop(self.cfg.docker, spec.name, grace=self.cfg.stop_grace)
+                with trio.move_on_after(self.cfg.stop_grace + TEARDOWN_SLACK) as t:
+                    t.shield = True
+                    await self._teardown(run, worktrees,
+                                         stop=timer.cancel_called or run.scope.cancel_called)
         timed_out = {"error": f"time limit of {limit}s reached"} if timer.cancelled_caught else {}
         if not container:  # the time limit struck during the checkout
             return RunStatus.TIMED_OUT, timed_out
@@ -237,6 +247,20 @@ class Runs:
         if timed_out:
             return RunStatus.TIMED_OUT, fields
         return (RunStatus.SUCCEEDED if state.exit_code == 0 else RunStatus.FAILED), fields
+
+    async def _teardown(self, run: ActiveRun, worktrees: list[Worktree], *, stop: bool) -> None:
+        """After the container: stop it if the run was cut short (by name: it
+        may have been created without us learning its id), unmount the
+        overlays (nothing stays mounted once a container stops), give the
+        worktrees back.  Each step is idempotent."""
+        try:
+            if stop:
+                await docker.stop(self.cfg.docker, task_container_name(self.instance, run.id),
+                                  grace=self.cfg.stop_grace)
+            await self.mutations.unmount(run.id)
+        finally:
+            for worktree in worktrees:
+                await self.checkouts.release(worktree)
 
     async def _attach(self, container: str, writer: LogWriter) -> None:
         """Start the container attached under a raw host PTY and copy every

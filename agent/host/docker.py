@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import CommandFailed
 from . import command
@@ -19,13 +20,17 @@ LABEL_PREFIX = "org.efforting-ci."
 
 
 @dataclass(frozen=True)
-class VolumeMount:
-    volume: str
+class Mount:
+    kind: str  # "volume" or "bind"
+    source: str  # a volume name or a host path
     target: str
     readonly: bool
 
     def option(self) -> str:
-        return f"type=volume,source={self.volume},target={self.target}" + (
+        for value in (self.source, self.target):
+            if "," in value or "=" in value:
+                raise ValueError(f"{value!r} cannot be in a --mount option")
+        return f"type={self.kind},source={self.source},target={self.target}" + (
             ",readonly" if self.readonly else "")
 
 
@@ -39,7 +44,7 @@ class ContainerSpec:
     network: str  # "none" or a docker network name; never "host"
     env: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
-    mounts: tuple[VolumeMount, ...] = ()
+    mounts: tuple[Mount, ...] = ()
     tty: bool = False
 
 
@@ -134,6 +139,23 @@ async def create_volume(docker: str, volume: str, labels: dict[str, str]) -> Non
     for key, value in labels.items():
         argv += ["--label", f"{key}={value}"]
     await command.run([*argv, volume])
+
+
+async def volume_path(docker: str, volume: str) -> Path:
+    """The host directory holding a local volume's data."""
+    result = await command.run([docker, "volume", "inspect", "--format", "{{.Mountpoint}}",
+                                volume])
+    return Path(result.stdout.decode().strip())
+
+
+async def remove_volumes(docker: str, labels: dict[str, str]) -> None:
+    """Remove the volumes that carry all these labels; idempotent."""
+    filters = [arg for key, value in labels.items()
+               for arg in ("--filter", f"label={LABEL_PREFIX}{key}={value}")]
+    result = await command.run([docker, "volume", "ls", "--quiet", *filters])
+    names = result.stdout.decode().split()
+    if names:
+        await command.run([docker, "volume", "rm", "--force", *names])
 
 
 async def stop(docker: str, container: str, *, grace: int) -> None:

@@ -8,6 +8,7 @@ because a CI that skips them proves nothing.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sqlite3
@@ -21,6 +22,9 @@ import pytest
 
 from agent.client import Client
 from agent.errors import AgentUnreachable
+from agent.host.git import worktree_volume_name
+
+from .gitserver import GitServer
 
 BASE_IMAGE = "efci/base:bookworm"
 
@@ -144,3 +148,67 @@ def agent(tmp_path: Path) -> Iterator[AgentProcess]:
         yield a
     finally:
         a.cleanup()
+
+
+OWNER = "alice"
+
+
+class Setup:
+    """An agent and a git server, with helpers to declare and run tasks that
+    check out from it."""
+
+    def __init__(self, agent: AgentProcess, server: GitServer) -> None:
+        self.agent, self.server = agent, server
+        self.volumes: list[str] = []
+
+    def key(self, name: str = "deploy") -> str:
+        """Create a deploy key through efci; returns its public half."""
+        out = json.loads(self.agent.efci("--json", "key", "create", name, "--owner", OWNER).stdout)
+        return str(out["public_key"])
+
+    def trust(self) -> None:
+        keys = self.agent.root / "hostkey.pub"
+        keys.write_text(self.server.host_key_line)
+        self.agent.efci("key", "trust", "127.0.0.1", "--port", str(self.server.port),
+                        "--owner", OWNER, "--keys", str(keys))
+
+    def declare(self, tasks: dict[str, dict]) -> None:  # type: ignore[type-arg]
+        self.agent.declare("tasks.yml", json.dumps({"owner": OWNER, "tasks": tasks}))
+        result = self.agent.efci("reload", check=False)
+        assert result.returncode == 0, result.stderr
+
+    def entry(self, repo: str, revision: str, *, mutable: bool, key: str = "deploy",
+              **extra: object) -> dict[str, object]:
+        entry = {"repo_url": self.server.url(repo), "revision": revision, "mutable": mutable,
+                 "key": key, "submodules": False, **extra}
+        self.volumes.append(worktree_volume_name(OWNER, entry))
+        return entry
+
+    def run(self, task: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+        result = self.agent.efci("run", "--follow", task, check=False, timeout=300)
+        run_id = json.loads(self.agent.efci("--json", "runs", "--limit", "1").stdout)[0]["id"]
+        return result.returncode, json.loads(
+            self.agent.efci("--json", "show", str(run_id)).stdout)
+
+    def output(self, run: int, stream: str = "task") -> bytes:
+        return self.agent.efci("logs", "--raw", "--stream", stream, str(run)).stdout
+
+
+@pytest.fixture
+def setup(agent: AgentProcess, tmp_path: Path) -> Iterator[Setup]:
+    server = GitServer(tmp_path / "git")
+    server.start()
+    agent.start()
+    s = Setup(agent, server)
+    try:
+        yield s
+    finally:
+        server.stop()
+        agent.cleanup()
+        if s.volumes:
+            subprocess.run(["docker", "volume", "rm", "--force", *set(s.volumes)],
+                           capture_output=True, check=False)
+
+
+def task(image: str = BASE_IMAGE, **kw: object) -> dict:  # type: ignore[type-arg]
+    return {"image": image, "command": ["true"], **kw}

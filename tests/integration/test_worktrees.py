@@ -1,0 +1,124 @@
+"""Overlay worktrees: tasks write freely over a base that never changes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from agent.host.overlay import mounted_under
+
+from .conftest import Setup, task
+from .test_agent import show, wait_for
+
+MESS = """
+set -e
+cd /src/lib
+rm README                       # a whiteout over a lower file
+echo changed >> src/main.c      # copy-up and edit
+echo new > added.txt            # a new file
+mkdir -p build && echo obj > build/main.o
+mv docs manual                  # a directory rename
+rm -r tests                     # a whiteout of a whole directory
+ls
+"""
+
+
+def tree_digest(root: Path) -> str:
+    """Names, modes, mtimes and contents of everything under root."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        digest.update(f"{path.relative_to(root)} {st.st_mode} {st.st_mtime_ns}\n".encode())
+        if path.is_file() and not path.is_symlink():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def volume_dir(name: str) -> Path:
+    return Path(subprocess.run(["docker", "volume", "inspect", "--format", "{{.Mountpoint}}",
+                                name], capture_output=True, check=True).stdout.decode().strip())
+
+
+def make_repo(setup: Setup) -> str:
+    s = setup.server
+    s.create("lib")
+    sha = s.commit("lib", {"README": b"read me\n", "src/main.c": b"int main;\n",
+                     "docs/guide.md": b"guide\n", "tests/t1": b"t\n", "tests/t2": b"t\n"},
+             "a project")
+    s.authorize(setup.key(), "lib")
+    setup.trust()
+    return sha
+
+
+def test_a_task_writes_freely_and_the_base_never_changes(setup: Setup) -> None:
+    sha = make_repo(setup)  # pinned: no checkout runs between the digests
+    setup.declare({
+        "mess": task(checkout={"repositories": [setup.entry("lib", sha, mutable=False)]},
+                     command=["sh", "-c", MESS]),
+        "look": task(checkout={"repositories": [setup.entry("lib", sha, mutable=False)]},
+                     command=["sh", "-c", "cd /src/lib && ls && cat src/main.c"]),
+    })
+    status, first = setup.run("look")
+    assert status == 0
+    base = volume_dir(first["worktrees"][0]["volume"])
+    before = tree_digest(base)
+
+    status, run = setup.run("mess")
+    assert status == 0, setup.agent.efci("logs", str(run["id"])).stdout
+    listing = setup.output(run["id"]).split()
+    assert set(listing) == {b"added.txt", b"build", b"manual", b"src"}
+    assert tree_digest(base) == before  # the base worktree is untouched
+
+    upper = volume_dir(f"efci-{setup.agent.instance()}-{run['id']}-mut-0") / "upper"
+    assert (upper / "added.txt").read_bytes() == b"new\n"
+    assert (upper / "src/main.c").read_bytes() == b"int main;\nchanged\n"
+    readme = os.lstat(upper / "README")  # overlayfs whiteout: a 0/0 character device
+    assert (readme.st_mode & 0o170000, readme.st_rdev) == (0o020000, 0)
+
+    status, run = setup.run("look")  # a later run starts from the base again
+    out = setup.output(run["id"])
+    assert b"README" in out and b"changed" not in out and b"added.txt" not in out
+    assert mounted_under(setup.agent.root / "state/mounts") == []
+
+
+def test_runs_do_not_see_each_others_writes(setup: Setup) -> None:
+    make_repo(setup)
+    entry = setup.entry("lib", "main", mutable=True)
+    setup.declare({
+        "writer": task(checkout={"repositories": [entry]},
+                       command=["sh", "-c", "echo $HOSTNAME > /src/lib/mine; sleep 3; "
+                                "ls /src/lib"]),
+    })
+    first = json.loads(setup.agent.efci("--json", "run", "writer").stdout)["id"]
+    second = json.loads(setup.agent.efci("--json", "run", "writer").stdout)["id"]
+    for run in (first, second):
+        wait_for(lambda run=run: show(setup.agent, run)["status"] == "succeeded", timeout=120,
+                 what=f"run {run}")
+        out = setup.output(run)
+        assert out.count(b"mine") == 1
+    assert mounted_under(setup.agent.root / "state/mounts") == []
+
+
+def test_nothing_stays_mounted_after_the_agent_stops_or_dies(setup: Setup) -> None:
+    make_repo(setup)
+    setup.declare({"long": task(
+        checkout={"repositories": [setup.entry("lib", "main", mutable=True)]},
+        command=["sleep", "600"])})
+    mounts = setup.agent.root / "state/mounts"
+    setup.agent.efci("run", "long")
+    wait_for(lambda: mounted_under(mounts), timeout=120, what="the overlay mounted")
+    assert setup.agent.stop(signal.SIGTERM) == 0
+    assert mounted_under(mounts) == []
+
+    setup.agent.start()
+    setup.agent.efci("run", "long")
+    wait_for(lambda: mounted_under(mounts), timeout=120, what="the overlay mounted")
+    setup.agent.stop(signal.SIGKILL)
+    assert mounted_under(mounts), "a killed agent leaves its mount"
+    setup.agent.start()  # recovery stops the container and unmounts
+    assert mounted_under(mounts) == []
+    assert show(setup.agent, 2)["status"] == "cancelled"
