@@ -23,7 +23,7 @@ import trio
 
 from . import names
 from .config import AgentConfig
-from .errors import CommandFailed, EfciError
+from .errors import CommandFailed, RunFailed
 from .host import command, docker
 from .host.git import (
     HEAD_LINE,
@@ -81,7 +81,7 @@ class ReadWriteLock:
             self._changed.notify_all()
 
 
-class CheckoutFailed(EfciError):
+class CheckoutFailed(RunFailed):
     """The repository could not be checked out: a result of the run (failed)."""
 
     code = "checkout_failed"

@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
 
     add("status", "what the agent is doing and what it loaded")
     add("tasks", "list declared tasks")
+    add("images", "list declared images, their tags and whether they are built")
+    im = add("image", "image actions")
+    ims = im.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ib = ims.add_parser("build", help="build a declared image now, as a run", parents=[common])
+    ib.add_argument("name")
+    ib.add_argument("-f", "--follow", action="store_true", help="stream the build's output")
     add("reload", "re-read the declarations in conf.d")
     r = add("run", "start a run of TASK")
     r.add_argument("task")
@@ -295,18 +301,22 @@ class LogPrinter:
 
 
 def _run(client: Client, args: argparse.Namespace) -> int:
+    return _start_run(client, args, "run", {"task": args.task}, args.task)
+
+
+def _start_run(client: Client, args: argparse.Namespace, op: str, request: dict[str, Any],
+               what: str) -> int:
     if not args.follow:
-        run = client.call("run", {"task": args.task})
+        run = client.call(op, request)
         if args.json:
             _print_json(run)
         else:
-            print(f"run {run['id']} of {args.task} queued; "
+            print(f"run {run['id']} of {what} queued; "
                   f"follow it with: efci logs --follow {run['id']}")
         return 0
 
     # The log's own agent messages say when it was queued, started and ended.
-    run = client.call("run", {"task": args.task, "follow": True},
-                      on_event=LogPrinter(as_json=args.json))
+    run = client.call(op, {**request, "follow": True}, on_event=LogPrinter(as_json=args.json))
     if args.json:  # JSON lines: the records, then the run
         print(json.dumps(run))
     if run["status"] in ("succeeded", "failed"):
@@ -389,6 +399,21 @@ def _cancel(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _images(client: Client, args: argparse.Namespace) -> int:
+    images = client.call("images")
+    if args.json:
+        _print_json(images)
+    else:
+        _table([[i["name"], i["tag"], "yes" if i["built"] else "no",
+                 ", ".join(i["used_by"]) or "-", i["source"]] for i in images],
+               ["IMAGE", "TAG", "BUILT", "USED BY", "DECLARED AT"])
+    return 0
+
+
+def _image(client: Client, args: argparse.Namespace) -> int:
+    return _start_run(client, args, "image_build", {"name": args.name}, f"image {args.name}")
+
+
 def _print_key(key: dict[str, Any]) -> None:
     used = ", ".join(key["used_by"]) or "no declared task"
     print(f"# {key['owner']}/{key['name']}  {key['fingerprint']}  used by {used}")
@@ -440,5 +465,6 @@ def _key(client: Client, args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "status": _status, "tasks": _tasks, "reload": _reload, "run": _run, "runs": _runs,
-    "show": _show, "logs": _logs, "cancel": _cancel, "key": _key,
+    "show": _show, "logs": _logs, "cancel": _cancel, "key": _key, "images": _images,
+    "image": _image,
 }

@@ -23,11 +23,12 @@ from .config import AgentConfig
 from .control import ControlServer, Send, bind_socket
 from .errors import CommandFailed, Conflict, EfciError, NotFound
 from .host import docker
+from .images import image_tag
 from .keys import KeyInfo, KeyStore
 from .logformat import Kind
 from .logstore import LogStore, records_with_skip
+from .model import Requester, RunStatus, Task
 from .mutations import Mutations
-from .model import Requester, RunStatus
 from .runs import Runs, task_to_wire
 from .state import StateStore
 
@@ -153,7 +154,32 @@ class Agent:
         if found is None:
             known = ", ".join(sorted(self.decls.tasks)) or "none declared"
             raise NotFound(f"no task {task!r} (tasks: {known}); see efci tasks")
-        run_id = await self.runs.start(found, requester)
+        run_id = await self.runs.start(found, requester, image=self.decls.images.get(found.image))
+        if follow:
+            await send(protocol.event(request.id, "started", run=run_id))
+            await self._stream_log(request, send, run_id, 0, 0, follow=True)
+        return await self._run_wire(run_id)
+
+    async def op_images(self, *_: Any) -> object:
+        out = []
+        for name, image in sorted(self.decls.images.items()):
+            tag = await trio.to_thread.run_sync(image_tag, image)
+            out.append({"name": name, "source": image.source, "tag": tag,
+                        "built": await self.runs.images.exists(tag),
+                        "used_by": sorted(t.name for t in self.decls.tasks.values()
+                                          if t.image == name)})
+        return out
+
+    async def op_image_build(self, request: protocol.Request, requester: Requester, send: Send,
+                             name: str, follow: bool = False) -> object:
+        """A build is a run of its own (task ``image:NAME``), so its output
+        is a log like any run's."""
+        image = self.decls.images.get(name)
+        if image is None:
+            raise NotFound(f"no image {name!r} is declared; see efci images")
+        task = Task(name=f"image:{name}", owner=self.cfg.owner, source=image.source,
+                    image=name, command=None)
+        run_id = await self.runs.start(task, requester, image=image, build_only=True)
         if follow:
             await send(protocol.event(request.id, "started", run=run_id))
             await self._stream_log(request, send, run_id, 0, 0, follow=True)

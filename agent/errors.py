@@ -53,6 +53,14 @@ class Conflict(EfciError):
     exit_status = 75  # EX_TEMPFAIL
 
 
+class RunFailed(EfciError):
+    """A run cannot go on for a reason of its own (a checkout or build that
+    failed, a refused deploy target): recorded as the run's result, failed,
+    not as a fault of the agent."""
+
+    code = "run_failed"
+
+
 class AgentUnreachable(EfciError):
     code = "unreachable"
     exit_status = 69  # EX_UNAVAILABLE

@@ -40,6 +40,8 @@ OPS: dict[str, dict[str, tuple[type, bool]]] = {
     "logs": {"run": (int, True), "follow": (bool, False), "position": (int, False),
              "since_ns": (int, False), "tail": (int, False)},
     "cancel": {"run": (int, True)},
+    "images": {},
+    "image_build": {"name": (str, True), "follow": (bool, False)},
     "key_create": {"name": (str, True), "owner": (str, False)},
     "key_list": {"owner": (str, False)},
     "key_show": {"name": (str, True), "owner": (str, False)},

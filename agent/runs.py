@@ -30,15 +30,17 @@ from typing import Any
 
 import trio
 
-from .checkout import CheckoutFailed, Checkouts, Worktree
+from .access import host_mounts
+from .checkout import Checkouts, Worktree
 from .config import AgentConfig
-from .errors import Conflict, EfciError, NotFound
+from .errors import Conflict, EfciError, NotFound, RunFailed
 from .host import docker
 from .host.pty import open_pty_process
+from .images import Images
 from .logformat import TASK_STREAM, Kind
 from .logstore import LogStore, LogWriter
+from .model import Image, Network, Requester, RunStatus, Task
 from .mutations import Mutations
-from .model import Network, Requester, RunStatus, Task
 from .state import StateStore
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,8 @@ def task_container_name(instance: str, run_id: int) -> str:
 
 
 def container_spec(cfg: AgentConfig, instance: str, run_id: int, task: Task,
-                   views: Sequence[tuple[Path, str]] = ()) -> docker.ContainerSpec:
+                   views: Sequence[tuple[Path, str]] = (),
+                   host_mounts: Sequence[docker.Mount] = ()) -> docker.ContainerSpec:
     """The task container for a run: pure, so unit tests can check it.
 
     ``views`` are the run's overlay views of its worktrees (host path, mount
@@ -75,8 +78,8 @@ def container_spec(cfg: AgentConfig, instance: str, run_id: int, task: Task,
         # starts; COLUMNS and LINES tell the size to programs that look first.
         env={"COLUMNS": str(cols), "LINES": str(rows), **task.env},
         labels={"instance": instance, "run": str(run_id), "task": task.qualified_name},
-        mounts=tuple(docker.Mount("bind", str(path), f"/src/{name}", readonly=False)
-                     for path, name in views),
+        mounts=(*(docker.Mount("bind", str(path), f"/src/{name}", readonly=False)
+                  for path, name in views), *host_mounts),
         tty=True,
     )
 
@@ -85,6 +88,8 @@ def container_spec(cfg: AgentConfig, instance: str, run_id: int, task: Task,
 class ActiveRun:
     id: int
     task: Task
+    image: Image | None  # the declaration, when the task names a declared image
+    build_only: bool  # efci image build: the build is the whole run
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     cancel_reason: str = ""
     queued_at: float = field(default_factory=time.monotonic)
@@ -106,6 +111,7 @@ class Runs:
         self.logs = logs
         self.checkouts = checkouts
         self.mutations = mutations
+        self.images = Images(cfg.docker)
         self.instance = instance
         self.active: dict[int, ActiveRun] = {}
         self._slots = trio.CapacityLimiter(cfg.max_parallel)
@@ -127,13 +133,14 @@ class Runs:
             for writer in self.logs.live_writers():
                 await writer.sync()
 
-    async def start(self, task: Task, requester: Requester) -> int:
+    async def start(self, task: Task, requester: Requester, *, image: Image | None = None,
+                    build_only: bool = False) -> int:
         assert self._nursery is not None, "Runs.serve must be running"
         if self._stopping:
             raise Conflict("the agent is stopping; no new runs are started")
         run_id = await self.state.call(self.state.create_run, task, requester,
                                        task_to_wire(task))
-        run = ActiveRun(run_id, task)
+        run = ActiveRun(run_id, task, image, build_only)
         self.active[run_id] = run
         # Opened here, not in the run's task, so a follower that asks right
         # after start() already sees a live log.
@@ -174,7 +181,7 @@ class Runs:
                     status, fields = await self._run(run, writer)
             if run.scope.cancelled_caught:
                 status, fields = RunStatus.CANCELLED, {"error": run.cancel_reason}
-        except CheckoutFailed as e:
+        except RunFailed as e:
             status, fields = RunStatus.FAILED, {"error": e.message}
         except EfciError as e:
             status, fields = RunStatus.ERROR, {"error": e.message}
@@ -208,11 +215,18 @@ class Runs:
             run.done.set()
 
     async def _run(self, run: ActiveRun, writer: LogWriter) -> tuple[RunStatus, dict[str, Any]]:
-        """Checkout, then the task container; the time limit covers both."""
-        self.checkouts.check(run.task)  # refuse before anything runs
+        """Image, checkout, then the task container; the time limit covers all."""
+        # Refuse before anything runs: keys, hosts, secrets, deploy targets.
+        self.checkouts.check(run.task)
+        mounts = host_mounts(self.cfg, run.task)
         await self.state.call(self.state.update_run, run.id, status=RunStatus.RUNNING,
                               started_at=time.time())
         writer.event(Kind.STATUS, {"status": RunStatus.RUNNING.value})
+        if run.image is not None:
+            tag = await self.images.ensure(run.image, writer, force=run.build_only)
+            run.task = dataclasses.replace(run.task, image=tag)
+            if run.build_only:
+                return RunStatus.SUCCEEDED, {}
         limit = run.task.time_limit or self.cfg.time_limit
         container = ""
         worktrees: list[Worktree] = []
@@ -226,7 +240,7 @@ class Runs:
                                           worktree.mount_name, worktree.commit, worktree.reused)
                 views = [(await self.mutations.mount(run.id, i, w.volume, w.mount_name),
                           w.mount_name) for i, w in enumerate(worktrees)]
-                spec = container_spec(self.cfg, self.instance, run.id, run.task, views)
+                spec = container_spec(self.cfg, self.instance, run.id, run.task, views, mounts)
                 await self.state.call(self.state.update_run, run.id, container_name=spec.name)
                 container = await docker.create(self.cfg.docker, spec)
                 await self.state.call(self.state.update_run, run.id, container_id=container)

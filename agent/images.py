@@ -1,0 +1,99 @@
+"""Image declarations: built once with ``docker build``, tagged by a hash of
+the declaration and its build context, reused by every task that names
+them, rebuilt only when that hash changes."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+import trio
+
+from .errors import RunFailed
+from .host import command
+from .logstore import LogWriter
+from .model import Image
+
+log = logging.getLogger(__name__)
+
+MAX_CONTEXT_FILES = 20_000
+
+
+class BuildFailed(RunFailed):
+    code = "build_failed"
+
+
+def image_tag(image: Image) -> str:
+    """``efci/image-<name>:<16 hex digits>`` of the Dockerfile and every file
+    of the context (path, mode, content), so any change makes a new tag."""
+    digest = hashlib.sha256(f"{image.name}\0".encode())
+    if image.inline is not None:
+        digest.update(b"inline\0" + image.inline.encode())
+    else:
+        assert image.dockerfile is not None
+        digest.update(b"file\0" + image.dockerfile.read_bytes())
+    count = 0
+    for root, dirs, files in os.walk(image.context):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(root) / name
+            count += 1
+            if count > MAX_CONTEXT_FILES:
+                raise BuildFailed(f"image {image.name}: its context {image.context} has more "
+                                  f"than {MAX_CONTEXT_FILES} files")
+            st = path.lstat()
+            digest.update(f"{path.relative_to(image.context)}\0{st.st_mode:o}\0".encode())
+            digest.update(os.readlink(path).encode() if path.is_symlink() else path.read_bytes())
+    return f"efci/image-{image.name.lower()}:{digest.hexdigest()[:16]}"
+
+
+def build_argv(docker: str, image: Image, tag: str) -> list[str]:
+    dockerfile = "-" if image.inline is not None else str(image.dockerfile)
+    return [docker, "build", "--tag", tag, "--label", f"org.efforting-ci.image={image.name}",
+            "--file", dockerfile, str(image.context)]
+
+
+class Images:
+    def __init__(self, docker: str) -> None:
+        self.docker = docker
+        self._locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
+
+    async def exists(self, tag: str) -> bool:
+        result = await command.run([self.docker, "image", "inspect", tag], check=False)
+        return result.returncode == 0
+
+    async def ensure(self, image: Image, writer: LogWriter, *, force: bool = False) -> str:
+        """The image's tag, built first (output in the run's log, stream
+        ``image:<name>``) if it is missing or ``force``."""
+        tag = await trio.to_thread.run_sync(image_tag, image)
+        async with self._locks[image.name]:
+            if not force and await self.exists(tag):
+                return tag
+            stream = writer.stream(f"image:{image.name}")
+            writer.message(f"building image {image.name} as {tag}")
+            argv = build_argv(self.docker, image, tag)
+            proc = await trio.lowlevel.open_process(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            try:
+                assert proc.stdin is not None and proc.stdout is not None
+                async with proc.stdin:
+                    if image.inline is not None:
+                        await proc.stdin.send_all(image.inline.encode())
+                while data := await proc.stdout.receive_some(65536):
+                    writer.output(data, stream)
+                status = await proc.wait()
+            finally:
+                with trio.CancelScope(shield=True):
+                    if proc.returncode is None:
+                        proc.kill()
+                    await proc.wait()
+            if status != 0:
+                raise BuildFailed(f"image {image.name} failed to build (docker build exit "
+                                  f"status {status}); its output is in the log, stream "
+                                  f"image:{image.name}")
+            log.info("built image %s as %s", image.name, tag)
+        return tag
