@@ -162,7 +162,8 @@ class Checkouts:
                                    f"{commit[:12]} (immutable revision)")
                     return Worktree(volume, repo.mount_name, commit, reused=True)
             except BaseException:
-                await lock.release_read()
+                with trio.CancelScope(shield=True):
+                    await lock.release_read()
                 raise
             await lock.release_read()
         await lock.acquire_write()
@@ -177,6 +178,11 @@ class Checkouts:
             raise
         await lock.downgrade()
         return Worktree(volume, repo.mount_name, commit, reused=False)
+
+    async def use(self, worktree: Worktree) -> Worktree:
+        """Take a use of a worktree already checked out (a restart's)."""
+        await self._locks[worktree.volume].acquire_read()
+        return worktree
 
     async def release(self, worktree: Worktree) -> None:
         await self._locks[worktree.volume].release_read()

@@ -89,6 +89,13 @@ def _parser() -> argparse.ArgumentParser:
     cn = add("cancel", "stop a run (its container is stopped)")
     cn.add_argument("run", type=int)
 
+    rs2 = add("restart", "start a finished run's container again, as a new attempt")
+    rs2.add_argument("run", type=int)
+    rs2.add_argument("-f", "--follow", action="store_true",
+                     help="stream the attempt's output and exit with its exit status")
+    rm = add("rm", "remove a finished run's container and its mutations (the log stays)")
+    rm.add_argument("run", type=int)
+
     k = add("key", "deploy keys and pinned host keys (efci key ACTION --help)")
     ks = k.add_subparsers(dest="action", required=True, metavar="ACTION")
     owner_help = "whose key (default: agent.yml's owner)"
@@ -184,6 +191,15 @@ def _duration(run: dict[str, Any]) -> str:
     if not start:
         return "-"
     return f"{(end or time.time()) - start:.1f}s"
+
+
+def _progress(run: dict[str, Any]) -> str:
+    parts = []
+    if run.get("progress") is not None:
+        parts.append(f"{run['progress'] * 100:.0f}%")
+    if run.get("progress_message"):
+        parts.append(run["progress_message"])
+    return " ".join(parts) or "-"
 
 
 def _print_json(value: Any) -> None:
@@ -311,7 +327,7 @@ def _start_run(client: Client, args: argparse.Namespace, op: str, request: dict[
         if args.json:
             _print_json(run)
         else:
-            print(f"run {run['id']} of {what} queued; "
+            print(f"run {run['id']} ({what}) queued; "
                   f"follow it with: efci logs --follow {run['id']}")
         return 0
 
@@ -334,8 +350,8 @@ def _runs(client: Client, args: argparse.Namespace) -> int:
         return 0
     _table([[str(r["id"]), r["task"], r["status"],
              "-" if r["exit_code"] is None else str(r["exit_code"]),
-             _when(r["created_at"]), _duration(r)] for r in runs],
-           ["RUN", "TASK", "STATUS", "EXIT", "CREATED", "TOOK"])
+             _when(r["created_at"]), _duration(r), _progress(r)] for r in runs],
+           ["RUN", "TASK", "STATUS", "EXIT", "CREATED", "TOOK", "PROGRESS"])
     return 0
 
 
@@ -344,8 +360,8 @@ def _show(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(run)
         return 0
-    for key in ("id", "task", "owner", "status", "exit_code", "error", "image", "image_id",
-                "container_name", "container_id", "log_size"):
+    for key in ("id", "task", "owner", "status", "exit_code", "error", "attempts", "image",
+                "image_id", "container_name", "container_id", "log_size"):
         print(f"{key + ':':16}{'-' if run.get(key) is None else run[key]}")
     for key in ("created_at", "started_at", "finished_at"):
         print(f"{key + ':':16}{_when(run[key])}")
@@ -354,6 +370,10 @@ def _show(client: Client, args: argparse.Namespace) -> int:
         print(f"{'worktree:':16}/src/{w['mount_name']} {w['commit_sha'][:12]} ({how}, "
               f"{w['volume']})")
     print(f"{'took:':16}{_duration(run)}")
+    if run["removed_at"]:
+        print(f"{'removed:':16}{_when(run['removed_at'])} (container and mutations)")
+    if run["progress"] is not None or run["progress_message"]:
+        print(f"{'progress:':16}{_progress(run)}")
     print(f"{'requested by:':16}uid {run['requested_uid']} gid {run['requested_gid']} "
           f"pid {run['requested_pid']}")
     return 0
@@ -407,6 +427,19 @@ def _images(client: Client, args: argparse.Namespace) -> int:
         _table([[i["name"], i["tag"], "yes" if i["built"] else "no",
                  ", ".join(i["used_by"]) or "-", i["source"]] for i in images],
                ["IMAGE", "TAG", "BUILT", "USED BY", "DECLARED AT"])
+    return 0
+
+
+def _restart(client: Client, args: argparse.Namespace) -> int:
+    return _start_run(client, args, "restart", {"run": args.run}, f"run {args.run}")
+
+
+def _rm(client: Client, args: argparse.Namespace) -> int:
+    run = client.call("rm", {"run": args.run})
+    if args.json:
+        _print_json(run)
+    else:
+        print(f"run {run['id']}: container and mutations removed; its log and record stay")
     return 0
 
 
@@ -466,5 +499,5 @@ def _key(client: Client, args: argparse.Namespace) -> int:
 COMMANDS = {
     "status": _status, "tasks": _tasks, "reload": _reload, "run": _run, "runs": _runs,
     "show": _show, "logs": _logs, "cancel": _cancel, "key": _key, "images": _images,
-    "image": _image,
+    "image": _image, "restart": _restart, "rm": _rm,
 }

@@ -207,6 +207,20 @@ class Agent:
         end = await self._stream_log(request, send, run, position, skip, follow=follow)
         return {"run": run, "next": end}
 
+    async def op_restart(self, request: protocol.Request, requester: Requester, send: Send,
+                         run: int, follow: bool = False) -> object:
+        position = self.logs.end(run)
+        await self.runs.restart(run, requester)
+        if follow:  # from where the new attempt begins
+            await send(protocol.event(request.id, "started", run=run))
+            await self._stream_log(request, send, run, position, 0, follow=True)
+        return await self._run_wire(run)
+
+    async def op_rm(self, _r: Any, requester: Requester, _s: Any, run: int) -> object:
+        await self.runs.remove(run)
+        log.info("run %d: container and mutations removed (uid %d)", run, requester.uid)
+        return await self._run_wire(run)
+
     async def op_cancel(self, _r: Any, requester: Requester, _s: Any, run: int) -> object:
         await self.runs.cancel(run, f"cancelled by uid {requester.uid}")
         return await self._run_wire(run)

@@ -40,6 +40,8 @@ OPS: dict[str, dict[str, tuple[type, bool]]] = {
     "logs": {"run": (int, True), "follow": (bool, False), "position": (int, False),
              "since_ns": (int, False), "tail": (int, False)},
     "cancel": {"run": (int, True)},
+    "restart": {"run": (int, True), "follow": (bool, False)},
+    "rm": {"run": (int, True)},
     "images": {},
     "image_build": {"name": (str, True), "follow": (bool, False)},
     "key_create": {"name": (str, True), "owner": (str, False)},

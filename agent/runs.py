@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,9 +39,10 @@ from .host.pty import open_pty_process
 from .images import Images
 from .logformat import TASK_STREAM, Kind
 from .logstore import LogStore, LogWriter
-from .model import Image, Network, Requester, RunStatus, Task
+from .model import CacheUse, Image, Network, Repository, Requester, RunStatus, Stage, Task
 from .mutations import Mutations
-from .state import StateStore
+from .progress import MOUNT_POINT, ProgressChannels
+from .state import RunRecord, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,26 @@ def task_to_wire(task: Task) -> dict[str, Any]:
     data = dataclasses.asdict(task)
     data["network"] = task.network.value
     return data
+
+
+def task_from_wire(data: dict[str, Any]) -> Task:
+    """The run's snapshot of its task, back: a restart runs what ran, even if
+    the declaration changed since."""
+
+    def tuple_or_none(value: Any) -> tuple[str, ...] | None:
+        return None if value is None else tuple(value)
+
+    return Task(**{
+        **data,
+        "command": tuple_or_none(data["command"]),
+        "repositories": tuple(Repository(**r) for r in data["repositories"]),
+        "secrets": tuple(data["secrets"]),
+        "caches": tuple(CacheUse(**c) for c in data["caches"]),
+        "deploy_targets": tuple(data["deploy_targets"]),
+        "network": Network(data["network"]),
+        "stages": tuple(Stage(**{**s, "command": tuple_or_none(s["command"])})
+                        for s in data["stages"]),
+    })
 
 
 def task_container_name(instance: str, run_id: int) -> str:
@@ -90,6 +111,7 @@ class ActiveRun:
     task: Task
     image: Image | None  # the declaration, when the task names a declared image
     build_only: bool  # efci image build: the build is the whole run
+    attempt: int = 1  # efci restart starts the same container again as attempt 2, 3, ...
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     cancel_reason: str = ""
     queued_at: float = field(default_factory=time.monotonic)
@@ -112,6 +134,7 @@ class Runs:
         self.checkouts = checkouts
         self.mutations = mutations
         self.images = Images(cfg.docker)
+        self.progress = ProgressChannels(cfg.state_dir)
         self.instance = instance
         self.active: dict[int, ActiveRun] = {}
         self._slots = trio.CapacityLimiter(cfg.max_parallel)
@@ -140,15 +163,52 @@ class Runs:
             raise Conflict("the agent is stopping; no new runs are started")
         run_id = await self.state.call(self.state.create_run, task, requester,
                                        task_to_wire(task))
-        run = ActiveRun(run_id, task, image, build_only)
-        self.active[run_id] = run
-        # Opened here, not in the run's task, so a follower that asks right
-        # after start() already sees a live log.
-        writer = self.logs.open_writer(run_id)
-        writer.message(f"run {run_id} of {task.qualified_name} queued by uid {requester.uid}")
-        self._nursery.start_soon(self._execute, run, writer, name=f"run {run_id}")
+        self._launch(ActiveRun(run_id, task, image, build_only), requester)
         log.info("run %d of %s queued (uid %d)", run_id, task.qualified_name, requester.uid)
         return run_id
+
+    def _launch(self, run: ActiveRun, requester: Requester) -> None:
+        self.active[run.id] = run
+        # Opened here, not in the run's task, so a follower that asks right
+        # after start() already sees a live log.
+        writer = self.logs.open_writer(run.id)
+        what = "queued" if run.attempt == 1 else f"attempt {run.attempt} queued"
+        writer.message(f"run {run.id} of {run.task.qualified_name} {what} by uid {requester.uid}")
+        assert self._nursery is not None
+        self._nursery.start_soon(self._execute, run, writer, name=f"run {run.id}")
+
+    async def _finished_record(self, run_id: int) -> RunRecord:
+        record = await self.state.call(self.state.get_run, run_id)
+        if record is None:
+            raise NotFound(f"no run {run_id}; see efci runs")
+        if run_id in self.active:
+            raise Conflict(f"run {run_id} is {record.status.value}; wait for it or cancel it")
+        return record
+
+    async def restart(self, run_id: int, requester: Requester) -> None:
+        """Start a finished run's container again: same upper layers, same
+        container state; its output is appended to the run's log."""
+        if self._stopping:
+            raise Conflict("the agent is stopping; no new runs are started")
+        record = await self._finished_record(run_id)
+        if record.container_id is None or record.removed_at is not None:
+            raise Conflict(f"run {run_id} has no container to restart"
+                           + (" (efci rm removed it)" if record.removed_at else ""))
+        task = task_from_wire(await self.state.call(self.state.run_declaration, run_id))
+        attempt = record.attempts + 1
+        await self.state.call(self.state.update_run, run_id, status=RunStatus.QUEUED,
+                              attempts=attempt, finished_at=None, exit_code=None, error=None)
+        self._launch(ActiveRun(run_id, task, None, False, attempt), requester)
+        log.info("run %d restarted as attempt %d (uid %d)", run_id, attempt, requester.uid)
+
+    async def remove(self, run_id: int) -> None:
+        """Remove a finished run's container and mutations; its record and
+        log stay.  Idempotent."""
+        record = await self._finished_record(run_id)
+        await docker.remove(self.cfg.docker, task_container_name(self.instance, run_id))
+        await self.mutations.remove(run_id)
+        if record.removed_at is None:
+            await self.state.call(self.state.update_run, run_id, removed_at=time.time())
 
     async def cancel(self, run_id: int, reason: str) -> None:
         run = self.active.get(run_id)
@@ -215,13 +275,16 @@ class Runs:
             run.done.set()
 
     async def _run(self, run: ActiveRun, writer: LogWriter) -> tuple[RunStatus, dict[str, Any]]:
-        """Image, checkout, then the task container; the time limit covers all."""
-        # Refuse before anything runs: keys, hosts, secrets, deploy targets.
-        self.checkouts.check(run.task)
-        mounts = host_mounts(self.cfg, run.task)
+        """Image, checkout, then the task container; the time limit covers
+        the checkout and the container.  A restart skips to the container."""
+        first = run.attempt == 1
+        mounts: list[docker.Mount] = []
+        if first:  # refuse before anything runs: keys, hosts, secrets, deploy targets
+            self.checkouts.check(run.task)
+            mounts = host_mounts(self.cfg, run.task)
         await self.state.call(self.state.update_run, run.id, status=RunStatus.RUNNING,
                               started_at=time.time())
-        writer.event(Kind.STATUS, {"status": RunStatus.RUNNING.value})
+        writer.event(Kind.STATUS, {"status": RunStatus.RUNNING.value, "attempt": run.attempt})
         if run.image is not None:
             tag = await self.images.ensure(run.image, writer, force=run.build_only)
             run.task = dataclasses.replace(run.task, image=tag)
@@ -232,20 +295,39 @@ class Runs:
         worktrees: list[Worktree] = []
         with trio.move_on_after(limit) as timer:
             try:
-                for index, repo in enumerate(run.task.repositories):
-                    worktree = await self.checkouts.prepare(run.id, run.task, index, repo,
-                                                            writer)
-                    worktrees.append(worktree)
-                    await self.state.call(self.state.add_run_worktree, run.id, worktree.volume,
-                                          worktree.mount_name, worktree.commit, worktree.reused)
+                if first:
+                    for index, repo in enumerate(run.task.repositories):
+                        worktree = await self.checkouts.prepare(run.id, run.task, index, repo,
+                                                                writer)
+                        worktrees.append(worktree)
+                        await self.state.call(self.state.add_run_worktree, run.id,
+                                              worktree.volume, worktree.mount_name,
+                                              worktree.commit, worktree.reused)
+                else:
+                    for row in await self.state.call(self.state.run_worktrees, run.id):
+                        worktrees.append(await self.checkouts.use(
+                            Worktree(row["volume"], row["mount_name"], row["commit_sha"], True)))
                 views = [(await self.mutations.mount(run.id, i, w.volume, w.mount_name),
                           w.mount_name) for i, w in enumerate(worktrees)]
-                spec = container_spec(self.cfg, self.instance, run.id, run.task, views, mounts)
-                await self.state.call(self.state.update_run, run.id, container_name=spec.name)
-                container = await docker.create(self.cfg.docker, spec)
-                await self.state.call(self.state.update_run, run.id, container_id=container)
-                writer.message(f"container {spec.name} ({container[:12]}) from {spec.image}")
-                await self._attach(container, writer)
+                async with self.progress.open(run.id, self._progress_reporter(run, writer)) \
+                        as progress_dir:
+                    if first:
+                        mounts.append(docker.Mount("bind", str(progress_dir), MOUNT_POINT,
+                                                   readonly=True))
+                        spec = container_spec(self.cfg, self.instance, run.id, run.task, views,
+                                              mounts)
+                        await self.state.call(self.state.update_run, run.id,
+                                              container_name=spec.name)
+                        container = await docker.create(self.cfg.docker, spec)
+                        await self.state.call(self.state.update_run, run.id,
+                                              container_id=container)
+                        writer.message(f"container {spec.name} ({container[:12]}) "
+                                       f"from {spec.image}")
+                    else:
+                        container = task_container_name(self.instance, run.id)
+                        writer.message(f"attempt {run.attempt}: starting container "
+                                       f"{container} again, with its state and upper layers")
+                    await self._attach(container, writer)
             finally:
                 with trio.move_on_after(self.cfg.stop_grace + TEARDOWN_SLACK) as t:
                     t.shield = True
@@ -261,6 +343,18 @@ class Runs:
         if timed_out:
             return RunStatus.TIMED_OUT, fields
         return (RunStatus.SUCCEEDED if state.exit_code == 0 else RunStatus.FAILED), fields
+
+    def _progress_reporter(self, run: ActiveRun, writer: LogWriter
+                           ) -> Callable[[float | None, str | None], Awaitable[None]]:
+        async def report(progress: float | None, message: str | None) -> None:
+            fields: dict[str, Any] = {}
+            if progress is not None:
+                fields["progress"] = progress
+            if message is not None:
+                fields["progress_message"] = message
+            await self.state.call(self.state.update_run, run.id, **fields)
+            writer.event(Kind.STATUS, {"progress": progress, "message": message})
+        return report
 
     async def _teardown(self, run: ActiveRun, worktrees: list[Worktree], *, stop: bool) -> None:
         """After the container: stop it if the run was cut short (by name: it

@@ -74,6 +74,12 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (run_id, volume)
     );
     """,
+    """
+    ALTER TABLE runs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE runs ADD COLUMN removed_at REAL;
+    ALTER TABLE runs ADD COLUMN progress REAL;
+    ALTER TABLE runs ADD COLUMN progress_message TEXT;
+    """,
 )
 
 
@@ -99,6 +105,10 @@ class RunRecord:
     image_id: str | None
     container_name: str | None
     container_id: str | None
+    attempts: int
+    removed_at: float | None
+    progress: float | None
+    progress_message: str | None
 
     def to_wire(self) -> dict[str, Any]:
         return {**self.__dict__, "status": self.status.value}
@@ -196,6 +206,10 @@ class StateStore:
         with self._transaction():
             self._db.execute(f"UPDATE runs SET {assignments} WHERE id = ?",  # noqa: S608
                              (*fields.values(), run_id))
+
+    def run_declaration(self, run_id: int) -> dict[str, Any]:
+        row = self._db.execute("SELECT declaration FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return json.loads(row[0]) if row else {}
 
     def get_run(self, run_id: int) -> RunRecord | None:
         row = self._db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?",  # noqa: S608

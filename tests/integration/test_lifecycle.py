@@ -1,0 +1,77 @@
+"""A run's container after it ends: restarted with its state, removed;
+progress reported from inside over the progress socket."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+
+from agent.host.overlay import mounted_under
+
+from .conftest import BASE_IMAGE, AgentProcess, Setup, task
+
+COUNTER = ("n=$(cat /counter 2>/dev/null || echo 0); n=$((n+1)); echo $n > /counter; "
+           "echo attempt $n; echo $n >> /src/lib/attempts; cat /src/lib/attempts; exit $n")
+
+REPORT = """
+import socket, sys, time
+def send(line):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect('/run/efci/progress.sock')
+    s.sendall(line)
+    s.close()
+send(b'not json\\n' + b'x' * 10000 + b'\\n')
+send(b'{"progress": 7}\\n{"progress": "half"}\\n{"evil": 1}\\n')
+send(b'{"progress": 0.5, "message": "half way"}\\n')
+time.sleep(1)
+send(b'{"progress": 0.9}\\n{"progress": 1, "message": "linked \\\\u001b[31m"}\\n')
+print('reported')
+"""
+
+
+def test_restart_keeps_container_state_and_upper_layer_then_rm(setup: Setup) -> None:
+    s = setup.server
+    s.create("lib")
+    s.commit("lib", {"README": b"x\n"}, "x")
+    s.authorize(setup.key(), "lib")
+    setup.trust()
+    setup.declare({"count": task(
+        checkout={"repositories": [setup.entry("lib", "main", mutable=True)]},
+        command=["sh", "-c", COUNTER])})
+    status, run = setup.run("count")
+    assert status == 1 and run["attempts"] == 1
+    result = setup.agent.efci("restart", "--follow", str(run["id"]), check=False)
+    assert result.returncode == 2
+    assert result.stdout.endswith(b"attempt 2\r\n1\r\n2\r\n"), result.stdout
+    record = json.loads(setup.agent.efci("--json", "show", str(run["id"])).stdout)
+    assert (record["attempts"], record["status"], record["exit_code"]) == (2, "failed", 2)
+    full = setup.output(run["id"])
+    assert b"attempt 1\r\n" in full and b"attempt 2\r\n" in full  # one log, both attempts
+    assert mounted_under(setup.agent.root / "state/mounts") == []
+
+    mutations = f"efci-{setup.agent.instance()}-{run['id']}-mut-0"
+    setup.agent.efci("rm", str(run["id"]))
+    assert subprocess.run(["docker", "volume", "inspect", mutations],
+                          capture_output=True).returncode != 0
+    assert subprocess.run(["docker", "inspect", run["container_id"]],
+                          capture_output=True).returncode != 0
+    again = setup.agent.efci("restart", str(run["id"]), check=False)
+    assert again.returncode == 75 and b"efci rm removed it" in again.stderr
+    assert b"attempt 2" in setup.output(run["id"])  # the log stays
+
+
+def test_progress_reports_from_inside_the_container(agent: AgentProcess) -> None:
+    agent.declare("t.yml", json.dumps({"tasks": {"report": {
+        "image": BASE_IMAGE, "network": "none", "command": ["python3", "-c", REPORT]}}}))
+    agent.start()
+    assert agent.efci("run", "--follow", "report").returncode == 0
+    record = json.loads(agent.efci("--json", "show", "1").stdout)
+    assert (record["progress"], record["progress_message"]) == (1.0, "linked [31m")
+    assert "100% linked" in agent.efci("runs").stdout.decode()
+    lines = [json.loads(line) for line in agent.efci("--json", "logs", "1").stdout.splitlines()]
+    statuses = [json.loads(base64.b64decode(r["data"])) for r in lines[:-1]
+                if r["kind"] == "status"]
+    reports = [s for s in statuses if "progress" in s]
+    assert {"progress": 0.5, "message": "half way"} in reports
+    assert not (agent.root / "state/progress/1").exists()
