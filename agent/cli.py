@@ -93,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     rs2.add_argument("run", type=int)
     rs2.add_argument("-f", "--follow", action="store_true",
                      help="stream the attempt's output and exit with its exit status")
+    sh = add("shell", "an interactive shell in a finished run's environment (same image state, "
+                      "same worktrees)")
+    sh.add_argument("run", type=int)
     rm = add("rm", "remove a finished run's container and its mutations (the log stays)")
     rm.add_argument("run", type=int)
 
@@ -128,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             return _agent(args, layout)
         if args.command == "config":
             return _config(args, layout)
+        if args.command == "shell":
+            from .terminal import run_shell
+
+            return run_shell(_socket_path(args, layout), args.run)
         with Client(_socket_path(args, layout)) as client:
             return COMMANDS[args.command](client, args)
     except EfciError as e:

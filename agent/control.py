@@ -7,6 +7,7 @@ the handler, which records them with every run a peer starts.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import grp
 import logging
@@ -32,8 +33,7 @@ SEND_TIMEOUT = 60
 LINGER_SECONDS = 5
 LINGER_BYTES = 64 << 20
 
-Send = Callable[[bytes], Awaitable[None]]
-Handler = Callable[[protocol.Request, Requester, Send], Awaitable[object]]
+Handler = Callable[[protocol.Request, Requester, "Connection"], Awaitable[object]]
 
 
 class SocketInUse(EfciError):
@@ -111,7 +111,7 @@ class ControlServer:
         await self._idle.wait()
 
     async def _tracked(self, request: protocol.Request, requester: Requester,
-                       send: Send) -> object:
+                       send: Connection) -> object:
         if self._in_flight == 0:
             self._idle = trio.Event()
         self._in_flight += 1
@@ -123,34 +123,50 @@ class ControlServer:
                 self._idle.set()
 
 
+class Connection:
+    """One client.  Calling it sends bytes (a client that takes nothing for
+    SEND_TIMEOUT is dropped); :meth:`receive_line` reads the next line, for
+    the request loop and for handlers that take input (efci shell)."""
+
+    def __init__(self, stream: trio.abc.HalfCloseableStream, requester: Requester) -> None:
+        self.stream = stream
+        self.requester = requester
+        self._send_lock = trio.Lock()
+        self._splitter = protocol.LineSplitter()
+        self._lines: collections.deque[bytes] = collections.deque()
+
+    async def __call__(self, data: bytes) -> None:
+        async with self._send_lock:
+            try:
+                with trio.fail_after(SEND_TIMEOUT):
+                    await self.stream.send_all(data)
+            except trio.TooSlowError:
+                log.warning("dropped a client (pid %d) that read nothing for %ds",
+                            self.requester.pid, SEND_TIMEOUT)
+                raise trio.BrokenResourceError("client too slow") from None
+
+    async def receive_line(self) -> bytes | None:
+        """The next line, or None when the client closed its side."""
+        while not self._lines:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                return None
+            self._lines.extend(self._splitter.feed(data))
+        return self._lines.popleft()
+
+
 async def serve_connection(stream: trio.abc.HalfCloseableStream, requester: Requester,
                            handler: Handler) -> None:
     """Answer one client's requests, in order, until it hangs up."""
-    send_lock = trio.Lock()
-
-    async def send(data: bytes) -> None:
-        async with send_lock:
-            try:
-                with trio.fail_after(SEND_TIMEOUT):
-                    await stream.send_all(data)
-            except trio.TooSlowError:
-                log.warning("dropped a client (pid %d) that read nothing for %ds",
-                            requester.pid, SEND_TIMEOUT)
-                raise trio.BrokenResourceError("client too slow") from None
-
-    splitter = protocol.LineSplitter()
+    conn = Connection(stream, requester)
     async with stream:
         try:
-            while data := await stream.receive_some(65536):
-                try:
-                    lines = splitter.feed(data)
-                except protocol.LineTooLong as e:
-                    await send(protocol.error(None, e))
-                    await _lingering_close(stream)
-                    return
-                for line in lines:
-                    if line.strip():
-                        await _one_request(line, requester, handler, send)
+            while (line := await conn.receive_line()) is not None:
+                if line.strip():
+                    await _one_request(line, requester, handler, conn)
+        except protocol.LineTooLong as e:
+            await conn(protocol.error(None, e))
+            await _lingering_close(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away: nothing to answer
 
@@ -167,7 +183,7 @@ async def _lingering_close(stream: trio.abc.HalfCloseableStream) -> None:
 
 
 async def _one_request(line: bytes, requester: Requester, handler: Handler,
-                       send: Send) -> None:
+                       send: Connection) -> None:
     try:
         request = protocol.parse_request(line)
     except RequestError as e:

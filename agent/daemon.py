@@ -20,7 +20,7 @@ import trio
 from . import __version__, declarations, protocol
 from .checkout import Checkouts
 from .config import AgentConfig
-from .control import ControlServer, Send, bind_socket
+from .control import Connection, ControlServer, bind_socket
 from .errors import CommandFailed, Conflict, EfciError, NotFound
 from .host import docker
 from .images import image_tag
@@ -30,6 +30,7 @@ from .logstore import LogStore, records_with_skip
 from .model import Requester, RunStatus, Task
 from .mutations import Mutations
 from .runs import Runs, task_to_wire
+from .shell import serve_shell
 from .state import StateStore
 
 log = logging.getLogger("efci.agent")
@@ -122,7 +123,8 @@ class Agent:
 
     # -- requests ---------------------------------------------------------------
 
-    async def handle(self, request: protocol.Request, requester: Requester, send: Send) -> object:
+    async def handle(self, request: protocol.Request, requester: Requester,
+                     send: Connection) -> object:
         method = getattr(self, f"op_{request.op}")
         return await method(request, requester, send, **request.args)
 
@@ -148,7 +150,7 @@ class Agent:
     async def op_reload(self, *_: Any) -> object:
         return await self.reload()
 
-    async def op_run(self, request: protocol.Request, requester: Requester, send: Send,
+    async def op_run(self, request: protocol.Request, requester: Requester, send: Connection,
                      task: str, follow: bool = False) -> object:
         found = self.decls.tasks.get(task)
         if found is None:
@@ -170,8 +172,8 @@ class Agent:
                                           if t.image == name)})
         return out
 
-    async def op_image_build(self, request: protocol.Request, requester: Requester, send: Send,
-                             name: str, follow: bool = False) -> object:
+    async def op_image_build(self, request: protocol.Request, requester: Requester,
+                             send: Connection, name: str, follow: bool = False) -> object:
         """A build is a run of its own (task ``image:NAME``), so its output
         is a log like any run's."""
         image = self.decls.images.get(name)
@@ -192,7 +194,7 @@ class Agent:
     async def op_show(self, _r: Any, _q: Any, _s: Any, run: int) -> object:
         return await self._run_wire(run)
 
-    async def op_logs(self, request: protocol.Request, _q: Any, send: Send, run: int,
+    async def op_logs(self, request: protocol.Request, _q: Any, send: Connection, run: int,
                       follow: bool = False, position: int = 0, since_ns: int | None = None,
                       tail: int | None = None) -> object:
         """A run's log from ``position``, a time, or its last ``tail`` lines;
@@ -207,7 +209,7 @@ class Agent:
         end = await self._stream_log(request, send, run, position, skip, follow=follow)
         return {"run": run, "next": end}
 
-    async def op_restart(self, request: protocol.Request, requester: Requester, send: Send,
+    async def op_restart(self, request: protocol.Request, requester: Requester, send: Connection,
                          run: int, follow: bool = False) -> object:
         position = self.logs.end(run)
         await self.runs.restart(run, requester)
@@ -220,6 +222,10 @@ class Agent:
         await self.runs.remove(run)
         log.info("run %d: container and mutations removed (uid %d)", run, requester.uid)
         return await self._run_wire(run)
+
+    async def op_shell(self, request: protocol.Request, requester: Requester, send: Connection,
+                       run: int, cols: int, rows: int) -> object:
+        return await serve_shell(self.runs, request, send, requester, run, cols, rows)
 
     async def op_cancel(self, _r: Any, requester: Requester, _s: Any, run: int) -> object:
         await self.runs.cancel(run, f"cancelled by uid {requester.uid}")
@@ -274,7 +280,7 @@ class Agent:
         return {"owner": owner, "host": host, "port": port, "fingerprints": fingerprints,
                 "scanned": keys is None}
 
-    async def _stream_log(self, request: protocol.Request, send: Send, run_id: int,
+    async def _stream_log(self, request: protocol.Request, send: Connection, run_id: int,
                           position: int, skip: int, *, follow: bool) -> int:
         streams = self.logs.streams(run_id)
         await send(protocol.event(request.id, "streams", streams=streams))

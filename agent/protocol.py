@@ -42,6 +42,7 @@ OPS: dict[str, dict[str, tuple[type, bool]]] = {
     "cancel": {"run": (int, True)},
     "restart": {"run": (int, True), "follow": (bool, False)},
     "rm": {"run": (int, True)},
+    "shell": {"run": (int, True), "cols": (int, True), "rows": (int, True)},
     "images": {},
     "image_build": {"name": (str, True), "follow": (bool, False)},
     "key_create": {"name": (str, True), "owner": (str, False)},

@@ -23,7 +23,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,7 @@ class Runs:
         self._slots = trio.CapacityLimiter(cfg.max_parallel)
         self._nursery: trio.Nursery | None = None
         self._stopping = False
+        self._claimed: set[int] = set()  # finished runs with an efci shell open
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                     ) -> None:
@@ -183,7 +185,19 @@ class Runs:
             raise NotFound(f"no run {run_id}; see efci runs")
         if run_id in self.active:
             raise Conflict(f"run {run_id} is {record.status.value}; wait for it or cancel it")
+        if run_id in self._claimed:
+            raise Conflict(f"run {run_id} has a shell open (efci shell); close it first")
         return record
+
+    @asynccontextmanager
+    async def claimed(self, run_id: int) -> AsyncIterator[RunRecord]:
+        """A finished run, kept from restart and rm while the block runs."""
+        record = await self._finished_record(run_id)
+        self._claimed.add(run_id)
+        try:
+            yield record
+        finally:
+            self._claimed.discard(run_id)
 
     async def restart(self, run_id: int, requester: Requester) -> None:
         """Start a finished run's container again: same upper layers, same

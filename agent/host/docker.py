@@ -46,6 +46,8 @@ class ContainerSpec:
     labels: dict[str, str] = field(default_factory=dict)
     mounts: tuple[Mount, ...] = ()
     tty: bool = False
+    interactive: bool = False  # keep stdin open (efci shell)
+    entrypoint: str | None = None
 
 
 def create_argv(docker: str, spec: ContainerSpec) -> list[str]:
@@ -66,6 +68,10 @@ def create_argv(docker: str, spec: ContainerSpec) -> list[str]:
         # Output is read through the attached client; docker need not keep
         # a second copy in its json-file log.
         argv += ["--tty", "--log-driver", "none"]
+    if spec.interactive:
+        argv.append("--interactive")
+    if spec.entrypoint is not None:
+        argv += ["--entrypoint", spec.entrypoint]
     for key, value in sorted(spec.labels.items()):
         argv += ["--label", f"{LABEL_PREFIX}{key}={value}"]
     for key, value in {**COLOUR_ENV, **spec.env}.items():
@@ -80,6 +86,15 @@ def create_argv(docker: str, spec: ContainerSpec) -> list[str]:
 
 def start_attached_argv(docker: str, container: str) -> list[str]:
     return [docker, "start", "--attach", container]
+
+
+async def commit(docker: str, container: str, image: str) -> None:
+    """An image of the container's filesystem as it is now."""
+    await command.run([docker, "commit", "--pause=false", container, image])
+
+
+async def remove_image(docker: str, image: str) -> None:
+    await command.run([docker, "image", "rm", "--force", image], check=False)
 
 
 async def server_version(docker: str) -> str:

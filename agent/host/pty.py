@@ -58,6 +58,10 @@ class PtyProcess:
             data += more
         return bytes(data)
 
+    async def send_all(self, data: bytes) -> None:
+        """Type into the terminal (an interactive child's input)."""
+        await self._master.send_all(data)
+
     def resize(self, cols: int, rows: int) -> None:
         set_window_size(self._master_fd, cols, rows)
 
@@ -66,16 +70,18 @@ class PtyProcess:
 
 
 @asynccontextmanager
-async def open_pty_process(argv: Sequence[str], *, cols: int,
-                           rows: int) -> AsyncIterator[PtyProcess]:
-    """Start ``argv`` with stdout and stderr on a new raw PTY of the given
-    size; on exit (also when cancelled) the child is killed and reaped."""
+async def open_pty_process(argv: Sequence[str], *, cols: int, rows: int,
+                           interactive: bool = False) -> AsyncIterator[PtyProcess]:
+    """Start ``argv`` with stdout and stderr (and with ``interactive`` its
+    stdin) on a new raw PTY of the given size; on exit (also when cancelled)
+    the child is killed and reaped."""
     master_fd, slave_fd = os.openpty()
     try:
         tty.setraw(slave_fd)
         set_window_size(slave_fd, cols, rows)
         process = await trio.lowlevel.open_process(
-            list(argv), stdin=subprocess.DEVNULL, stdout=slave_fd, stderr=slave_fd)
+            list(argv), stdin=slave_fd if interactive else subprocess.DEVNULL,
+            stdout=slave_fd, stderr=slave_fd)
     except BaseException:
         os.close(master_fd)
         raise

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import select
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 from agent.host.overlay import mounted_under
+from agent.host.pty import set_window_size
 
 from .conftest import BASE_IMAGE, AgentProcess, Setup, task
 
@@ -75,3 +81,53 @@ def test_progress_reports_from_inside_the_container(agent: AgentProcess) -> None
     reports = [s for s in statuses if "progress" in s]
     assert {"progress": 0.5, "message": "half way"} in reports
     assert not (agent.root / "state/progress/1").exists()
+
+
+def test_shell_in_a_finished_run_sees_its_state_and_worktree(setup: Setup) -> None:
+    s = setup.server
+    s.create("lib")
+    s.commit("lib", {"README": b"x\n"}, "x")
+    s.authorize(setup.key(), "lib")
+    setup.trust()
+    setup.declare({"count": task(
+        checkout={"repositories": [setup.entry("lib", "main", mutable=True)]},
+        command=["sh", "-c", COUNTER])})
+    status, run = setup.run("count")
+    assert status == 1
+
+    master, slave = os.openpty()
+    set_window_size(slave, 100, 30)
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "--root", str(setup.agent.root),
+                             "shell", str(run["id"])], stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    out = b""
+    typed = False
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if not typed and out.endswith(b"# "):  # the shell's prompt: it is listening
+            os.write(master, b"echo counter=$(cat /counter); cat /src/lib/attempts; "
+                             b"echo $((6*7)) > /src/lib/from-shell; exit 5\n")
+            typed = True
+        ready, _, _ = select.select([master], [], [], 1)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            out += data
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    assert proc.wait(timeout=60) == 5, out
+    assert b"counter=1" in out and b"\r\n1\r\n" in out, out
+    assert mounted_under(setup.agent.root / "state/mounts") == []
+    assert subprocess.run(["docker", "image", "inspect",
+                           f"efci-shell/{setup.agent.instance()}:{run['id']}"],
+                          capture_output=True).returncode != 0  # cleaned up
+    # what the shell wrote is in the run's upper layer, as a restart would see it
+    upper = subprocess.run(["docker", "volume", "inspect", "--format", "{{.Mountpoint}}",
+                            f"efci-{setup.agent.instance()}-{run['id']}-mut-0"],
+                           capture_output=True, check=True).stdout.decode().strip()
+    assert (Path(upper) / "upper/from-shell").read_text() == "42\n"

@@ -1,0 +1,114 @@
+"""``efci shell RUN``: an interactive shell in a finished run's environment.
+
+The run's container is committed to an image (its filesystem as the task
+left it), and a shell container is started from that image with the same
+worktree views (the run's overlay upper layers, mounted again), the same
+secrets, and the same network policy; deploy targets are mounted read-only,
+so debugging cannot publish by accident.  The administrator's terminal is
+relayed over the control socket:
+
+* agent -> client: ``{"event": "output", "size": N}`` and N raw bytes;
+* client -> agent: ``{"input": "<base64>"}`` and ``{"resize": [cols, rows]}``
+  lines, until the client closes its side or the shell exits.
+
+Everything made for the session (container, image, mounts) is removed
+when it ends.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from . import protocol
+from .access import host_mounts
+from .checkout import Worktree
+from .errors import Conflict, RequestError
+from .host import docker
+from .host.pty import PtyProcess, open_pty_process
+from .model import Requester
+from .runs import container_spec, task_from_wire
+
+if TYPE_CHECKING:
+    from .control import Connection
+    from .runs import Runs
+
+log = logging.getLogger(__name__)
+
+SHELL = "/bin/sh"
+
+
+async def serve_shell(runs: Runs, request: protocol.Request, conn: Connection,
+                      requester: Requester, run_id: int, cols: int, rows: int) -> dict[str, Any]:
+    if not (10 <= cols <= 1000 and 5 <= rows <= 1000):
+        raise RequestError(f"terminal size {cols}x{rows} is out of range")
+    async with runs.claimed(run_id) as record:
+        if record.container_id is None or record.removed_at is not None:
+            raise Conflict(f"run {run_id} has no container to open a shell in")
+        task = task_from_wire(await runs.state.call(runs.state.run_declaration, run_id))
+        image = f"efci-shell/{runs.instance}:{run_id}"
+        name = f"efci-{runs.instance}-{run_id}-shell"
+        worktrees: list[Worktree] = []
+        try:
+            await docker.commit(runs.cfg.docker, record.container_id, image)
+            for row in await runs.state.call(runs.state.run_worktrees, run_id):
+                worktrees.append(await runs.checkouts.use(
+                    Worktree(row["volume"], row["mount_name"], row["commit_sha"], True)))
+            views = [(await runs.mutations.mount(run_id, i, w.volume, w.mount_name),
+                      w.mount_name) for i, w in enumerate(worktrees)]
+            mounts = [dataclasses.replace(m, readonly=True) for m in host_mounts(runs.cfg, task)]
+            spec = dataclasses.replace(
+                container_spec(runs.cfg, runs.instance, run_id, task, views, mounts),
+                name=name, image=image, command=None, entrypoint=SHELL, interactive=True)
+            await docker.remove(runs.cfg.docker, name)  # one left by a killed agent
+            await docker.create(runs.cfg.docker, spec)
+            log.info("shell in run %d opened by uid %d", run_id, requester.uid)
+            await conn(protocol.event(request.id, "attached", run=run_id))
+            argv = [runs.cfg.docker, "start", "--attach", "--interactive", name]
+            async with open_pty_process(argv, cols=cols, rows=rows, interactive=True) as proc:
+                exit_status = await _relay(proc, request, conn)
+        finally:
+            with trio.move_on_after(60) as cleanup:
+                cleanup.shield = True
+                await docker.remove(runs.cfg.docker, name)
+                await docker.remove_image(runs.cfg.docker, image)
+                await runs.mutations.unmount(run_id)
+                for worktree in worktrees:
+                    await runs.checkouts.release(worktree)
+        log.info("shell in run %d closed (exit status %s)", run_id, exit_status)
+        return {"run": run_id, "exit_code": exit_status}
+
+
+async def _relay(proc: PtyProcess, request: protocol.Request, conn: Connection) -> int | None:
+    async with trio.open_nursery() as nursery:
+
+        async def output() -> None:
+            while data := await proc.receive_some():
+                await conn(protocol.event(request.id, "output", size=len(data)) + data)
+            nursery.cancel_scope.cancel()  # the shell exited
+
+        async def user_input() -> None:
+            while (line := await conn.receive_line()) is not None:
+                try:
+                    message = json.loads(line)
+                    if "input" in message:
+                        await proc.send_all(base64.b64decode(message["input"], validate=True))
+                    elif "resize" in message:
+                        cols, rows = (int(v) for v in message["resize"])
+                        if 10 <= cols <= 1000 and 5 <= rows <= 1000:
+                            proc.resize(cols, rows)
+                except (ValueError, TypeError, KeyError, binascii.Error):
+                    continue  # a malformed frame is dropped, the session goes on
+            nursery.cancel_scope.cancel()  # the client went away
+
+        nursery.start_soon(output)
+        nursery.start_soon(user_input)
+    with trio.move_on_after(10):
+        return await proc.wait()
+    return None
