@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -37,6 +38,11 @@ def test_the_rsync_publish_experiment_runs_as_a_task(setup: Setup, tmp_path: Pat
     shutil.copy(EXAMPLES / "images.yml", conf_d)
     shutil.copytree(EXAMPLES / "ci-rsync", conf_d / "ci-rsync")
     assert setup.agent.efci("reload").returncode == 0
+    built = subprocess.run(["docker", "image", "ls", "--quiet", "efci/image-ci-rsync"],
+                           capture_output=True, check=True).stdout.decode().split()
+    if built:  # an earlier run on this machine built it: make this one build it again
+        subprocess.run(["docker", "image", "rm", "--force", *built], capture_output=True,
+                       check=True)
     setup.entry("websperiments", "main", mutable=True, key="websperiments-deploy")  # cleanup
 
     status, run = setup.run("rsync-publish")
