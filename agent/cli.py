@@ -342,9 +342,9 @@ def _start_run(client: Client, args: argparse.Namespace, op: str, request: dict[
     run = client.call(op, {**request, "follow": True}, on_event=LogPrinter(as_json=args.json))
     if args.json:  # JSON lines: the records, then the run
         print(json.dumps(run))
-    if run["status"] in ("succeeded", "failed"):
+    if run["exit_code"] is not None and run["status"] in ("succeeded", "failed"):
         return int(run["exit_code"])
-    return EXIT_BY_STATUS.get(run["status"], 1)
+    return 0 if run["status"] == "succeeded" else EXIT_BY_STATUS.get(run["status"], 1)
 
 
 def _runs(client: Client, args: argparse.Namespace) -> int:

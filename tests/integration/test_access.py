@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -133,3 +134,34 @@ tasks:
     assert agent.containers(running=True) == []
     assert mounted_under(agent.root / "state/mounts") == []
     assert len(json.loads(agent.efci("--json", "runs").stdout)) == 3
+
+
+def test_image_builds_are_runs_and_are_reused(agent: AgentProcess) -> None:
+    context = agent.conf_d / "tool"
+    context.mkdir(parents=True)
+    (context / "Dockerfile").write_text(f"FROM {BASE_IMAGE}\nCOPY hello /hello\n")
+    (context / "hello").write_text(f"built at {time.time()}\n")  # a tag of its own
+    agent.declare("t.yml", """
+images:
+  tool: {dockerfile: tool/Dockerfile, context: tool}
+tasks:
+  use-tool: {image: tool, command: [cat, /hello]}
+""")
+    agent.start()
+    (image,) = json.loads(agent.efci("--json", "images").stdout)
+    assert image["name"] == "tool" and image["built"] is False
+    assert image["used_by"] == ["use-tool"]
+    built = agent.efci("image", "build", "--follow", "tool")
+    assert built.returncode == 0 and b"Successfully built" in built.stdout
+    assert json.loads(agent.efci("--json", "images").stdout)[0]["built"] is True
+    assert json.loads(agent.efci("--json", "show", "1").stdout)["task"] == "image:tool"
+    status, record = run(agent, "use-tool")
+    assert status == 0 and output(agent, record["id"]).startswith(b"built at ")
+    assert b"building image" not in agent.efci("logs", str(record["id"])).stderr
+    (context / "hello").write_text("changed\n")  # a new hash: built again
+    status, record = run(agent, "use-tool")
+    assert status == 0 and output(agent, record["id"]) == b"changed\r\n"
+    assert b"building image tool" in agent.efci("logs", str(record["id"])).stderr
+    subprocess.run(["docker", "image", "rm", "--force", image["tag"],
+                    json.loads(agent.efci("--json", "images").stdout)[0]["tag"]],
+                   capture_output=True, check=False)
