@@ -207,7 +207,8 @@ class Checkouts:
             image=image, volume=volume,
             key=self.keys.private_path(task.owner, repo.key),
             known_hosts=self.keys.known_hosts(task.owner),
-            network="host", unchecked_host_keys=task.unchecked_host_keys)
+            network="host" if self.cfg.network_checkout == "host" else self.cfg.network_name,
+            unchecked_host_keys=task.unchecked_host_keys)
         if task.unchecked_host_keys:
             writer.message(f"{repo.mount_name}: WARNING: host keys are not checked for this "
                            "checkout (checkout.unchecked_host_keys); a machine in the middle "

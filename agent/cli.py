@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     rs2.add_argument("run", type=int)
     rs2.add_argument("-f", "--follow", action="store_true",
                      help="stream the attempt's output and exit with its exit status")
+    fw = add("firewall", "the task bridge's rules: status, probe, remove")
+    fw.add_argument("action", choices=["status", "probe", "remove"])
     sh = add("shell", "an interactive shell in a finished run's environment (same image state, "
                       "same worktrees)")
     sh.add_argument("run", type=int)
@@ -450,6 +452,32 @@ def _rm(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _firewall(client: Client, args: argparse.Namespace) -> int:
+    result = client.call(f"firewall_{args.action}")
+    if args.json:
+        _print_json(result)
+        return 0
+    if args.action == "probe":
+        print(f"probe {'passed' if result['passed'] else 'FAILED'}: {result['detail']}")
+        return 0 if result["passed"] else 1
+    print(f"network {result['network']} on {result['bridge']} ({result['subnet']})")
+    for problem in result["problems"]:
+        print(f"  NOT IN PLACE: {problem}")
+    if not result["problems"]:
+        print("  rules: all in place")
+    probe = result["last_probe"]
+    if probe:
+        print(f"  last probe: {'passed' if probe['passed'] else 'FAILED'} at {_when(probe['at'])}"
+              f" ({probe['detail']})")
+    else:
+        print("  last probe: none yet")
+    for chain, lines in result["rules"].items():
+        print(f"  {chain}:")
+        for line in lines:
+            print(f"    {line}")
+    return 1 if result["problems"] or (probe and not probe["passed"]) else 0
+
+
 def _image(client: Client, args: argparse.Namespace) -> int:
     return _start_run(client, args, "image_build", {"name": args.name}, f"image {args.name}")
 
@@ -506,5 +534,5 @@ def _key(client: Client, args: argparse.Namespace) -> int:
 COMMANDS = {
     "status": _status, "tasks": _tasks, "reload": _reload, "run": _run, "runs": _runs,
     "show": _show, "logs": _logs, "cancel": _cancel, "key": _key, "images": _images,
-    "image": _image, "restart": _restart, "rm": _rm,
+    "image": _image, "restart": _restart, "rm": _rm, "firewall": _firewall,
 }

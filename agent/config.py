@@ -79,6 +79,8 @@ class AgentConfig:
     network_bridge: str
     network_subnet: str
     network_blocked: tuple[str, ...]
+    network_checkout: str
+    network_git_endpoints: tuple[tuple[str, int], ...]
     deploy_targets: dict[str, DeployTarget] = field(default_factory=dict)
 
 
@@ -144,6 +146,28 @@ def _subnet(node: Node) -> str:
 
 def _subnets(node: Node) -> tuple[str, ...]:
     return tuple(_subnet(n) for n in node.sequence())
+
+
+def _checkout_network(node: Node) -> str:
+    value = node.string()
+    if value not in ("host", "bridge"):
+        raise node.error(f"must be host or bridge, not {value!r}")
+    return value
+
+
+def _endpoints(node: Node) -> tuple[tuple[str, int], ...]:
+    out = []
+    for item in node.sequence():
+        text = item.string()
+        host, _, port = text.rpartition(":")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise item.error(f"must be ADDRESS:PORT with an IP address, not {text!r}") from None
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise item.error(f"must be ADDRESS:PORT, not {text!r}")
+        out.append((host, int(port)))
+    return tuple(out)
 
 
 def _image(node: Node) -> str:
@@ -219,6 +243,13 @@ SETTINGS: tuple[Setting, ...] = (
             "172.30.0.0/24", "Its IPv4 subnet."),
     Setting("network.blocked", "network_blocked", _subnets, _const(()), "[]",
             "More destinations task containers may not reach (e.g. the host's LAN)."),
+    Setting("network.checkout", "network_checkout", _checkout_network, _const("host"), "host",
+            "Where the checkout container runs: host (the seed's way: it runs only git and "
+            "reaches a Gitea on this host), or bridge (the task bridge, reaching only the "
+            "git_endpoints on this host)."),
+    Setting("network.git_endpoints", "network_git_endpoints", _endpoints, _const(()), "[]",
+            "host:port of git servers on this host that the bridge lets through, "
+            "e.g. [172.30.0.1:22]."),
 )
 
 _DEPLOY_HELP = """\

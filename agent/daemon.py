@@ -29,6 +29,7 @@ from .logformat import Kind
 from .logstore import LogStore, records_with_skip
 from .model import Requester, RunStatus, Task
 from .mutations import Mutations
+from .network import TaskNetwork
 from .runs import Runs, task_to_wire
 from .shell import serve_shell
 from .state import StateStore
@@ -50,7 +51,9 @@ class Agent:
         self.keys = KeyStore(cfg.secrets_base)
         self.checkouts = Checkouts(cfg, state, self.keys, self.instance)
         self.mutations = Mutations(cfg, self.instance)
-        self.runs = Runs(cfg, state, logs, self.checkouts, self.mutations, self.instance)
+        self.network = TaskNetwork(cfg)
+        self.runs = Runs(cfg, state, logs, self.checkouts, self.mutations, self.network,
+                         self.instance)
         self.decls = declarations.DeclarationSet()
         self.started_at = time.time()
         self.docker_version = ""
@@ -89,8 +92,7 @@ class Agent:
             container = record.container_id or record.container_name or ""
             found = await docker.inspect(self.cfg.docker, container) if container else None
             if found is None:
-                queued = record.status is RunStatus.QUEUED
-                status = RunStatus.CANCELLED if queued else RunStatus.ERROR
+                status = RunStatus.CANCELLED
                 fields["error"] = "the agent stopped before the run's container ran"
             elif found.status in ("running", "paused", "restarting"):
                 await docker.stop(self.cfg.docker, container, grace=self.cfg.stop_grace)
@@ -227,6 +229,18 @@ class Agent:
                        run: int, cols: int, rows: int) -> object:
         return await serve_shell(self.runs, request, send, requester, run, cols, rows)
 
+    async def op_firewall_status(self, *_: Any) -> object:
+        return await self.network.status()
+
+    async def op_firewall_probe(self, *_: Any) -> object:
+        return (await self.network.probe(self.cfg.base_image)).__dict__
+
+    async def op_firewall_remove(self, _r: Any, requester: Requester, *_: Any) -> object:
+        await self.network.remove()
+        log.warning("network rules removed by uid %d; the next run puts them back",
+                    requester.uid)
+        return await self.network.status()
+
     async def op_cancel(self, _r: Any, requester: Requester, _s: Any, run: int) -> object:
         await self.runs.cancel(run, f"cancelled by uid {requester.uid}")
         return await self._run_wire(run)
@@ -308,14 +322,23 @@ async def serve(cfg: AgentConfig) -> None:
         log.info("efforting-ci %s starting: config %s, state %s, docker %s", __version__,
                  cfg.source, cfg.state_dir, version)
         await agent.recover()
-        await agent.reload()
-        sock = bind_socket(cfg.socket_path, mode=cfg.socket_mode, group=cfg.socket_group)
+        await agent.network.ensure()
         try:
-            await _serve_until_signal(agent, sock)
+            await agent.reload()
+            if await docker.present_images(cfg.docker, {cfg.base_image}):
+                await agent.network.probe(cfg.base_image)
+            else:
+                log.warning("no %s to probe the network rules with", cfg.base_image)
+            sock = bind_socket(cfg.socket_path, mode=cfg.socket_mode, group=cfg.socket_group)
+            try:
+                await _serve_until_signal(agent, sock)
+            finally:
+                sock.close()
+                if cfg.socket_path.is_socket():
+                    cfg.socket_path.unlink()
         finally:
-            sock.close()
-            if cfg.socket_path.is_socket():
-                cfg.socket_path.unlink()
+            with trio.CancelScope(shield=True):
+                await agent.network.remove()
     finally:
         state.close()
     log.info("efforting-ci stopped")

@@ -42,6 +42,7 @@ from .logformat import TASK_STREAM, Kind
 from .logstore import LogStore, LogWriter
 from .model import CacheUse, Image, Network, Repository, Requester, RunStatus, Stage, Task
 from .mutations import Mutations
+from .network import TaskNetwork
 from .progress import MOUNT_POINT, ProgressChannels
 from .state import RunRecord, StateStore
 
@@ -95,7 +96,7 @@ def container_spec(cfg: AgentConfig, instance: str, run_id: int, task: Task,
         name=task_container_name(instance, run_id),
         image=task.image,
         command=task.command,
-        network="none" if task.network is Network.NONE else "bridge",
+        network="none" if task.network is Network.NONE else cfg.network_name,
         # The docker client sizes the container's TTY only just after it
         # starts; COLUMNS and LINES tell the size to programs that look first.
         env={"COLUMNS": str(cols), "LINES": str(rows), **task.env},
@@ -128,12 +129,14 @@ class Runs:
     """
 
     def __init__(self, cfg: AgentConfig, state: StateStore, logs: LogStore,
-                 checkouts: Checkouts, mutations: Mutations, instance: str) -> None:
+                 checkouts: Checkouts, mutations: Mutations, network: TaskNetwork,
+                 instance: str) -> None:
         self.cfg = cfg
         self.state = state
         self.logs = logs
         self.checkouts = checkouts
         self.mutations = mutations
+        self.network = network
         self.images = Images(cfg.docker)
         self.progress = ProgressChannels(cfg.state_dir)
         self.instance = instance
@@ -296,6 +299,12 @@ class Runs:
         if first:  # refuse before anything runs: keys, hosts, secrets, deploy targets
             self.checkouts.check(run.task)
             mounts = host_mounts(self.cfg, run.task)
+        if run.task.network is Network.DEFAULT or (
+                run.task.repositories and self.cfg.network_checkout == "bridge"):
+            restored = await self.network.check()  # fail closed
+            if restored:
+                writer.message("the network rules were not in place (" + "; ".join(restored)
+                               + "); they were restored before this run")
         await self.state.call(self.state.update_run, run.id, status=RunStatus.RUNNING,
                               started_at=time.time())
         writer.event(Kind.STATUS, {"status": RunStatus.RUNNING.value, "attempt": run.attempt})

@@ -22,7 +22,9 @@ import pytest
 
 from agent.client import Client
 from agent.errors import AgentUnreachable
+from agent.host import firewall
 from agent.host.git import worktree_volume_name
+from agent.host.overlay import mounted_under
 
 from .gitserver import GitServer
 
@@ -133,12 +135,21 @@ class AgentProcess:
         return out.split()
 
     def cleanup(self) -> None:
+        """Stop the agent (gracefully, so it removes its rules and mounts),
+        then remove whatever is left of it, even after a failed test."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         ids = self.containers()
         if ids:
             subprocess.run(["docker", "rm", "--force", *ids], capture_output=True, check=False)
+        firewall.remove(firewall.rule_sets("efci0", ()))  # after a killed agent
+        for point in mounted_under(self.root):
+            subprocess.run(["umount", "--lazy", str(point)], capture_output=True, check=False)
 
 
 @pytest.fixture
@@ -169,7 +180,7 @@ class Setup:
     def trust(self) -> None:
         keys = self.agent.root / "hostkey.pub"
         keys.write_text(self.server.host_key_line)
-        self.agent.efci("key", "trust", "127.0.0.1", "--port", str(self.server.port),
+        self.agent.efci("key", "trust", self.server.address, "--port", str(self.server.port),
                         "--owner", OWNER, "--keys", str(keys))
 
     def declare(self, tasks: dict[str, dict]) -> None:  # type: ignore[type-arg]

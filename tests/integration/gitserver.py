@@ -28,9 +28,9 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.invalid"
            "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1"}
 
 
-def free_port() -> int:
+def free_port(address: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((address, 0))
         return int(s.getsockname()[1])
 
 
@@ -43,9 +43,10 @@ def git(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) 
 
 
 class GitServer:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, address: str = "127.0.0.1") -> None:
         self.root = root
-        self.port = free_port()
+        self.address = address
+        self.port = free_port(address)
         self.sshd_dir = root / "sshd"
         self.repos = root / "repos"
         self.sshd_dir.mkdir(parents=True)
@@ -58,7 +59,7 @@ class GitServer:
         self.authorized.write_text("")
         (self.sshd_dir / "sshd_config").write_text(f"""
 Port {self.port}
-ListenAddress 127.0.0.1
+ListenAddress {address}
 HostKey {self.host_key}
 PidFile {self.sshd_dir}/sshd.pid
 AuthorizedKeysFile {self.authorized}
@@ -81,7 +82,7 @@ LogLevel VERBOSE
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                socket.create_connection((self.address, self.port), timeout=1).close()
                 return
             except OSError:
                 time.sleep(0.05)
@@ -107,7 +108,7 @@ LogLevel VERBOSE
         return self.repos / f"{repo}.git"
 
     def url(self, repo: str) -> str:
-        return f"ssh://root@127.0.0.1:{self.port}{self.path(repo)}"
+        return f"ssh://root@{self.address}:{self.port}{self.path(repo)}"
 
     def create(self, repo: str) -> Path:
         """A bare repository and a work clone (``<repo>.work``) to commit from."""

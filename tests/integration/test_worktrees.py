@@ -116,7 +116,8 @@ def test_nothing_stays_mounted_after_the_agent_stops_or_dies(setup: Setup) -> No
 
     setup.agent.start()
     setup.agent.efci("run", "long")
-    wait_for(lambda: mounted_under(mounts), timeout=120, what="the overlay mounted")
+    wait_for(lambda: mounted_under(mounts) and setup.agent.containers(running=True),
+             timeout=120, what="the container running over its overlay")
     setup.agent.stop(signal.SIGKILL)
     assert mounted_under(mounts), "a killed agent leaves its mount"
     setup.agent.start()  # recovery stops the container and unmounts

@@ -70,6 +70,11 @@ deploy_targets:
     ("deploy_targets:\n  s: {path: /x, allow: [nobody]}\n", 2, "deploy_targets.s.allow[0]",
      "owner/task"),
     ("- a list\n", 1, "", "mapping"),
+    ("network:\n  checkout: everywhere\n", 2, "network.checkout", "host or bridge"),
+    ("network:\n  git_endpoints: [gitea.local:22]\n", 2, "network.git_endpoints[0]",
+     "IP address"),
+    ("network:\n  git_endpoints: ['10.0.0.1:99999']\n", 2, "network.git_endpoints[0]",
+     "ADDRESS:PORT"),
 ])
 def test_bad_agent_yml(tmp_path: Path, text: str, line: int, field: str, words: str) -> None:
     path = write(tmp_path, text)
