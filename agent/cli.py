@@ -460,6 +460,10 @@ def _firewall(client: Client, args: argparse.Namespace) -> int:
     if args.action == "probe":
         print(f"probe {'passed' if result['passed'] else 'FAILED'}: {result['detail']}")
         return 0 if result["passed"] else 1
+    if args.action == "remove":
+        print(f"rules of {result['bridge']} removed; the next run on the bridge puts them back "
+              "(stop the agent to keep them off)")
+        return 0
     print(f"network {result['network']} on {result['bridge']} ({result['subnet']})")
     for problem in result["problems"]:
         print(f"  NOT IN PLACE: {problem}")

@@ -203,6 +203,8 @@ def test_a_rule_removed_by_hand_is_restored_and_stop_removes_all(agent: AgentPro
     assert status["problems"] == [] and status["last_probe"]["passed"] is True
     sh("iptables-legacy", "-D", "EFCI-INPUT", "-p", "tcp", "-j", "REJECT", "--reject-with",
        "tcp-reset")
+    with open("/proc/sys/net/ipv4/conf/efci0/route_localnet", "w") as f:
+        f.write("1\n")
     broken = agent.efci("firewall", "status", check=False)
     assert broken.returncode == 1 and b"NOT IN PLACE" in broken.stdout
     servers = Servers()
@@ -216,6 +218,10 @@ def test_a_rule_removed_by_hand_is_restored_and_stop_removes_all(agent: AgentPro
     assert b"they were restored before this run" in agent.efci("logs", str(run)).stderr
     assert json.loads(agent.efci("--json", "firewall", "status").stdout)["problems"] == []
     assert "EFCI" in legacy_rules()
+    agent.efci("firewall", "remove")
+    assert "EFCI" not in legacy_rules()
+    assert probe(agent, "again", {"wan": ["tcp", WAN, 8080]})["wan"] == "open"
+    assert "EFCI" in legacy_rules()  # put back before that run
     assert agent.stop() == 0
     assert "EFCI" not in legacy_rules()
     assert (sh("cat", "/proc/sys/net/ipv4/conf/efci0/route_localnet").stdout.strip(),
@@ -279,3 +285,12 @@ def test_the_checkout_can_run_on_the_bridge_to_an_allowed_git_endpoint(
         server.stop()
         agent.cleanup()
         subprocess.run(["docker", "volume", "rm", "-f", *setup.volumes], capture_output=True)
+
+
+def test_a_bridge_that_does_not_match_the_config_stops_the_agent(agent: AgentProcess) -> None:
+    agent.start()  # the network exists now, as agent.yml's defaults say
+    agent.stop()
+    agent.configure("network:\n  subnet: 172.30.9.0/24\n")
+    result = agent.efci("agent", check=False, timeout=120)
+    assert result.returncode == 78
+    assert b"docker network efci exists but its subnets are ['172.30.0.0/24']" in result.stderr
