@@ -96,29 +96,6 @@ def _path(node: Node) -> Path:
     return Path(os.path.normpath(text))
 
 
-def _name(node: Node) -> str:
-    value = node.string(pattern=names.NAME, what=names.NAME_HELP)
-    if ".." in value:
-        raise node.error(f"{value!r} is not {names.NAME_HELP}")
-    return value
-
-
-def _duration(node: Node) -> int:
-    text = node.raw_scalar()
-    seconds = names.parse_duration(text)
-    if seconds is None or seconds <= 0:
-        raise node.error(f"must be a duration such as 90s, 15m or 1h30m, not {text!r}")
-    return seconds
-
-
-def _size(node: Node) -> int:
-    text = node.raw_scalar()
-    size = names.parse_size(text)
-    if size is None or size <= 0:
-        raise node.error(f"must be a size such as 512MiB or 2GiB, not {text!r}")
-    return size
-
-
 def _mode(node: Node) -> int:
     text = node.string()  # "0660": quoted, or YAML 1.1 reads it as octal 432
     if not re.fullmatch(r"0?[0-7]{3}", text):
@@ -170,10 +147,6 @@ def _endpoints(node: Node) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
-def _image(node: Node) -> str:
-    return node.string(pattern=names.IMAGE_REF, what=names.IMAGE_REF_HELP)
-
-
 def _bridge(node: Node) -> str:
     return node.string(pattern=re.compile(r"[a-z][a-z0-9_-]{0,14}"),
                        what="an interface name of at most 15 characters")
@@ -202,7 +175,7 @@ def _const(value: object) -> Callable[[Layout], object]:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("owner", "owner", _name, _const("local"), "local",
+    Setting("owner", "owner", Node.name, _const("local"), "local",
             "Owner (the seed's CI user) for declarations that do not name one."),
     Setting("paths.declarations", "declarations_dir", _path, lambda lay: lay.etc / "conf.d",
             "{etc}/conf.d", "Image and task declarations: every *.yml file here."),
@@ -222,20 +195,20 @@ SETTINGS: tuple[Setting, ...] = (
             "Permissions of the socket, in quotes."),
     Setting("docker.program", "docker", _program, _const("docker"), "docker",
             "The docker CLI to run."),
-    Setting("docker.base_image", "base_image", _image, _const("efci/base:bookworm"),
+    Setting("docker.base_image", "base_image", Node.image_ref, _const("efci/base:bookworm"),
             "efci/base:bookworm", "Image that built-in images start FROM."),
-    Setting("runs.time_limit", "time_limit", _duration, _const(3600), "1h",
+    Setting("runs.time_limit", "time_limit", Node.duration, _const(3600), "1h",
             "Time limit of a task that sets none."),
-    Setting("runs.stop_grace", "stop_grace", _duration, _const(10), "10s",
+    Setting("runs.stop_grace", "stop_grace", Node.duration, _const(10), "10s",
             "Between SIGTERM and SIGKILL when a run is stopped."),
     Setting("runs.max_parallel", "max_parallel",
             lambda n: n.integer(minimum=1, maximum=256), _const(4), "4",
             "Runs executing at once; more wait queued."),
-    Setting("runs.log_limit", "log_limit", _size, _const(1 << 30), "1GiB",
+    Setting("runs.log_limit", "log_limit", Node.size, _const(1 << 30), "1GiB",
             "Largest log kept per run: past it, its beginning and its end are kept."),
     Setting("runs.terminal_size", "terminal_size", _terminal, _const((160, 50)), "160x50",
             "Terminal size task containers see (columns x rows)."),
-    Setting("network.name", "network_name", _name, _const("efci"), "efci",
+    Setting("network.name", "network_name", Node.name, _const("efci"), "efci",
             "Docker network task containers join."),
     Setting("network.bridge", "network_bridge", _bridge, _const("efci0"), "efci0",
             "Its bridge interface."),

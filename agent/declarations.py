@@ -44,15 +44,8 @@ class FileDeclarations:
 
 # -- fields -------------------------------------------------------------------
 
-def _name(node: Node) -> str:
-    value = node.string(pattern=names.NAME, what=names.NAME_HELP, max_len=64)
-    if ".." in value:
-        raise node.error(f"{value!r} is not {names.NAME_HELP}")
-    return value
-
-
 def _names(node: Node) -> tuple[str, ...]:
-    return tuple(_name(n) for n in node.sequence())
+    return tuple(n.name() for n in node.sequence())
 
 
 def _command(node: Node) -> tuple[str, ...]:
@@ -78,18 +71,6 @@ def _env(node: Node) -> dict[str, str]:
     return env
 
 
-def _time_limit(node: Node) -> int:
-    text = node.raw_scalar()
-    seconds = names.parse_duration(text)
-    if seconds is None or seconds <= 0:
-        raise node.error(f"must be a duration such as 90s, 15m or 1h30m, not {text!r}")
-    return seconds
-
-
-def _image_ref(node: Node) -> str:
-    return node.string(pattern=names.IMAGE_REF, what=names.IMAGE_REF_HELP, max_len=255)
-
-
 def _repository(node: Node) -> Repository:
     fields = node.mapping(required={"repo_url", "revision", "key"}, optional=REPO_KEYS)
     url_node = fields["repo_url"]
@@ -110,7 +91,7 @@ def _repository(node: Node) -> Repository:
     if problem:
         raise rev_node.error(f"{revision!r} is not a valid revision: it {problem}")
     if "name" in fields:
-        mount_name = _name(fields["name"])
+        mount_name = fields["name"].name()
     else:
         base = posixpath.basename(url.rstrip("/").split(":")[-1])
         mount_name = base[:-4] if base.endswith(".git") else base
@@ -121,7 +102,7 @@ def _repository(node: Node) -> Repository:
         repo_url=url,
         revision=revision,
         mutable=mutable,
-        key=_name(fields["key"]),
+        key=fields["key"].name(),
         submodules=fields["submodules"].boolean() if "submodules" in fields else False,
         mount_name=mount_name,
         entry=node.plain_value(),  # type: ignore[arg-type]
@@ -153,10 +134,8 @@ def _caches(node: Node) -> tuple[CacheUse, ...]:
                                   f"not {path!r}")
         quota = None
         if "quota" in f:
-            quota = names.parse_size(f["quota"].raw_scalar())
-            if not quota:
-                raise f["quota"].error("must be a size such as 2GiB")
-        caches.append(CacheUse(_name(f["name"]), path, quota,
+            quota = f["quota"].size()
+        caches.append(CacheUse(f["name"].name(), path, quota,
                                f["shared"].boolean() if "shared" in f else False))
     return tuple(caches)
 
@@ -166,16 +145,16 @@ def _stages(node: Node) -> tuple[Stage, ...]:
     seen: set[str] = set()
     for item in node.sequence():
         f = item.mapping(required={"name"}, optional={"image", "command", "env", "time_limit"})
-        name = _name(f["name"])
+        name = f["name"].name()
         if name in seen:
             raise f["name"].error(f"stage {name!r} is declared twice")
         seen.add(name)
         stages.append(Stage(
             name=name,
-            image=_image_ref(f["image"]) if "image" in f else None,
+            image=f["image"].image_ref() if "image" in f else None,
             command=_command(f["command"]) if "command" in f else None,
             env=_env(f["env"]) if "env" in f else {},
-            time_limit=_time_limit(f["time_limit"]) if "time_limit" in f else None,
+            time_limit=f["time_limit"].duration() if "time_limit" in f else None,
         ))
     return tuple(stages)
 
@@ -211,7 +190,7 @@ def _task(name: str, owner: str, node: Node, fields: dict[str, Node],
         name=name,
         owner=owner,
         source=f"{node.file}:{node.line}",
-        image=_image_ref(fields["image"]),
+        image=fields["image"].image_ref(),
         command=_command(fields["command"]) if "command" in fields else None,
         env=_env(fields["env"]) if "env" in fields else {},
         repositories=repositories,
@@ -219,7 +198,7 @@ def _task(name: str, owner: str, node: Node, fields: dict[str, Node],
         caches=_caches(fields["caches"]) if "caches" in fields else (),
         deploy_targets=_deploy_targets(fields),
         network=network,
-        time_limit=_time_limit(fields["time_limit"]) if "time_limit" in fields else None,
+        time_limit=fields["time_limit"].duration() if "time_limit" in fields else None,
         stages=_stages(fields["stages"]) if "stages" in fields else (),
         unchecked_host_keys=unchecked_host_keys,
     )
@@ -259,7 +238,7 @@ def parse_file(path: Path, *, default_owner: str, secrets_base: Path) -> FileDec
     if "owner" in top and "user" in top:
         raise top["user"].error("give owner: or user:, not both")
     owner_node = top.get("owner") or top.get("user")
-    owner = _name(owner_node) if owner_node else default_owner
+    owner = owner_node.name() if owner_node else default_owner
 
     if "task" in top:  # the experiment's single-task form
         if "tasks" in top or "images" in top:

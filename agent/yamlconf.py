@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from . import names
 from .errors import ConfigError
 
 MAX_FILE_BYTES = 1 << 20
@@ -213,6 +214,32 @@ class Node:
         if maximum is not None and value > maximum:
             raise self.error(f"must be at most {maximum}, not {value}")
         return value
+
+    def name(self) -> str:
+        """A name that may become a path component or a docker name."""
+        value = self.string(pattern=names.NAME, what=names.NAME_HELP, max_len=64)
+        if ".." in value:
+            raise self.error(f"{value!r} is not {names.NAME_HELP}")
+        return value
+
+    def image_ref(self) -> str:
+        return self.string(pattern=names.IMAGE_REF, what=names.IMAGE_REF_HELP, max_len=255)
+
+    def duration(self) -> int:
+        """Seconds, from 90, 90s, 15m or 1h30m."""
+        text = self.raw_scalar()
+        seconds = names.parse_duration(text)
+        if seconds is None or seconds <= 0:
+            raise self.error(f"must be a duration such as 90s, 15m or 1h30m, not {text!r}")
+        return seconds
+
+    def size(self) -> int:
+        """Bytes, from 512, 64K, 100MiB or 2GiB."""
+        text = self.raw_scalar()
+        size = names.parse_size(text)
+        if size is None or size <= 0:
+            raise self.error(f"must be a size such as 512MiB or 2GiB, not {text!r}")
+        return size
 
     def raw_scalar(self) -> str:
         """The scalar's text as written, whatever YAML would resolve it to."""

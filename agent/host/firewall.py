@@ -149,6 +149,13 @@ def _chain_matches(table: Any, version: int, name: str, specs: tuple[RuleSpec, .
     return [r for r in chain.rules] == [_rule(version, s) for s in specs]
 
 
+def _delete_jumps(table: Any, version: int, jump: RuleSpec) -> None:
+    builtin = iptc.Chain(table, jump.chain)
+    wanted = _rule(version, jump)
+    for existing in [r for r in builtin.rules if r == wanted]:
+        builtin.delete_rule(existing)
+
+
 def install(sets: list[RuleSet]) -> None:
     """Make the rules exactly these; idempotent."""
     with _lock:
@@ -163,11 +170,8 @@ def install(sets: list[RuleSet]) -> None:
                 for spec in specs:
                     chain.append_rule(_rule(rs.version, spec))
             for jump in rs.jumps:
-                builtin = iptc.Chain(table, jump.chain)
-                wanted = _rule(rs.version, jump)
-                for existing in [r for r in builtin.rules if r == wanted]:
-                    builtin.delete_rule(existing)
-                builtin.insert_rule(wanted)  # first, before anything else
+                _delete_jumps(table, rs.version, jump)
+                iptc.Chain(table, jump.chain).insert_rule(_rule(rs.version, jump))  # first
             _commit(table)
             table.autocommit = True
 
@@ -199,12 +203,8 @@ def remove(sets: list[RuleSet]) -> None:
             table.autocommit = False
             table.refresh()
             for jump in rs.jumps:
-                if not table.is_chain(jump.target):
-                    continue  # no chain, so no jump to it either
-                builtin = iptc.Chain(table, jump.chain)
-                wanted = _rule(rs.version, jump)
-                for existing in [r for r in builtin.rules if r == wanted]:
-                    builtin.delete_rule(existing)
+                if table.is_chain(jump.target):  # no chain, so no jump to it either
+                    _delete_jumps(table, rs.version, jump)
             for name in rs.chains:
                 if table.is_chain(name):
                     chain = iptc.Chain(table, name)

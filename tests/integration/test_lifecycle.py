@@ -16,6 +16,7 @@ from agent.host.overlay import mounted_under
 from agent.host.pty import set_window_size
 
 from .conftest import BASE_IMAGE, AgentProcess, Setup, task
+from .test_worktrees import make_repo
 
 COUNTER = ("n=$(cat /counter 2>/dev/null || echo 0); n=$((n+1)); echo $n > /counter; "
            "echo attempt $n; echo $n >> /src/lib/attempts; cat /src/lib/attempts; exit $n")
@@ -37,11 +38,7 @@ print('reported')
 
 
 def test_restart_keeps_container_state_and_upper_layer_then_rm(setup: Setup) -> None:
-    s = setup.server
-    s.create("lib")
-    s.commit("lib", {"README": b"x\n"}, "x")
-    s.authorize(setup.key(), "lib")
-    setup.trust()
+    make_repo(setup)
     setup.declare({"count": task(
         checkout={"repositories": [setup.entry("lib", "main", mutable=True)]},
         command=["sh", "-c", COUNTER])})
@@ -84,11 +81,7 @@ def test_progress_reports_from_inside_the_container(agent: AgentProcess) -> None
 
 
 def test_shell_in_a_finished_run_sees_its_state_and_worktree(setup: Setup) -> None:
-    s = setup.server
-    s.create("lib")
-    s.commit("lib", {"README": b"x\n"}, "x")
-    s.authorize(setup.key(), "lib")
-    setup.trust()
+    make_repo(setup)
     setup.declare({"count": task(
         checkout={"repositories": [setup.entry("lib", "main", mutable=True)]},
         command=["sh", "-c", COUNTER])})
