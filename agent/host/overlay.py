@@ -9,24 +9,42 @@ crashed agent left mounted.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
 from pathlib import Path
 
-from . import command
+import trio
+
+# mount(2) and umount2(2) directly: util-linux mount refuses callers that are
+# not root, and the service runs as its own user with CAP_SYS_ADMIN.
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+MNT_DETACH = 2
 
 
-def mount_argv(lower: Path, upper: Path, work: Path, target: Path) -> list[str]:
+def overlay_options(lower: Path, upper: Path, work: Path) -> str:
     for path in (lower, upper, work):
         if any(c in str(path) for c in ",:\\"):
             raise ValueError(f"{path} cannot be an overlay layer (',', ':' or '\\\\' in it)")
-    return ["mount", "-t", "overlay", "overlay", "-o",
-            f"lowerdir={lower},upperdir={upper},workdir={work}", str(target)]
+    return f"lowerdir={lower},upperdir={upper},workdir={work}"
+
+
+def _mount(options: str, target: Path) -> None:
+    if _libc.mount(b"overlay", os.fsencode(target), b"overlay", 0, options.encode()) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount overlay on {target} ({options}): {os.strerror(err)}")
+
+
+def _umount(target: Path, flags: int) -> int:
+    return 0 if _libc.umount2(os.fsencode(target), flags) == 0 else ctypes.get_errno()
 
 
 async def mount(lower: Path, upper: Path, work: Path, target: Path) -> None:
+    options = overlay_options(lower, upper, work)
     upper.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     target.mkdir(parents=True, exist_ok=True)
-    await command.run(mount_argv(lower, upper, work, target))
+    await trio.to_thread.run_sync(_mount, options, target)
 
 
 def _unescape(field: str) -> str:
@@ -63,6 +81,7 @@ async def unmount(target: Path) -> None:
     its last user does) rather than left behind."""
     if not is_mounted(target):
         return
-    result = await command.run(["umount", str(target)], check=False)
-    if result.returncode != 0 and is_mounted(target):
-        await command.run(["umount", "--lazy", str(target)])
+    if await trio.to_thread.run_sync(_umount, target, 0) and is_mounted(target):
+        err = await trio.to_thread.run_sync(_umount, target, MNT_DETACH)
+        if err:
+            raise OSError(err, f"umount {target}: {os.strerror(err)}")
