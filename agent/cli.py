@@ -145,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"efci: {e.message}", file=sys.stderr)
         return e.exit_status
+    except OSError as e:  # a file named on the command line, the terminal, ...
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"efci: {where}{e.strerror or e}", file=sys.stderr)
+        return 74  # EX_IOERR
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -37,6 +37,8 @@ Handler = Callable[[protocol.Request, Requester, "Connection"], Awaitable[object
 
 
 class SocketInUse(EfciError):
+    """The control socket cannot be made: in use, or not ours to make."""
+
     code = "socket_in_use"
 
 
@@ -75,6 +77,9 @@ def bind_socket(path: Path, *, mode: int, group: str) -> stdsocket.socket:
             os.chown(tmp, -1, grp.getgrnam(group).gr_gid)
         except KeyError:
             log.warning("group %s does not exist; %s is usable by its owner only", group, path)
+        except PermissionError:
+            raise SocketInUse(f"cannot give {path} to group {group}: the agent's user must "
+                              f"be a member of {group} (or have CAP_CHOWN)") from None
         os.rename(tmp, path)
         sock.listen(64)
     except BaseException:

@@ -31,3 +31,18 @@ def test_unreachable_agent_is_one_line(capsys: pytest.CaptureFixture[str],
     assert cli.main(["--root", str(tmp_path), "status"]) == 69
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(tmp_path / "run/agent.sock") in err[0]
+
+
+def test_an_unreadable_file_is_one_clear_line(capsys: pytest.CaptureFixture[str],
+                                              tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pub"
+    (tmp_path / "run").mkdir()
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:  # something to connect to
+        s.bind(str(tmp_path / "run/agent.sock"))
+        s.listen()
+        status = cli.main(["--root", str(tmp_path), "key", "trust", "h", "--keys",
+                           str(missing)])
+    assert status == 74
+    assert capsys.readouterr().err.strip() == f"efci: {missing}: No such file or directory"
