@@ -27,9 +27,11 @@ worker thread at a time, under a lock, and commits are retried.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,24 +158,36 @@ def _delete_jumps(table: Any, version: int, jump: RuleSpec) -> None:
         builtin.delete_rule(existing)
 
 
+@contextlib.contextmanager
+def _changing(version: int) -> Iterator[Any]:
+    """One table, changed in one commit (retried on EAGAIN)."""
+    table = _table(version)
+    table.autocommit = False
+    table.refresh()
+    try:
+        yield table
+        _commit(table)
+    finally:
+        table.autocommit = True
+
+
 def install(sets: list[RuleSet]) -> None:
     """Make the rules exactly these; idempotent."""
     with _lock:
         for rs in sets:
-            table = _table(rs.version)
-            table.autocommit = False
-            table.refresh()
-            for name, specs in rs.chains.items():
-                chain = iptc.Chain(table, name) if table.is_chain(name) \
-                    else table.create_chain(name)
-                chain.flush()
-                for spec in specs:
-                    chain.append_rule(_rule(rs.version, spec))
-            for jump in rs.jumps:
-                _delete_jumps(table, rs.version, jump)
-                iptc.Chain(table, jump.chain).insert_rule(_rule(rs.version, jump))  # first
-            _commit(table)
-            table.autocommit = True
+            with _changing(rs.version) as table:
+                _install_one(table, rs)
+
+
+def _install_one(table: Any, rs: RuleSet) -> None:
+    for name, specs in rs.chains.items():
+        chain = iptc.Chain(table, name) if table.is_chain(name) else table.create_chain(name)
+        chain.flush()
+        for spec in specs:
+            chain.append_rule(_rule(rs.version, spec))
+    for jump in rs.jumps:
+        _delete_jumps(table, rs.version, jump)
+        iptc.Chain(table, jump.chain).insert_rule(_rule(rs.version, jump))  # first
 
 
 def problems(sets: list[RuleSet]) -> list[str]:
@@ -199,16 +213,12 @@ def remove(sets: list[RuleSet]) -> None:
     """Delete the jumps and our chains; idempotent."""
     with _lock:
         for rs in sets:
-            table = _table(rs.version)
-            table.autocommit = False
-            table.refresh()
-            for jump in rs.jumps:
-                if table.is_chain(jump.target):  # no chain, so no jump to it either
-                    _delete_jumps(table, rs.version, jump)
-            for name in rs.chains:
-                if table.is_chain(name):
-                    chain = iptc.Chain(table, name)
-                    chain.flush()
-                    chain.delete()
-            _commit(table)
-            table.autocommit = True
+            with _changing(rs.version) as table:
+                for jump in rs.jumps:
+                    if table.is_chain(jump.target):  # no chain, so no jump to it either
+                        _delete_jumps(table, rs.version, jump)
+                for name in rs.chains:
+                    if table.is_chain(name):
+                        chain = iptc.Chain(table, name)
+                        chain.flush()
+                        chain.delete()

@@ -147,6 +147,17 @@ def probe(agent: AgentProcess, task: str, targets: dict[str, list[object]],
     return dict(json.loads(line[7:]))
 
 
+def assert_gateway_blocked(agent: AgentProcess, task: str) -> None:
+    """A server listening on the bridge's gateway is out of a task's reach."""
+    servers = Servers()
+    try:
+        port = servers.tcp(GATEWAY)
+        result = probe(agent, task, {"tcp gateway": ["tcp", GATEWAY, port]})
+        assert result["tcp gateway"].startswith("blocked"), result
+    finally:
+        servers.close()
+
+
 def legacy_rules() -> str:
     return (sh("iptables-legacy-save").stdout + sh("ip6tables-legacy-save").stdout).decode()
 
@@ -207,13 +218,7 @@ def test_a_rule_removed_by_hand_is_restored_and_stop_removes_all(agent: AgentPro
         f.write("1\n")
     broken = agent.efci("firewall", "status", check=False)
     assert broken.returncode == 1 and b"NOT IN PLACE" in broken.stdout
-    servers = Servers()
-    try:
-        port = servers.tcp(GATEWAY)
-        result = probe(agent, "after", {"tcp gateway": ["tcp", GATEWAY, port]})
-        assert result["tcp gateway"].startswith("blocked"), result
-    finally:
-        servers.close()
+    assert_gateway_blocked(agent, "after")
     run = json.loads(agent.efci("--json", "runs", "--limit", "1").stdout)[0]["id"]
     assert b"they were restored before this run" in agent.efci("logs", str(run)).stderr
     assert json.loads(agent.efci("--json", "firewall", "status").stdout)["problems"] == []
@@ -273,14 +278,7 @@ def test_the_checkout_can_run_on_the_bridge_to_an_allowed_git_endpoint(
         assert setup.output(run["id"]) == b"from the bridge\r\n"
         checkout = agent.efci("logs", "--stream", "checkout:lib", str(run["id"])).stdout
         assert GATEWAY.encode() in checkout
-        # anything else on the host stays closed to the bridge
-        servers = Servers()
-        try:
-            port = servers.tcp(GATEWAY)
-            result = probe(agent, "other-port", {"tcp": ["tcp", GATEWAY, port]})
-            assert result["tcp"].startswith("blocked"), result
-        finally:
-            servers.close()
+        assert_gateway_blocked(agent, "other-port")  # the rest of the host stays closed
     finally:
         server.stop()
         agent.cleanup()
