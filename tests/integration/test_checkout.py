@@ -245,3 +245,22 @@ def test_bad_checkout_entries_are_refused_before_anything_runs(
     refused = setup.agent.efci("run", "evil", check=False)
     assert refused.returncode == 66
     assert created_containers(before, time.time()) == [] and not marker.exists()
+
+
+def test_trust_by_scanning_pins_the_servers_real_key(setup: Setup) -> None:
+    s = setup.server
+    s.create("lib")
+    s.commit("lib", {"a": b"scanned\n"}, "a")
+    s.authorize(setup.key(), "lib")
+    out = setup.agent.efci("key", "trust", "127.0.0.1", "--port", str(s.port), "--owner",
+                           OWNER).stdout
+    assert b"as read by ssh-keyscan just now" in out
+    fingerprint = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f",
+                                  str(s.host_key.with_suffix(".pub"))],
+                                 capture_output=True, check=True).stdout.split()[1]
+    assert fingerprint in out  # what the admin compares with the server's own
+    setup.declare({"cat": task(
+        checkout={"repositories": [setup.entry("lib", "main", mutable=True)]},
+        command=["cat", "/src/lib/a"])})
+    status, run = setup.run("cat")
+    assert status == 0 and setup.output(run["id"]) == b"scanned\r\n"

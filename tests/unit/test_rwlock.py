@@ -1,0 +1,64 @@
+"""The base worktree lock: many uses at once, a checkout alone."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from agent.checkout import ReadWriteLock
+
+
+async def _readers_and_a_writer() -> None:
+    lock = ReadWriteLock()
+    events: list[str] = []
+
+    async def reader(name: str, hold: float) -> None:
+        await lock.acquire_read()
+        events.append(f"{name} in")
+        await trio.sleep(hold)
+        events.append(f"{name} out")
+        await lock.release_read()
+
+    async def writer() -> None:
+        await trio.sleep(0.1)  # after both readers are in
+        await lock.acquire_write()
+        events.append("writer in")
+        await trio.sleep(1)
+        events.append("writer downgrades")
+        await lock.downgrade()  # its checkout becomes a use
+        await trio.sleep(1)
+        await lock.release_read()
+
+    async def late_reader() -> None:
+        await trio.sleep(2.5)  # the writer holds the lock now
+        await reader("late", 0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader, "a", 1)
+        nursery.start_soon(reader, "b", 2)
+        nursery.start_soon(writer)
+        nursery.start_soon(late_reader)
+    assert set(events[:2]) == {"a in", "b in"}  # together, in either order
+    assert events[2:] == ["a out", "b out", "writer in", "writer downgrades", "late in",
+                          "late out"]
+
+
+def test_readers_share_and_a_writer_waits_for_them() -> None:
+    trio.run(_readers_and_a_writer, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_a_writer_excludes_another_writer() -> None:
+    lock = ReadWriteLock()
+    order: list[int] = []
+
+    async def writer(n: int) -> None:
+        await lock.acquire_write()
+        order.append(n)
+        await trio.sleep(0.01)
+        order.append(n)
+        await lock.release_write()
+
+    async with trio.open_nursery() as nursery:
+        for n in range(3):
+            nursery.start_soon(writer, n)
+    assert all(order[i] == order[i + 1] for i in range(0, len(order), 2))
