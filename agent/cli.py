@@ -238,6 +238,9 @@ def _status(client: Client, args: argparse.Namespace) -> int:
     print(f"  docker:       {st['docker']}")
     print(f"  declarations: {d['tasks']} tasks, {d['images']} images from {d['directory']}")
     print(f"  active runs:  {', '.join(map(str, st['active_runs'])) or 'none'}")
+    net, probe = st["network"], st["network"]["last_probe"]
+    print(f"  network:      {'rules in place' if not net['problems'] else 'RULES NOT IN PLACE'}"
+          + (f", last probe {'passed' if probe['passed'] else 'FAILED'}" if probe else ""))
     for message in d["errors"].values():
         print(f"  REFUSED: {message}")
     for message in d["warnings"]:

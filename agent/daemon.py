@@ -143,6 +143,9 @@ class Agent:
             "state": str(self.state.path),
             "docker": self.docker_version,
             "active_runs": sorted(self.runs.active),
+            "network": {"problems": await self.network.problems(),
+                        "last_probe": self.network.last_probe.__dict__
+                        if self.network.last_probe else None},
             "declarations": self._declarations_summary(),
         }
 

@@ -218,6 +218,7 @@ def test_a_rule_removed_by_hand_is_restored_and_stop_removes_all(agent: AgentPro
         f.write("1\n")
     broken = agent.efci("firewall", "status", check=False)
     assert broken.returncode == 1 and b"NOT IN PLACE" in broken.stdout
+    assert b"network:      RULES NOT IN PLACE, last probe passed" in agent.efci("status").stdout
     assert_gateway_blocked(agent, "after")
     run = json.loads(agent.efci("--json", "runs", "--limit", "1").stdout)[0]["id"]
     assert b"they were restored before this run" in agent.efci("logs", str(run)).stderr
