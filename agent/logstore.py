@@ -85,9 +85,13 @@ def list_segments(run_dir: Path) -> list[Segment]:
     return segments
 
 
-def _fsync_all(*fds: int) -> None:
-    for fd in fds:
-        os.fsync(fd)
+def _fsync_and_close(fds: list[int]) -> None:
+    try:
+        for fd in fds:
+            os.fsync(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -220,6 +224,7 @@ class LogWriter:
         self._segments = list_segments(self.dir)
         self._index = os.open(self.dir / "index", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self._dirty = False
+        self._retired: list[int] = []  # finished segments, not yet fsynced
         self._last_time = 0
         entries = parse_index((self.dir / "index").read_bytes())
         self._last_entry = entries[-1] if entries else IndexEntry(0, 0, 0, 0)
@@ -247,8 +252,8 @@ class LogWriter:
     # -- writing ---------------------------------------------------------------
 
     def _open_segment(self, number: int, start: int) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
+        if self._fd >= 0:  # the finished segment is fsynced and closed by the next sync
+            self._retired.append(self._fd)
         segment = Segment(number, start, _segment_path(self.dir, number))
         self._fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL,
                            0o640)
@@ -332,18 +337,23 @@ class LogWriter:
         self._append(kind, stream, json.dumps(value, separators=(",", ":")).encode())
 
     async def sync(self) -> None:
-        """fsync what was written since the last sync, in a worker thread."""
-        if self._dirty:
-            self._dirty = False
-            await trio.to_thread.run_sync(_fsync_all, self._fd, self._index)
+        """fsync what was written since the last sync, in a worker thread.
+
+        The thread gets its own descriptors (duplicates, and the retired
+        segments'), so the writer may roll to a new segment or close while
+        it runs."""
+        if self._fd < 0 or not (self._dirty or self._retired):
+            return
+        self._dirty = False
+        retired, self._retired = self._retired, []
+        owned = [*retired, os.dup(self._fd), os.dup(self._index)]
+        await trio.to_thread.run_sync(_fsync_and_close, owned)
 
     def close(self) -> None:
         """Sync and close; idempotent."""
         if self._fd >= 0:
-            os.fsync(self._fd)
-            os.fsync(self._index)
-            os.close(self._fd)
-            os.close(self._index)
+            _fsync_and_close([*self._retired, self._fd, self._index])
+            self._retired = []
             self._fd = -1
         self.store._closed(self.run_id)
 

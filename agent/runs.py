@@ -159,7 +159,10 @@ class Runs:
         while True:
             await trio.sleep(LOG_SYNC_INTERVAL)
             for writer in self.logs.live_writers():
-                await writer.sync()
+                try:
+                    await writer.sync()
+                except OSError:  # a full or failing disk: say so, keep the agent up
+                    log.exception("run %d: could not fsync its log", writer.run_id)
 
     async def start(self, task: Task, requester: Requester, *, image: Image | None = None,
                     build_only: bool = False) -> int:

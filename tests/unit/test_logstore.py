@@ -187,3 +187,26 @@ def test_streams_are_named_once(tmp_path: Path) -> None:
     w2 = store.open_writer(1)
     assert w2.stream("checkout") == checkout and w2.stream("stage:b") == checkout + 1
     w2.close()
+
+
+async def test_syncs_while_segments_roll_and_drop(tmp_path: Path) -> None:
+    """The fsync thread must never touch a descriptor the writer closed."""
+    fds_before = len(list(Path("/proc/self/fd").iterdir()))
+    store = LogStore(tmp_path, limit=1 << 20)  # 128 KiB segments: many rolls and drops
+    w = store.open_writer(1)
+
+    async def syncer() -> None:
+        for _ in range(200):
+            await w.sync()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(syncer)
+        for i in range(4000):
+            w.output(b"%06d" % i + b"x" * 994)
+            if i % 5 == 0:
+                await trio.lowlevel.checkpoint()
+    w.close()
+    assert len(list(Path("/proc/self/fd").iterdir())) == fds_before
+    with store.reader(1) as reader:
+        data = b"".join(r.payload for r in reader.records_from(0) if r.kind is fmt.Kind.OUTPUT)
+    assert data.startswith(b"000000") and data.endswith(b"003999" + b"x" * 994)
