@@ -115,11 +115,13 @@ class Checkouts:
         self.keys = keys
         self.instance = instance
         self._image_lock = trio.Lock()
+        # Its files ship with the agent and do not change while it runs.
+        self._image_tag = checkout_image_tag(cfg.base_image)
         self._locks: defaultdict[str, ReadWriteLock] = defaultdict(ReadWriteLock)
 
     async def ensure_image(self) -> str:
         """The checkout image's tag, building it first if it is missing."""
-        tag = checkout_image_tag(self.cfg.base_image)
+        tag = self._image_tag
         async with self._image_lock:
             probe = await command.run([self.cfg.docker, "image", "inspect", tag], check=False)
             if probe.returncode != 0:

@@ -147,11 +147,8 @@ class LogStore:
         writer = self._writers.get(run_id)
         if writer is not None:
             return writer.position
-        segments = list_segments(self.run_dir(run_id)) if self.run_dir(run_id).is_dir() else []
-        if not segments:
-            return 0
-        last = segments[-1]
-        return last.start + last.path.stat().st_size
+        with self.reader(run_id) as reader:
+            return reader.end()
 
     def streams(self, run_id: int) -> dict[str, int]:
         """Stream names and their ids in this run's log."""

@@ -330,11 +330,8 @@ class Runs:
                                               worktree.volume, worktree.mount_name,
                                               worktree.commit, worktree.reused)
                 else:
-                    for row in await self.state.call(self.state.run_worktrees, run.id):
-                        worktrees.append(await self.checkouts.use(
-                            Worktree(row["volume"], row["mount_name"], row["commit_sha"], True)))
-                views = [(await self.mutations.mount(run.id, i, w.volume, w.mount_name),
-                          w.mount_name) for i, w in enumerate(worktrees)]
+                    await self.reuse_worktrees(run.id, worktrees)
+                views = await self.mount_views(run.id, worktrees)
                 async with self.progress.open(run.id, self._progress_reporter(run, writer)) \
                         as progress_dir:
                     if first:
@@ -369,6 +366,19 @@ class Runs:
         if timed_out:
             return RunStatus.TIMED_OUT, fields
         return (RunStatus.SUCCEEDED if state.exit_code == 0 else RunStatus.FAILED), fields
+
+    async def reuse_worktrees(self, run_id: int, into: list[Worktree]) -> None:
+        """Take uses of the worktrees a finished run checked out (for a
+        restart or a shell).  Each lands in ``into`` as soon as it is taken,
+        so the caller's teardown gives back exactly those, even midway."""
+        for row in await self.state.call(self.state.run_worktrees, run_id):
+            into.append(await self.checkouts.use(
+                Worktree(row["volume"], row["mount_name"], row["commit_sha"], True)))
+
+    async def mount_views(self, run_id: int, worktrees: list[Worktree]) -> list[tuple[Path, str]]:
+        """The run's overlay view of each worktree: (host path, mount name)."""
+        return [(await self.mutations.mount(run_id, i, w.volume, w.mount_name), w.mount_name)
+                for i, w in enumerate(worktrees)]
 
     def _progress_reporter(self, run: ActiveRun, writer: LogWriter
                            ) -> Callable[[float | None, str | None], Awaitable[None]]:

@@ -57,11 +57,8 @@ async def serve_shell(runs: Runs, request: protocol.Request, conn: Connection,
         worktrees: list[Worktree] = []
         try:
             await docker.commit(runs.cfg.docker, record.container_id, image)
-            for row in await runs.state.call(runs.state.run_worktrees, run_id):
-                worktrees.append(await runs.checkouts.use(
-                    Worktree(row["volume"], row["mount_name"], row["commit_sha"], True)))
-            views = [(await runs.mutations.mount(run_id, i, w.volume, w.mount_name),
-                      w.mount_name) for i, w in enumerate(worktrees)]
+            await runs.reuse_worktrees(run_id, worktrees)
+            views = await runs.mount_views(run_id, worktrees)
             mounts = [dataclasses.replace(m, readonly=True) for m in host_mounts(runs.cfg, task)]
             spec = dataclasses.replace(
                 container_spec(runs.cfg, runs.instance, run_id, task, views, mounts),
