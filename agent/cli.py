@@ -19,7 +19,7 @@ from typing import Any
 from . import __version__
 from . import config as agentconfig
 from .client import Client
-from .errors import EfciError
+from .errors import EfciError, printable
 
 # efci run --follow exits like the task; these for the other endings.
 EXIT_BY_STATUS = {"timed_out": 124, "cancelled": 130, "error": 1}
@@ -145,14 +145,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"efci: {e.message}", file=sys.stderr)
         return e.exit_status
+    except BrokenPipeError:
+        # A reader that stopped (efci logs RUN | head) is a normal end, as
+        # for cat: no message, and nothing more written at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:  # a file named on the command line, the terminal, ...
         where = f"{e.filename}: " if e.filename else ""
-        print(f"efci: {where}{e.strerror or e}", file=sys.stderr)
+        print(printable(f"efci: {where}{e.strerror or e}"), file=sys.stderr)
         return 74  # EX_IOERR
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        return 141
 
 
 def _load_config(args: argparse.Namespace,
@@ -242,9 +245,9 @@ def _status(client: Client, args: argparse.Namespace) -> int:
     print(f"  network:      {'rules in place' if not net['problems'] else 'RULES NOT IN PLACE'}"
           + (f", last probe {'passed' if probe['passed'] else 'FAILED'}" if probe else ""))
     for message in d["errors"].values():
-        print(f"  REFUSED: {message}")
+        print(f"  REFUSED: {printable(message)}")
     for message in d["warnings"]:
-        print(f"  warning: {message}")
+        print(f"  warning: {printable(message)}")
     return 2 if d["errors"] else 0
 
 
@@ -270,7 +273,9 @@ def _reload(client: Client, args: argparse.Namespace) -> int:
         print(f"loaded {result['tasks']} tasks and {result['images']} images "
               f"from {result['directory']}")
         for message in result["errors"].values():
-            print(f"REFUSED: {message}", file=sys.stderr)
+            print(f"REFUSED: {printable(message)}", file=sys.stderr)
+        for message in result["warnings"]:
+            print(f"warning: {printable(message)}", file=sys.stderr)
     return 2 if result["errors"] else 0
 
 
@@ -308,7 +313,7 @@ class LogPrinter:
                 text = record.payload.decode("utf-8", "replace") if record.kind is Kind.AGENT \
                     else record.json()["message"]
                 self._out.flush()
-                print(f"efci: {text}", file=sys.stderr, flush=True)
+                print(f"efci: {printable(text)}", file=sys.stderr, flush=True)
         self._out.flush()
 
     def _output(self, data: bytes, time_ns: int) -> None:
@@ -378,7 +383,7 @@ def _show(client: Client, args: argparse.Namespace) -> int:
         return 0
     for key in ("id", "task", "owner", "status", "exit_code", "error", "attempts", "image",
                 "image_id", "container_name", "container_id", "log_size"):
-        print(f"{key + ':':16}{'-' if run.get(key) is None else run[key]}")
+        print(printable(f"{key + ':':16}{'-' if run.get(key) is None else run[key]}"))
     for key in ("created_at", "started_at", "finished_at"):
         print(f"{key + ':':16}{_when(run[key])}")
     for w in run["worktrees"]:
@@ -440,9 +445,12 @@ def _images(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(images)
     else:
-        _table([[i["name"], i["tag"], "yes" if i["built"] else "no",
+        _table([[i["name"], i["tag"] or "-", "yes" if i["built"] else "no",
                  ", ".join(i["used_by"]) or "-", i["source"]] for i in images],
                ["IMAGE", "TAG", "BUILT", "USED BY", "DECLARED AT"])
+        for i in images:
+            if i.get("error"):
+                print(f"efci: {printable(i['error'])}", file=sys.stderr)
     return 0
 
 

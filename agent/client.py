@@ -5,6 +5,8 @@ Plain sockets, no Trio: a CLI call should start fast and do one thing.
 
 from __future__ import annotations
 
+import getpass
+import grp
 import itertools
 import json
 import socket
@@ -33,6 +35,17 @@ class RemoteError(EfciError):
         return self.wire
 
 
+def _permission_denied(socket_path: Path) -> str:
+    """The agent may well be running: the socket refused this user."""
+    try:
+        group = grp.getgrgid(socket_path.stat().st_gid).gr_name
+    except (OSError, KeyError):
+        group = "efci-admin"
+    return (f"permission denied on the agent's socket {socket_path}: only root and members "
+            f"of the group {group} may use it. Ask an administrator to run "
+            f"`adduser {getpass.getuser()} {group}`, then log in again.")
+
+
 class Client:
     def __init__(self, socket_path: Path, *, timeout: float | None = None) -> None:
         self.socket_path = socket_path
@@ -40,6 +53,9 @@ class Client:
         self._sock.settimeout(timeout)
         try:
             self._sock.connect(str(socket_path))
+        except PermissionError:
+            self._sock.close()
+            raise AgentUnreachable(_permission_denied(socket_path)) from None
         except OSError as e:
             self._sock.close()
             raise AgentUnreachable(

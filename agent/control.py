@@ -20,7 +20,7 @@ from pathlib import Path
 import trio
 
 from . import protocol
-from .errors import EfciError, RequestError
+from .errors import EfciError, RequestError, internal_error
 from .model import Requester
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,12 @@ async def serve_connection(stream: trio.abc.HalfCloseableStream, requester: Requ
             await _lingering_close(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away: nothing to answer
+        except Exception as e:
+            # Nothing one client sends may end the agent: this connection
+            # gets an error answer and is closed; every other goes on.
+            log.exception("connection of pid %d failed", requester.pid)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await conn(protocol.error(None, internal_error(e)))
 
 
 async def _lingering_close(stream: trio.abc.HalfCloseableStream) -> None:
@@ -203,6 +209,6 @@ async def _one_request(line: bytes, requester: Requester, handler: Handler,
         raise
     except Exception as e:
         log.exception("op %s failed", request.op)
-        await send(protocol.error(request.id, EfciError(f"internal error: {e!r}")))
+        await send(protocol.error(request.id, internal_error(e)))
         return
     await send(protocol.ok(request.id, result))

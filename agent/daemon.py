@@ -168,9 +168,14 @@ class Agent:
         return await self._run_wire(run_id)
 
     async def op_images(self, *_: Any) -> object:
-        out = []
+        out: list[dict[str, Any]] = []
         for name, image in sorted(self.decls.images.items()):
-            tag = await trio.to_thread.run_sync(image_tag, image)
+            try:
+                tag = await trio.to_thread.run_sync(image_tag, image)
+            except EfciError as e:
+                out.append({"name": name, "source": image.source, "tag": None, "built": False,
+                            "error": e.message, "used_by": []})
+                continue
             out.append({"name": name, "source": image.source, "tag": tag,
                         "built": await self.runs.images.exists(tag),
                         "used_by": sorted(t.name for t in self.decls.tasks.values()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import names
 from .errors import ConfigError
+from .host.git import ssh_host
 from .model import CacheUse, Image, Network, Repository, Stage, Task
 from .yamlconf import Node, load_file
 
@@ -78,8 +79,13 @@ def _repository(node: Node) -> Repository:
     if url.startswith("-") or "::" in url.split("/")[0] or url.startswith(("file:", "ext:")):
         raise url_node.error(
             f"{url!r} is not an ssh repository URL (options, ext:: and file:// are refused)")
-    if any(ord(c) < 0x21 for c in url):
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
         raise url_node.error("must not contain spaces or control characters")
+    if ssh_host(url) is None:
+        raise url_node.error(
+            f"{url!r} is not an ssh repository URL: write ssh://[user@]host[:port]/path or "
+            "[user@]host:path, with a host name or address that does not begin with '-' "
+            "and a port from 1 to 65535")
     mutable = fields["mutable"].boolean() if "mutable" in fields else False
     rev_node = fields["revision"]
     revision = rev_node.string(max_len=255)
@@ -204,23 +210,34 @@ def _task(name: str, owner: str, node: Node, fields: dict[str, Node],
     )
 
 
+def resolved_inside(base_dir: Path, path: Path) -> Path | None:
+    """``path`` with every symlink resolved, if that is inside ``base_dir``
+    (resolved too); None if it leads outside."""
+    base, real = Path(os.path.realpath(base_dir)), Path(os.path.realpath(path))
+    return real if real == base or base in real.parents else None
+
+
 def _image_decl(name: str, node: Node, base_dir: Path) -> Image:
     f = node.mapping(optional={"dockerfile", "inline", "context"})
     if ("dockerfile" in f) == ("inline" in f):
         raise node.error("needs exactly one of dockerfile: (a path) or inline: (its text)")
 
-    def inside(key: str) -> Path:
+    def inside(key: str, kind: str) -> Path:
         text = f[key].string()
-        path = Path(os.path.normpath(base_dir / text))
-        if text.startswith("/") or (path != base_dir and base_dir not in path.parents):
-            raise f[key].error(f"must be a path inside {base_dir}, not {text!r}")
+        path = None if text.startswith("/") else resolved_inside(base_dir, base_dir / text)
+        if path is None:
+            raise f[key].error(f"must be a path inside {base_dir} (symlinks resolved), "
+                               f"not {text!r}")
+        if not (path.is_dir() if kind == "directory" else path.is_file()):
+            raise f[key].error(f"{text!r} is not a {kind} (looked for {path})")
         return path
 
     return Image(
         name=name,
         source=f"{node.file}:{node.line}",
-        context=inside("context") if "context" in f else base_dir,
-        dockerfile=inside("dockerfile") if "dockerfile" in f else None,
+        context=inside("context", "directory") if "context" in f
+        else Path(os.path.realpath(base_dir)),
+        dockerfile=inside("dockerfile", "file") if "dockerfile" in f else None,
         inline=f["inline"].string(max_len=65536) if "inline" in f else None,
     )
 
@@ -291,9 +308,27 @@ class DeclarationSet:
 
 
 def declaration_files(directory: Path) -> list[Path]:
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.glob("*.yml") if p.is_file())
+    """Every ``*.yml`` entry of the directory, whatever it is (see :func:`parse_all`)."""
+    return sorted(directory.glob("*.yml")) if directory.is_dir() else []
+
+
+def _not_a_declaration(path: Path, directory: Path) -> FileDeclarations | ConfigError | None:
+    """Why an entry named ``*.yml`` is not read: a warning for what is
+    plainly not meant as one (a directory, a dangling symlink), an error for
+    what must not be read (a symlink leading outside the directory, whose
+    content an error message could otherwise quote; a FIFO or device)."""
+    if path.is_symlink():
+        if not path.exists():
+            return FileDeclarations(str(path), warnings=[
+                f"{path}: a symlink to {os.readlink(path)}, which does not exist; ignored"])
+        if resolved_inside(directory, path) is None:
+            return ConfigError(str(path), 0, "", f"a symlink to a file outside {directory}; "
+                               "refused: declarations are only read from inside it")
+    if path.is_dir():
+        return FileDeclarations(str(path), warnings=[f"{path}: a directory, not a file; ignored"])
+    if not path.is_file():
+        return ConfigError(str(path), 0, "", "not a regular file; refused")
+    return None
 
 
 def parse_all(directory: Path, *, default_owner: str,
@@ -301,6 +336,10 @@ def parse_all(directory: Path, *, default_owner: str,
     """Every file's parse, or its error."""
     results: dict[str, FileDeclarations | ConfigError] = {}
     for path in declaration_files(directory):
+        refused = _not_a_declaration(path, directory)
+        if refused is not None:
+            results[str(path)] = refused
+            continue
         try:
             results[str(path)] = parse_file(path, default_owner=default_owner,
                                             secrets_base=secrets_base)

@@ -5,13 +5,27 @@ same in the daemon's log, over the socket and at the shell."""
 from __future__ import annotations
 
 
+def printable(text: str) -> str:
+    """``text`` safe to show on a terminal: control characters and escape
+    sequences (from a declaration, a file name, a program's output) are
+    written as ``\\xNN`` / ``\\uNNNN``; newlines and tabs stay."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else
+                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+                   for c in text)
+
+
 class EfciError(Exception):
-    """Base of every error the agent reports to a person on purpose."""
+    """Base of every error the agent reports to a person on purpose.  Its
+    message is made printable here, once, for the log, the socket and the
+    terminal alike."""
 
     code = "error"
     exit_status = 1
 
     def __init__(self, message: str) -> None:
+        message = printable(message)
         super().__init__(message)
         self.message = message
 
@@ -86,3 +100,12 @@ class CommandFailed(EfciError):
     @property
     def stderr_text(self) -> str:
         return self.stderr.decode("utf-8", "replace").strip()
+
+
+def internal_error(e: BaseException) -> EfciError:
+    """What a person is told of an exception nobody expected: a sentence,
+    not a Python repr; the traceback is in the agent's log."""
+    detail = str(e).splitlines()[0][:200] if str(e) else ""
+    return EfciError(f"the agent failed unexpectedly ({type(e).__name__}"
+                     + (f": {detail}" if detail else "") + "); this is a bug in efforting-ci: "
+                     "the details are in the agent's log (journalctl -u efforting-ci)")

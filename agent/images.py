@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import subprocess
 from collections import defaultdict
 from pathlib import Path
@@ -27,9 +28,25 @@ class BuildFailed(RunFailed):
     code = "build_failed"
 
 
+def _check_paths(image: Image) -> None:
+    """The declaration resolved its paths (symlinks included) inside the
+    declarations directory; refuse if they lead elsewhere now, or are gone."""
+    for path in (image.context, image.dockerfile):
+        if path is not None and os.path.realpath(path) != str(path):
+            raise BuildFailed(f"image {image.name}: {path} now leads through a symlink; "
+                              "it changed since the declarations were read (efci reload)")
+    if image.dockerfile is not None and not image.dockerfile.is_file():
+        raise BuildFailed(f"image {image.name}: its Dockerfile {image.dockerfile} is gone "
+                          f"(declared at {image.source})")
+    if not image.context.is_dir():
+        raise BuildFailed(f"image {image.name}: its context {image.context} is not a "
+                          f"directory (declared at {image.source})")
+
+
 def image_tag(image: Image) -> str:
     """``efci/image-<name>:<16 hex digits>`` of the Dockerfile and every file
     of the context (path, mode, content), so any change makes a new tag."""
+    _check_paths(image)
     digest = hashlib.sha256(f"{image.name}\0".encode())
     if image.inline is not None:
         digest.update(b"inline\0" + image.inline.encode())
@@ -47,7 +64,14 @@ def image_tag(image: Image) -> str:
                                   f"than {MAX_CONTEXT_FILES} files")
             st = path.lstat()
             digest.update(f"{path.relative_to(image.context)}\0{st.st_mode:o}\0".encode())
-            digest.update(os.readlink(path).encode() if path.is_symlink() else path.read_bytes())
+            if stat.S_ISLNK(st.st_mode):  # docker sends a symlink as a symlink
+                digest.update(os.readlink(path).encode())
+            elif stat.S_ISREG(st.st_mode):
+                try:
+                    digest.update(path.read_bytes())
+                except OSError as e:
+                    raise BuildFailed(f"image {image.name}: cannot read {path} of its "
+                                      f"context: {e.strerror}") from None
     return f"efci/image-{image.name.lower()}:{digest.hexdigest()[:16]}"
 
 

@@ -16,7 +16,6 @@ dropped, and a flood is cut to a few updates a second.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import trio
 
-from .protocol import LineSplitter, LineTooLong
+from .protocol import LineSplitter, LineTooLong, loads
 
 MOUNT_POINT = "/run/efci"
 MAX_LINE = 4096
@@ -41,7 +40,7 @@ Update = Callable[[float | None, str | None], Awaitable[None]]
 def parse_report(line: bytes) -> tuple[float | None, str | None] | None:
     """(progress, message) of a report line, or None if it is not one."""
     try:
-        report = json.loads(line)
+        report = loads(line)
     except ValueError:
         return None
     if not isinstance(report, dict) or not report or set(report) - {"progress", "message"}:

@@ -19,6 +19,7 @@ connection closed, since its end cannot be found without buffering it.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,11 @@ from .errors import EfciError, RequestError
 from .logformat import Kind, Record
 
 MAX_LINE = 64 * 1024
+# Bounds on what one JSON line may hold, whoever sends it (a client, a
+# task's progress reports, a shell's input): Python's own parser would
+# raise RecursionError past ~1000 levels and ValueError past 4300 digits.
+MAX_DEPTH = 32
+MAX_DIGITS = 20
 
 
 # op -> {arg: (type, required)}
@@ -84,12 +90,47 @@ class LineSplitter:
         return [bytes(line) for line in lines]
 
 
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+def _depth(line: bytes) -> int:
+    """How deeply arrays and objects nest, outside strings (linear time)."""
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_STRING.sub(b'""', line)):
+        depth += 1 if bracket in (b"[", b"{") else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_DIGITS:
+        raise ValueError(f"a number longer than {MAX_DIGITS} digits")
+    return int(text)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(line: bytes) -> Any:
+    """Parse one untrusted JSON line within bounds: nesting up to MAX_DEPTH,
+    integers up to MAX_DIGITS digits, no NaN or Infinity.  Raises ValueError
+    (with what is wrong) for anything else, never another exception."""
+    if _depth(line) > MAX_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    try:
+        return json.loads(line, parse_int=_bounded_int, parse_constant=_no_constant)
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(str(e)) from None
+
+
 def parse_request(line: bytes) -> Request:
     """Validate one request line; RequestError says what is wrong."""
     try:
-        msg = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError(f"request is not JSON: {e}") from None
+        msg = loads(line)
+    except ValueError as e:
+        raise RequestError(f"request is not JSON within bounds: {e}") from None
     if not isinstance(msg, dict):
         raise RequestError("request must be a JSON object")
     rid = msg.get("id")
@@ -123,7 +164,7 @@ def parse_request(line: bytes) -> Request:
 def request_id_of(line: bytes) -> int | str | None:
     """Best-effort id of a line that failed validation, to address the error."""
     try:
-        rid = json.loads(line).get("id")
+        rid = loads(line).get("id")
     except (ValueError, AttributeError):
         return None
     return rid if isinstance(rid, int | str) and not isinstance(rid, bool) else None

@@ -34,7 +34,7 @@ import trio
 from .access import host_mounts
 from .checkout import Checkouts, Worktree
 from .config import AgentConfig
-from .errors import Conflict, EfciError, NotFound, RunFailed
+from .errors import Conflict, EfciError, NotFound, RunFailed, internal_error
 from .host import docker
 from .host.pty import open_pty_process
 from .images import Images
@@ -267,7 +267,7 @@ class Runs:
             status, fields = RunStatus.ERROR, {"error": e.message}
         except Exception as e:  # the agent broke: keep the run's record honest anyway
             log.exception("run %d: unexpected error", run.id)
-            status, fields = RunStatus.ERROR, {"error": f"internal error: {e!r}"}
+            status, fields = RunStatus.ERROR, {"error": internal_error(e).message}
         finally:
             with trio.CancelScope(shield=True):
                 await self._finish(run, writer, status, fields)

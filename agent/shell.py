@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -93,7 +92,7 @@ async def _relay(proc: PtyProcess, request: protocol.Request, conn: Connection) 
         async def user_input() -> None:
             while (line := await conn.receive_line()) is not None:
                 try:
-                    message = json.loads(line)
+                    message = protocol.loads(line)
                     if "input" in message:
                         await proc.send_all(base64.b64decode(message["input"], validate=True))
                     elif "resize" in message:

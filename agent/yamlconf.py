@@ -63,7 +63,14 @@ def load_bytes(data: bytes, name: str) -> Node | None:
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise ConfigError(name, line, "", "not valid UTF-8") from e
-    loader = _NoAliasLoader(text)
+    try:
+        loader = _NoAliasLoader(text)  # the reader refuses control characters right here
+    except yaml.reader.ReaderError as e:
+        line = text[: e.position].count("\n") + 1
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        raise ConfigError(name, line, "", f"character U+{code:04X} is not allowed in YAML "
+                          "(control characters must be written as escapes in double quotes)"
+                          ) from None
     loader.name = name
     try:
         root = loader.get_single_node()

@@ -39,8 +39,10 @@ def volume_labels(owner: str, repo: Repository) -> dict[str, str]:
             "ci.mutable": "true" if repo.mutable else "false"}
 
 
-_SCP_LIKE = re.compile(r"(?:[^@/:]+@)?(\[[^\]]+\]|[^:/]+):(?![/:])")
-_SSH_URL = re.compile(r"ssh://(?:[^@/]+@)?(\[[^\]]+\]|[^:/]+)(?::(\d+))?/")
+# A user name as ssh takes it: never one that begins with '-' (an option).
+_USER = r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*@)?"
+_SCP_LIKE = re.compile(_USER + r"(\[[^\]]+\]|[^:/@]+):(?![/:])")
+_SSH_URL = re.compile(r"ssh://" + _USER + r"(\[[^\]]+\]|[^:/@]+)(?::(\d{1,5}))?/")
 
 
 def ssh_host(url: str) -> tuple[str, int] | None:

@@ -58,3 +58,46 @@ def test_requests_on_one_connection_are_answered_in_order() -> None:
                            {"id": 2, "ok": True, "result": {"op": "status", "uid": 1000}}]
 
     trio.run(main)
+
+
+def test_a_handler_that_breaks_answers_with_a_sentence_and_the_server_goes_on() -> None:
+    async def handler(request: protocol.Request, requester: Requester, send: Any) -> object:
+        if request.op == "status":
+            raise ExceptionGroup("two", [KeyError("x"), ValueError("y")])
+        return "pong"
+
+    async def main() -> None:
+        server, client = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(control.serve_connection, server, ME, handler)
+            await client.send_all(b'{"id": 1, "op": "status"}\n{"id": 2, "op": "ping"}\n')
+            data = b""
+            while data.count(b"\n") < 2:
+                data += await client.receive_some()
+            await client.aclose()
+        first, second = (json.loads(line) for line in data.splitlines())
+        assert first["ok"] is False and "failed unexpectedly (ExceptionGroup" in \
+            first["error"]["message"] and "agent's log" in first["error"]["message"]
+        assert second == {"id": 2, "ok": True, "result": "pong"}
+
+    trio.run(main)
+
+
+def test_a_connection_that_breaks_outside_a_request_is_closed_alone(monkeypatch: Any) -> None:
+    def broken_feed(self: Any, data: bytes) -> list[bytes]:
+        raise MemoryError("no more")
+
+    monkeypatch.setattr(protocol.LineSplitter, "feed", broken_feed)
+
+    async def main() -> None:
+        server, client = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(control.serve_connection, server, ME, lambda *a: None)
+            await client.send_all(b'{"id": 1, "op": "ping"}\n')
+            data = b""
+            while chunk := await client.receive_some():
+                data += chunk
+        reply = json.loads(data)
+        assert reply["ok"] is False and "MemoryError" in reply["error"]["message"]
+
+    trio.run(main)

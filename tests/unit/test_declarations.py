@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def test_the_experiment_config_loads_as_a_task() -> None:
 
 
 def test_general_form(tmp_path: Path) -> None:
+    (tmp_path / "docker").mkdir()
+    (tmp_path / "docker/Dockerfile").write_text("FROM scratch\n")
     decl = parse(tmp_path, """
 owner: alice
 images:
@@ -94,6 +97,15 @@ tasks:
      "'git@h:r.git', revision: main, mutable: true, key: k, name: ../etc}\n",
      "tasks.t.checkout.repositories[0].name", "not a name"),
     ("images:\n  i: {dockerfile: ../../etc/shadow}\n", "images.i.dockerfile", "inside"),
+    ("images:\n  i: {dockerfile: nowhere/Dockerfile}\n", "images.i.dockerfile", "not a file"),
+    ("images:\n  i: {inline: 'FROM x', context: nowhere}\n", "images.i.context",
+     "not a directory"),
+    *((f"tasks:\n  t:\n    image: x\n    checkout:\n      repositories:\n        - {{repo_url: "
+       f"'{url}', revision: main, mutable: true, key: k}}\n",
+       "tasks.t.checkout.repositories[0].repo_url", "not an ssh repository URL")
+      for url in ("-oProxyCommand=x:r.git", "ssh://-oProxyCommand=x/r.git",
+                  "ssh://git@h:99999/r.git", "ssh://git@h:0/r.git", "ssh://git@h:port/r.git",
+                  "-oProxyCommand=x@h:r.git", "ssh://-o@h/r.git", "https://h/r.git")),
     ("images:\n  i: {context: .}\n", "images.i", "exactly one"),
     ("task: {image: x}\ntasks: {}\n", "task", "one task"),
     ("owner: a\nuser: b\n", "user", "not both"),
@@ -151,3 +163,53 @@ def test_a_declared_image_satisfies_a_task(tmp_path: Path) -> None:
     (tmp_path / "images.yml").write_text("images:\n  ci-rsync: {inline: 'FROM x'}\n")
     result = d.assemble(_parsed(tmp_path), existing_images=set(), previous=None)
     assert set(result.tasks) == {"rsync-publish"} and not result.errors
+
+
+def test_a_control_character_is_refused_with_its_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse(tmp_path, "tasks:\n  t:\n    image: x\n    env: {A: \"a\x01b\"}\n")
+    assert e.value.line == 4 and "U+0001" in e.value.message
+
+
+def test_an_escape_sequence_in_a_key_is_not_echoed_raw(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse(tmp_path, 'tasks:\n  t:\n    image: x\n    "\\e]0;PWNED\\a": 1\n')
+    assert "\x1b" not in e.value.message and "\x07" not in e.value.message
+    assert "\\x1b]0;PWNED\\x07" in e.value.message
+
+
+def test_what_is_not_a_declaration_file_is_refused_or_warned_about(tmp_path: Path) -> None:
+    conf = tmp_path / "conf.d"
+    conf.mkdir()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:*:20228:0:99999:7:::\n")
+    (conf / "shadow.yml").symlink_to(secret)
+    (conf / "dangling.yml").symlink_to(tmp_path / "nowhere.yml")
+    (conf / "dir.yml").mkdir()
+    os.mkfifo(conf / "fifo.yml")  # opening it would block the agent forever
+    (conf / "ok.yml").write_text("tasks: {}\n")
+    (conf / "inside.yml").symlink_to(conf / "ok.yml")
+    parsed = _parsed(conf)
+    shadow, fifo = parsed[str(conf / "shadow.yml")], parsed[str(conf / "fifo.yml")]
+    assert isinstance(shadow, ConfigError) and "outside" in shadow.message
+    assert "20228" not in shadow.message
+    assert isinstance(fifo, ConfigError) and "not a regular file" in fifo.message
+    result = d.assemble(parsed, existing_images=set(), previous=None)
+    assert any("dangling.yml" in w and "does not exist" in w for w in result.warnings)
+    assert any("dir.yml" in w and "a directory" in w for w in result.warnings)
+    assert not isinstance(parsed[str(conf / "inside.yml")], ConfigError)
+
+
+def test_an_image_path_through_a_symlink_out_of_the_directory_is_refused(
+        tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "Dockerfile").write_text("FROM scratch\n")
+    conf = tmp_path / "conf.d"
+    conf.mkdir()
+    (conf / "esc").symlink_to(outside)
+    for body, field in (("{dockerfile: esc/Dockerfile}", "images.i.dockerfile"),
+                        ("{inline: 'FROM x', context: esc}", "images.i.context")):
+        with pytest.raises(ConfigError) as e:
+            parse(conf, f"images:\n  i: {body}\n")
+        assert e.value.field == field and "symlinks resolved" in e.value.message

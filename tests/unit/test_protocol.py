@@ -63,3 +63,29 @@ def test_records_travel_as_binary_frames() -> None:
 def test_request_id_of_a_bad_request() -> None:
     assert protocol.request_id_of(b'{"id": 4, "op": "nope"}') == 4
     assert protocol.request_id_of(b"garbage") is None
+
+
+@pytest.mark.parametrize(("line", "words"), [
+    (b'{"id":' + b"1" * 5000 + b',"op":"ping"}', "longer than 20 digits"),
+    (b"[" * 30000 + b"]" * 30000, "nested deeper than 32"),
+    (b'{"op": "ping", "args": ' + b'{"a":' * 40 + b"1" + b"}" * 41, "nested deeper"),
+    (b'{"id": NaN, "op": "ping"}', "NaN is not JSON"),
+    (b'{"id": -Infinity, "op": "ping"}', "Infinity is not JSON"),
+])
+def test_requests_beyond_the_bounds_are_refused(line: bytes, words: str) -> None:
+    with pytest.raises(RequestError, match=words):
+        protocol.parse_request(line)
+    assert protocol.request_id_of(line) is None
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    line = b'{"id": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\\"{{{{", "op": "ping"}'
+    assert protocol.parse_request(line).op == "ping"
+
+
+def test_a_progress_report_cannot_nest_or_overflow() -> None:
+    from agent.progress import parse_report
+
+    assert parse_report(b"[" * 2000 + b"]" * 2000) is None
+    assert parse_report(b'{"progress": ' + b"9" * 4000 + b"}") is None
+    assert parse_report(b'{"progress": 0.5}') == (0.5, None)
