@@ -12,16 +12,22 @@ a message that says what to change.
   the seed experiment's ``deploy_target:`` does.  One target is mounted
   writable at ``/deploy``, several at ``/deploy/<name>``.  A target that does
   not exist, is not a directory, or is reached through a symlink is refused.
+  Nothing a task writes there gains privileges on the host: see
+  :mod:`agent.host.privileges`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+import trio
 
 from .config import AgentConfig, DeployTarget
 from .errors import RunFailed
 from .host.docker import Mount
+from .host.privileges import clear_privileges
 from .model import Task
 
 
@@ -56,9 +62,9 @@ def _target(cfg: AgentConfig, wanted: str) -> DeployTarget:
                   "administrator must add it there (with the tasks allowed to write it)")
 
 
-def deploy_mounts(cfg: AgentConfig, task: Task) -> list[Mount]:
+def deploy_targets(cfg: AgentConfig, task: Task) -> list[DeployTarget]:
+    """The deploy targets the task may write, or Refused."""
     targets = [_target(cfg, wanted) for wanted in task.deploy_targets]
-    mounts = []
     for target in targets:
         if task.qualified_name not in target.allow:
             allowed = ", ".join(target.allow) or "no task"
@@ -67,11 +73,28 @@ def deploy_mounts(cfg: AgentConfig, task: Task) -> list[Mount]:
         if not _real_directory(target.path):
             raise Refused(f"deploy target {target.name}: {target.path} is not a directory, or "
                           "is reached through a symlink")
-        inside = "/deploy" if len(targets) == 1 else f"/deploy/{target.name}"
-        mounts.append(Mount("bind", str(target.path), inside, readonly=False))
-    return mounts
+    return targets
+
+
+def deploy_mounts(cfg: AgentConfig, task: Task) -> list[Mount]:
+    targets = deploy_targets(cfg, task)
+    return [Mount("bind", str(t.path), "/deploy" if len(targets) == 1 else f"/deploy/{t.name}",
+                  readonly=False) for t in targets]
 
 
 def host_mounts(cfg: AgentConfig, task: Task) -> list[Mount]:
     """Every mount of secrets and deploy targets, or Refused."""
     return secret_mounts(cfg, task) + deploy_mounts(cfg, task)
+
+
+async def sweep_target(path: Path, say: Callable[[str], object]) -> None:
+    """Take away what a task left in a deploy target that would give it
+    privileges on the host; ``say`` tells the run's log what was done."""
+    try:
+        done = await trio.to_thread.run_sync(clear_privileges, path)
+    except OSError as e:
+        say(f"deploy target {path}: could not be checked for setuid files and devices "
+            f"({e.strerror}); check it by hand")
+        return
+    for line in done:
+        say(f"deploy target {path}: {line} (a task may not leave privileges on the host)")

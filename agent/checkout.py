@@ -134,10 +134,13 @@ class Checkouts:
     def check(self, task: Task) -> None:
         """Refuse before anything runs: missing keys, unpinned hosts."""
         for repo in task.repositories:
-            if not self.keys.private_path(task.owner, repo.key).exists():
+            private = self.keys.private_path(task.owner, repo.key)
+            if not private.exists() and not private.is_symlink():
                 raise CheckoutFailed(
                     f"deploy key {repo.key!r} of owner {task.owner!r} does not exist; "
                     f"create it with: efci key create {repo.key} --owner {task.owner}")
+            self.keys.checked(private, private=True)
+            self.keys.checked(self.keys.known_hosts(task.owner), private=False)
             host = ssh_host(repo.repo_url)
             if host is None:
                 raise CheckoutFailed(f"{repo.repo_url!r} is not an ssh URL")
@@ -207,8 +210,8 @@ class Checkouts:
         container = CheckoutContainer(
             name=f"efci-{self.instance}-{run_id}-checkout-{index}",
             image=image, volume=volume,
-            key=self.keys.private_path(task.owner, repo.key),
-            known_hosts=self.keys.known_hosts(task.owner),
+            key=self.keys.checked(self.keys.private_path(task.owner, repo.key), private=True),
+            known_hosts=self.keys.checked(self.keys.known_hosts(task.owner), private=False),
             network="host" if self.cfg.network_checkout == "host" else self.cfg.network_name,
             unchecked_host_keys=task.unchecked_host_keys)
         if task.unchecked_host_keys:

@@ -75,6 +75,8 @@ class AgentConfig:
     max_parallel: int
     log_limit: int
     terminal_size: tuple[int, int]
+    memory_limit: int
+    pids_limit: int
     network_name: str
     network_bridge: str
     network_subnet: str
@@ -208,6 +210,13 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest log kept per run: past it, its beginning and its end are kept."),
     Setting("runs.terminal_size", "terminal_size", _terminal, _const((160, 50)), "160x50",
             "Terminal size task containers see (columns x rows)."),
+    Setting("limits.memory", "memory_limit", Node.size, _const(4 << 30), "4GiB",
+            "Memory of a task container, swap included; past it the kernel's OOM killer "
+            "stops its processes."),
+    Setting("limits.pids", "pids_limit", lambda n: n.integer(minimum=64, maximum=1 << 22),
+            _const(4096), "4096",
+            "Processes and threads a task container may have at once (a fork bomb stops "
+            "there, not at the host's pid_max)."),
     Setting("network.name", "network_name", Node.name, _const("efci"), "efci",
             "Docker network task containers join."),
     Setting("network.bridge", "network_bridge", _bridge, _const("efci0"), "efci0",

@@ -18,6 +18,7 @@ from typing import Any
 import trio
 
 from . import __version__, declarations, protocol
+from .access import deploy_targets, sweep_target
 from .checkout import Checkouts
 from .config import AgentConfig
 from .control import Connection, ControlServer, bind_socket
@@ -30,7 +31,7 @@ from .logstore import LogStore, records_with_skip
 from .model import Requester, RunStatus, Task
 from .mutations import Mutations
 from .network import TaskNetwork
-from .runs import Runs, task_to_wire
+from .runs import Runs, task_from_wire, task_to_wire
 from .shell import serve_shell
 from .state import StateStore
 
@@ -102,14 +103,29 @@ class Agent:
                 status = RunStatus.CANCELLED
                 fields["error"] = "the agent stopped before the run's container started"
             else:
-                status = RunStatus.SUCCEEDED if found.exit_code == 0 else RunStatus.FAILED
+                # Never "succeeded": what it printed after the agent stopped
+                # is not in its log, so the record cannot vouch for the run.
+                status = RunStatus.ERROR
                 fields.update(exit_code=found.exit_code, image_id=found.image_id,
-                              error="finished while the agent was not running; "
-                                    "output after the agent stopped is not in the log")
+                              error=f"finished while the agent was not running (exit status "
+                                    f"{found.exit_code}); output after the agent stopped is "
+                                    "not in the log")
             await self.state.call(self.state.update_run, record.id, status=status, **fields)
             self._close_log_of_recovered(record.id, status, fields)
             log.warning("recovered run %d: %s (%s)", record.id, status.value, fields["error"])
+            await self._sweep_targets_of(record.id)
         await self.mutations.unmount_all()
+
+    async def _sweep_targets_of(self, run_id: int) -> None:
+        """What the run's task may have left in its deploy targets before the
+        agent stopped (the run's own teardown never ran)."""
+        task = task_from_wire(await self.state.call(self.state.run_declaration, run_id))
+        try:
+            targets = deploy_targets(self.cfg, task)
+        except EfciError:
+            return  # no longer allowed or no longer there: nothing was mounted for it now
+        for target in targets:
+            await sweep_target(target.path, lambda line: log.warning("run %d: %s", run_id, line))
 
     def _close_log_of_recovered(self, run_id: int, status: RunStatus,
                                 fields: dict[str, Any]) -> None:
@@ -198,7 +214,7 @@ class Agent:
         return await self._run_wire(run_id)
 
     async def op_runs(self, *_: Any, task: str | None = None, limit: int = 20) -> object:
-        records = await self.state.call(self.state.list_runs, task=task, limit=min(limit, 1000))
+        records = await self.runs.records(task=task, limit=min(limit, 1000))
         return [r.to_wire() for r in records]
 
     async def op_show(self, _r: Any, _q: Any, _s: Any, run: int) -> object:
@@ -254,7 +270,7 @@ class Agent:
         return await self._run_wire(run)
 
     async def _run_wire(self, run_id: int) -> dict[str, Any]:
-        record = await self.state.call(self.state.get_run, run_id)
+        record = await self.runs.record(run_id)
         if record is None:
             raise NotFound(f"no run {run_id}; see efci runs")
         worktrees = await self.state.call(self.state.run_worktrees, run_id)
@@ -369,7 +385,9 @@ async def _serve_until_signal(agent: Agent, sock: Any) -> None:
                 break
             await agent.runs.shutdown()
             with trio.CancelScope(shield=True):
+                await agent.runs.save_ends()  # a last try; else recovery settles them
                 await agent.mutations.unmount_all()  # each run did; this makes sure
+                await agent.runs.guards.remove_all()
             # Followers of the cancelled runs now get their last bytes and
             # status; give in-flight requests a moment, then close.
             with trio.move_on_after(SHUTDOWN_GRACE):

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import names
-from .errors import Conflict, NotFound, RequestError
+from .errors import Conflict, NotFound, RequestError, RunFailed
 from .host import ssh
 from .host.git import known_hosts_name
 
@@ -29,6 +30,12 @@ class KeyInfo:
     public_key: str
     fingerprint: str
     created_at: float
+
+
+class KeyRefused(RunFailed):
+    """A file of the secrets store is not what the agent itself put there."""
+
+    code = "key_refused"
 
 
 def _is_key_type(word: str) -> bool:
@@ -59,10 +66,39 @@ class KeyStore:
     def known_hosts(self, owner: str) -> Path:
         """The owner's pinned host keys; created empty so it can be mounted."""
         path = self.owner_dir(owner) / "known_hosts"
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             self._dirs(owner)
             path.touch(mode=0o644)
         return path
+
+    def checked(self, path: Path, *, private: bool) -> Path:
+        """``path`` (in the store), if it is a regular file of the agent's
+        own user, reached through no symlink, and for a ``private`` key not
+        readable by group or others; KeyRefused otherwise.  Docker follows
+        symlinks when it bind-mounts, so this is checked before every mount."""
+        relative = path.relative_to(self.base)
+        if os.path.realpath(path) != os.path.join(os.path.realpath(self.base), relative):
+            raise KeyRefused(f"{path} is reached through a symlink; the secrets store holds "
+                             "only files efci made (efci key create / efci key trust)")
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise NotFound(f"{path} does not exist") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyRefused(f"{path} is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise KeyRefused(f"{path} belongs to uid {st.st_uid}, not to the agent's user "
+                             f"(uid {os.geteuid()}); it was not made by efci")
+        if private and st.st_mode & 0o077:
+            raise KeyRefused(f"{path} has mode {stat.S_IMODE(st.st_mode):04o}; a private key "
+                             "must be readable by its owner only (0600)")
+        return path
+
+    def _read_public(self, path: Path) -> str:
+        """A public file of the store (a public key, known_hosts), checked."""
+        fd = os.open(self.checked(path, private=False), os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd) as f:
+            return f.read(1 << 20).strip()
 
     def _dirs(self, owner: str) -> None:
         self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -102,8 +138,8 @@ class KeyStore:
         if not public.exists() or not self.private_path(owner, name).exists():
             raise NotFound(f"no key {name!r} of owner {owner!r}; "
                            f"efci key create {name} --owner {owner} makes one")
-        return KeyInfo(owner, name, public.read_text().strip(), await ssh.fingerprint(public),
-                       public.stat().st_mtime)
+        return KeyInfo(owner, name, self._read_public(public), await ssh.fingerprint(public),
+                       public.lstat().st_mtime)
 
     async def all(self, owner: str | None = None) -> list[KeyInfo]:
         root = self.base / "git-ssh"
@@ -148,7 +184,7 @@ class KeyStore:
         if not wanted:
             raise NotFound(f"no host keys for {label}")
         path = self.known_hosts(owner)
-        kept = [line for line in path.read_text().splitlines()
+        kept = [line for line in self._read_public(path).splitlines()
                 if line.split(" ", 1)[0] != label]
         tmp = path.with_name(".known_hosts.tmp")
         tmp.write_text("\n".join([*kept, *wanted]) + "\n")
@@ -160,4 +196,4 @@ class KeyStore:
         path = self.owner_dir(owner) / "known_hosts"
         label = known_hosts_name(host, port)
         return path.exists() and any(line.split(" ", 1)[0] == label
-                                     for line in path.read_text().splitlines())
+                                     for line in self._read_public(path).splitlines())

@@ -23,7 +23,10 @@ reading the whole log.  Followers wait for the writer's next append.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import errno
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -48,6 +51,8 @@ from .logformat import (
     segment_header,
     valid_end,
 )
+
+log = logging.getLogger(__name__)
 
 MAX_SEGMENT = 64 << 20
 MIN_SEGMENT = 64 << 10
@@ -96,11 +101,32 @@ def _fsync_and_close(fds: list[int]) -> None:
 
 def _write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     os.rename(tmp, path)
+
+
+def _append_whole(fd: int, data: bytes, size_before: int) -> None:
+    """Append all of ``data`` to an O_APPEND file, or nothing: what a short
+    write (a full disk) got in is cut off again, so a record is never torn
+    in the middle of a log that goes on."""
+    view, done = memoryview(data), 0
+    try:
+        while done < len(view):
+            n = os.write(fd, view[done:])
+            if n == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            done += n
+    except OSError:
+        if done:
+            os.ftruncate(fd, size_before)
+        raise
 
 
 class LogStore:
@@ -222,6 +248,10 @@ class LogWriter:
         self._index = os.open(self.dir / "index", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self._dirty = False
         self._retired: list[int] = []  # finished segments, not yet fsynced
+        self.lost_bytes = 0  # bytes that could not be written (a full disk)
+        self.lost_reason = ""
+        self._unnoted = 0  # lost bytes no GAP record tells of yet
+        self._streams_saved = True
         self._last_time = 0
         entries = parse_index((self.dir / "index").read_bytes())
         self._last_entry = entries[-1] if entries else IndexEntry(0, 0, 0, 0)
@@ -249,12 +279,18 @@ class LogWriter:
     # -- writing ---------------------------------------------------------------
 
     def _open_segment(self, number: int, start: int) -> None:
+        """Start a segment file; on failure (a full disk) nothing changed."""
+        segment = Segment(number, start, _segment_path(self.dir, number))
+        fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            _append_whole(fd, segment_header(number, start), 0)
+        except OSError:
+            os.close(fd)
+            segment.path.unlink()
+            raise
         if self._fd >= 0:  # the finished segment is fsynced and closed by the next sync
             self._retired.append(self._fd)
-        segment = Segment(number, start, _segment_path(self.dir, number))
-        self._fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL,
-                           0o640)
-        os.write(self._fd, segment_header(number, start))
+        self._fd = fd
         self._segments.append(segment)
         self._segment_bytes = SEGMENT_HEADER.size
         self.position = start + SEGMENT_HEADER.size
@@ -287,32 +323,67 @@ class LogWriter:
         return self._last_time
 
     def _write(self, record: bytes) -> None:
+        """Append one whole record, or nothing (OSError: a full disk...)."""
         if self._segment_bytes + len(record) > self.store.segment_size and \
                 self._segment_bytes > SEGMENT_HEADER.size:
             self._roll()
-        os.write(self._fd, record)
+        _append_whole(self._fd, record, self._segment_bytes)
         self._segment_bytes += len(record)
         self.position += len(record)
         self._dirty = True
 
     def _append(self, kind: Kind, stream: int, payload: bytes | bytearray | memoryview) -> None:
+        """Append a payload as records.  A write that fails (a full or
+        failing disk) never raises: the bytes are counted as lost, and the
+        next append that can be written is preceded by a GAP record saying
+        how many and why.  The run's end says so too (see ``lost_bytes``)."""
         view = memoryview(payload)
-        now = self._now()
-        if self.position - self._last_entry.position >= INDEX_EVERY_BYTES or \
-                now - self._last_entry.time_ns >= INDEX_EVERY_NS:
-            self._add_index_entry(now)
-        for start in range(0, max(len(view), 1), CHUNK):
-            self._write(encode_record(kind, stream, now, view[start:start + CHUNK]))
+        written = 0
+        try:
+            if self._unnoted:
+                self._note_loss()
+            now = self._now()
+            if self.position - self._last_entry.position >= INDEX_EVERY_BYTES or \
+                    now - self._last_entry.time_ns >= INDEX_EVERY_NS:
+                self._add_index_entry(now)
+            for start in range(0, max(len(view), 1), CHUNK):
+                chunk = view[start:start + CHUNK]
+                self._write(encode_record(kind, stream, now, chunk))
+                written = start + len(chunk)
+        except OSError as e:
+            self._lose(len(view) - written, e)
         if kind is Kind.OUTPUT:
-            self.output_bytes += len(view)
-            self.newlines += view.tobytes().count(b"\n")
-        self.store._notify(self.run_id)
+            self.output_bytes += written
+            self.newlines += view[:written].tobytes().count(b"\n")
+        if written:
+            self.store._notify(self.run_id)
+
+    def _lose(self, size: int, error: OSError) -> None:
+        if not self.lost_reason:
+            self.lost_reason = f"{error.strerror or error} in {self.dir}"
+            log.error("run %d: its log cannot be written (%s); counting what is lost",
+                      self.run_id, self.lost_reason)
+        self.lost_bytes += size
+        self._unnoted += size
+
+    def _note_loss(self) -> None:
+        self._write(encode_json(Kind.GAP, AGENT_STREAM, self._now(), {
+            "lost_bytes": self._unnoted, "lost_total": self.lost_bytes,
+            "message": f"{self._unnoted} bytes of the run's log could not be written before "
+                       f"this point ({self.lost_reason})"}))
+        self._unnoted = 0
 
     def _add_index_entry(self, now: int) -> None:
+        """An index entry for the record about to be written.  The index only
+        speeds up look-ups, so one that cannot be written is left out."""
         if self._segment_bytes + 1 > self.store.segment_size:
             self._roll()  # the entry must point at the record about to be written
-        self._last_entry = IndexEntry(self.position, now, self.output_bytes, self.newlines)
-        os.write(self._index, self._last_entry.pack())
+        entry = IndexEntry(self.position, now, self.output_bytes, self.newlines)
+        try:
+            _append_whole(self._index, entry.pack(), os.fstat(self._index).st_size)
+        except OSError:
+            return
+        self._last_entry = entry
 
     def stream(self, name: str) -> int:
         """The id of a named stream (the checkout, a stage), defined once."""
@@ -320,8 +391,17 @@ class LogWriter:
             if len(self.streams) >= 255:
                 raise ValueError("too many streams in one log")
             self.streams[name] = max(self.streams.values()) + 1
-            _write_atomically(self.dir / "streams.json", json.dumps(self.streams).encode())
+            self._save_streams()
         return self.streams[name]
+
+    def _save_streams(self) -> None:
+        """Stream names for readers; kept in memory and saved again at close
+        if the disk is full now."""
+        try:
+            _write_atomically(self.dir / "streams.json", json.dumps(self.streams).encode())
+            self._streams_saved = True
+        except OSError:
+            self._streams_saved = False
 
     def output(self, data: bytes | bytearray, stream: int = TASK_STREAM) -> None:
         if data:
@@ -347,9 +427,18 @@ class LogWriter:
         await trio.to_thread.run_sync(_fsync_and_close, owned)
 
     def close(self) -> None:
-        """Sync and close; idempotent."""
+        """Say what was lost if it can now, sync and close; idempotent, and
+        never raises: the run's end must be recorded whatever the disk does."""
         if self._fd >= 0:
-            _fsync_and_close([*self._retired, self._fd, self._index])
+            if self._unnoted:
+                with contextlib.suppress(OSError):
+                    self._note_loss()
+            if not self._streams_saved:
+                self._save_streams()
+            try:
+                _fsync_and_close([*self._retired, self._fd, self._index])
+            except OSError as e:
+                log.error("run %d: could not fsync its log: %s", self.run_id, e.strerror)
             self._retired = []
             self._fd = -1
         self.store._closed(self.run_id)

@@ -15,7 +15,7 @@ import contextlib
 from pathlib import Path
 
 from .config import AgentConfig
-from .host import docker, overlay
+from .host import docker, mounts
 
 
 class Mutations:
@@ -42,7 +42,7 @@ class Mutations:
         lower = await docker.volume_path(self.cfg.docker, base_volume)
         layers = await docker.volume_path(self.cfg.docker, volume)
         merged = self.merged_path(run_id, mount_name)
-        await overlay.mount(lower, layers / "upper", layers / "work", merged)
+        await mounts.mount_overlay(lower, layers / "upper", layers / "work", merged)
         return merged
 
     async def unmount(self, run_id: int) -> None:
@@ -54,8 +54,8 @@ class Mutations:
         await self._unmount_below(self.root)
 
     async def _unmount_below(self, root: Path) -> None:
-        for point in overlay.mounted_under(root):
-            await overlay.unmount(point)
+        for point in mounts.mounted_under(root):
+            await mounts.unmount(point)
         if root.is_dir():
             for directory in sorted(root.glob("**/"), key=lambda p: len(p.parts),
                                     reverse=True):

@@ -102,3 +102,11 @@ def parse_size(text: str) -> int | None:
     unit = (m.group(2) or "").lower()[:1]
     return int(m.group(1)) * _UNITS[unit]
 
+
+
+def format_size(size: int) -> str:
+    """Bytes as the largest binary unit that divides them: 4GiB, 512MiB, 1000B."""
+    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size}B"

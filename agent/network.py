@@ -75,7 +75,7 @@ class TaskNetwork:
 
     async def ensure(self) -> None:
         await self._ensure_docker_network()
-        addresses = netif.addresses(self.cfg.network_bridge)
+        addresses = await trio.to_thread.run_sync(netif.addresses, self.cfg.network_bridge)
         want = f"{self.gateway}/{ipaddress.ip_network(self.cfg.network_subnet).prefixlen}"
         if addresses is None or want not in addresses:
             raise ConfigError(self.cfg.source, 0, "network.bridge",
@@ -113,8 +113,11 @@ class TaskNetwork:
                               + f"; remove it (docker network rm {name}) or change agent.yml")
 
     async def remove(self) -> None:
-        await self._firewall(firewall.remove, self.rules)
-        log.info("network rules removed")
+        left = await self._firewall(firewall.remove, self.rules)
+        if left:
+            log.warning("network rules removed but for: %s", "; ".join(left))
+        else:
+            log.info("network rules removed")
 
     # -- before every run -----------------------------------------------------------------
 
@@ -165,12 +168,7 @@ class TaskNetwork:
         return self.last_probe
 
     async def status(self) -> dict[str, Any]:
-        rules = {}
-        for program in ("iptables-legacy", "ip6tables-legacy"):
-            for chain in (firewall.INPUT_CHAIN, firewall.FORWARD_CHAIN):
-                out = await command.run([program, "-S", chain], check=False)
-                rules[f"{program} {chain}"] = out.stdout.decode().splitlines() or \
-                    [out.stderr.decode().strip()]
+        rules = await self._firewall(firewall.listing, self.rules)
         probe = self.last_probe
         return {"network": self.cfg.network_name, "bridge": self.cfg.network_bridge,
                 "subnet": self.cfg.network_subnet, "problems": await self.problems(),

@@ -31,17 +31,18 @@ from typing import Any
 
 import trio
 
-from .access import host_mounts
+from .access import deploy_targets, host_mounts, sweep_target
 from .checkout import Checkouts, Worktree
 from .config import AgentConfig
-from .errors import Conflict, EfciError, NotFound, RunFailed, internal_error
-from .host import docker
+from .errors import CommandFailed, Conflict, EfciError, NotFound, RunFailed, internal_error
+from .host import cgroups, docker, mounts
 from .host.pty import open_pty_process
 from .images import Images
 from .logformat import TASK_STREAM, Kind
 from .logstore import LogStore, LogWriter
 from .model import CacheUse, Image, Network, Repository, Requester, RunStatus, Stage, Task
 from .mutations import Mutations
+from .names import format_size
 from .network import TaskNetwork
 from .progress import MOUNT_POINT, ProgressChannels
 from .state import RunRecord, StateStore
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 # Longest a teardown step may take once its run is being cancelled.
 TEARDOWN_SLACK = 30
 LOG_SYNC_INTERVAL = 1.0
+PIDS_POLL_INTERVAL = 0.5
+SAVE_RETRY_INTERVAL = 2.0
 
 
 def task_to_wire(task: Task) -> dict[str, Any]:
@@ -80,6 +83,16 @@ def task_from_wire(data: dict[str, Any]) -> Task:
     })
 
 
+def with_log_loss(fields: dict[str, Any], writer: LogWriter) -> dict[str, Any]:
+    """A run's end fields, saying that its log lost bytes and why."""
+    error = f"{writer.lost_bytes} bytes of its log could not be written ({writer.lost_reason})"
+    if fields.get("error"):
+        error += f"; {fields['error']}"
+    elif fields.get("exit_code") is not None:
+        error += f"; the task exited with status {fields['exit_code']}"
+    return {**fields, "error": error}
+
+
 def task_container_name(instance: str, run_id: int) -> str:
     return f"efci-{instance}-{run_id}"
 
@@ -104,6 +117,8 @@ def container_spec(cfg: AgentConfig, instance: str, run_id: int, task: Task,
         mounts=(*(docker.Mount("bind", str(path), f"/src/{name}", readonly=False)
                   for path, name in views), *host_mounts),
         tty=True,
+        memory=cfg.memory_limit,
+        pids=cfg.pids_limit,
     )
 
 
@@ -114,6 +129,8 @@ class ActiveRun:
     image: Image | None  # the declaration, when the task names a declared image
     build_only: bool  # efci image build: the build is the whole run
     attempt: int = 1  # efci restart starts the same container again as attempt 2, 3, ...
+    container_id: str = ""  # once created (or, for a restart, the run's)
+    pids_limit_reached: int = 0  # forks that failed at limits.pids
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     cancel_reason: str = ""
     queued_at: float = field(default_factory=time.monotonic)
@@ -139,30 +156,71 @@ class Runs:
         self.network = network
         self.images = Images(cfg.docker)
         self.progress = ProgressChannels(cfg.state_dir)
+        self.guards = mounts.Guards()
         self.instance = instance
         self.active: dict[int, ActiveRun] = {}
         self._slots = trio.CapacityLimiter(cfg.max_parallel)
         self._nursery: trio.Nursery | None = None
         self._stopping = False
         self._claimed: set[int] = set()  # finished runs with an efci shell open
+        # Ends of runs the state store could not take (a full disk): kept,
+        # shown, and saved as soon as it can take them again.
+        self.unsaved_ends: dict[int, dict[str, Any]] = {}
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                     ) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._save_ends_forever)
             task_status.started()
             await self._sync_logs_forever()
 
     async def _sync_logs_forever(self) -> None:
         """The fsync policy: every live log at least once a second (and each
         at its run's end, in LogWriter.close)."""
+        failing: set[int] = set()
         while True:
             await trio.sleep(LOG_SYNC_INTERVAL)
             for writer in self.logs.live_writers():
                 try:
                     await writer.sync()
-                except OSError:  # a full or failing disk: say so, keep the agent up
-                    log.exception("run %d: could not fsync its log", writer.run_id)
+                except OSError as e:  # a full or failing disk: say so once, keep going
+                    if writer.run_id not in failing:
+                        log.error("run %d: could not fsync its log: %s", writer.run_id,
+                                  e.strerror)
+                    failing.add(writer.run_id)
+
+    async def _save_ends_forever(self) -> None:
+        while True:
+            await trio.sleep(SAVE_RETRY_INTERVAL)
+            await self.save_ends()
+
+    async def save_ends(self) -> None:
+        """Record the ends the state store could not take before."""
+        for run_id, end in list(self.unsaved_ends.items()):
+            try:
+                await self.state.call(self.state.update_run, run_id, **end)
+            except EfciError:
+                return  # still unwritable; the next round tries again
+            del self.unsaved_ends[run_id]
+            log.info("run %d: its end (%s) is now saved", run_id, end["status"].value)
+
+    async def record(self, run_id: int) -> RunRecord | None:
+        """A run's record, with its end if that is not saved yet."""
+        record = await self.state.call(self.state.get_run, run_id)
+        return self._with_unsaved_end(record) if record else None
+
+    def _with_unsaved_end(self, record: RunRecord) -> RunRecord:
+        end = self.unsaved_ends.get(record.id)
+        if end is None:
+            return record
+        note = "not saved yet: the state store cannot be written"
+        return dataclasses.replace(record, **{
+            **end, "error": f"{end['error']} ({note})" if end.get("error") else note})
+
+    async def records(self, *, task: str | None, limit: int) -> list[RunRecord]:
+        found = await self.state.call(self.state.list_runs, task=task, limit=limit)
+        return [self._with_unsaved_end(r) for r in found]
 
     async def start(self, task: Task, requester: Requester, *, image: Image | None = None,
                     build_only: bool = False) -> int:
@@ -171,22 +229,29 @@ class Runs:
             raise Conflict("the agent is stopping; no new runs are started")
         run_id = await self.state.call(self.state.create_run, task, requester,
                                        task_to_wire(task))
-        self._launch(ActiveRun(run_id, task, image, build_only), requester)
+        await self._launch(ActiveRun(run_id, task, image, build_only), requester)
         log.info("run %d of %s queued (uid %d)", run_id, task.qualified_name, requester.uid)
         return run_id
 
-    def _launch(self, run: ActiveRun, requester: Requester) -> None:
-        self.active[run.id] = run
+    async def _launch(self, run: ActiveRun, requester: Requester) -> None:
         # Opened here, not in the run's task, so a follower that asks right
         # after start() already sees a live log.
-        writer = self.logs.open_writer(run.id)
+        try:
+            writer = self.logs.open_writer(run.id)
+        except OSError as e:
+            error = (f"its log could not be opened in {self.cfg.log_dir} ({e.strerror}); "
+                     "free space there, then try again")
+            await self.state.call(self.state.update_run, run.id, status=RunStatus.ERROR,
+                                  finished_at=time.time(), error=error)
+            raise EfciError(f"run {run.id} not started: {error}") from e
+        self.active[run.id] = run
         what = "queued" if run.attempt == 1 else f"attempt {run.attempt} queued"
         writer.message(f"run {run.id} of {run.task.qualified_name} {what} by uid {requester.uid}")
         assert self._nursery is not None
         self._nursery.start_soon(self._execute, run, writer, name=f"run {run.id}")
 
     async def _finished_record(self, run_id: int) -> RunRecord:
-        record = await self.state.call(self.state.get_run, run_id)
+        record = await self.record(run_id)
         if record is None:
             raise NotFound(f"no run {run_id}; see efci runs")
         if run_id in self.active:
@@ -218,7 +283,8 @@ class Runs:
         attempt = record.attempts + 1
         await self.state.call(self.state.update_run, run_id, status=RunStatus.QUEUED,
                               attempts=attempt, finished_at=None, exit_code=None, error=None)
-        self._launch(ActiveRun(run_id, task, None, False, attempt), requester)
+        await self._launch(ActiveRun(run_id, task, None, False, attempt,
+                               container_id=record.container_id), requester)
         log.info("run %d restarted as attempt %d (uid %d)", run_id, attempt, requester.uid)
 
     async def remove(self, run_id: int) -> None:
@@ -233,7 +299,7 @@ class Runs:
     async def cancel(self, run_id: int, reason: str) -> None:
         run = self.active.get(run_id)
         if run is None:
-            record = await self.state.call(self.state.get_run, run_id)
+            record = await self.record(run_id)
             if record is None:
                 raise NotFound(f"no run {run_id}")
             raise Conflict(f"run {run_id} is not active (it is {record.status.value})")
@@ -263,6 +329,8 @@ class Runs:
                 status, fields = RunStatus.CANCELLED, {"error": run.cancel_reason}
         except RunFailed as e:
             status, fields = RunStatus.FAILED, {"error": e.message}
+        except CommandFailed as e:
+            status, fields = RunStatus.ERROR, {"error": docker.explain(e)}
         except EfciError as e:
             status, fields = RunStatus.ERROR, {"error": e.message}
         except Exception as e:  # the agent broke: keep the run's record honest anyway
@@ -274,21 +342,29 @@ class Runs:
 
     async def _finish(self, run: ActiveRun, writer: LogWriter, status: RunStatus,
                       fields: dict[str, Any]) -> None:
+        """Record the run's end in its log and the state store, then close
+        the log (followers read the record once the log ends).  Neither a
+        full disk nor anything else keeps the run from ending here."""
+        if writer.lost_bytes:  # the log is not whole: never a success
+            status, fields = RunStatus.ERROR, with_log_loss(fields, writer)
         try:
             exit_part = f", exit status {fields['exit_code']}" if "exit_code" in fields else ""
             took = f" after {time.monotonic() - run.queued_at:.1f}s"
             writer.message(f"run {run.id} {status.value}{exit_part}{took}"
                            + (f": {fields['error']}" if fields.get("error") else ""))
             writer.event(Kind.STATUS, {"status": status.value, **fields})
-            await self.state.call(self.state.update_run, run.id, status=status,
-                                  finished_at=time.time(), **fields)
+            end = {"status": status, "finished_at": time.time(), **fields}
+            try:
+                await self.state.call(self.state.update_run, run.id, **end)
+            except EfciError as e:
+                self.unsaved_ends[run.id] = end
+                log.error("run %d: its end (%s) is kept until it can be saved: %s", run.id,
+                          status.value, e.message)
+            else:
+                log.info("run %d of %s: %s%s", run.id, run.task.qualified_name, status.value,
+                         f" ({fields['error']})" if fields.get("error") else "")
         except Exception:
-            # Recovery at the next start finds the run unfinished and settles
-            # it from the container's state; the agent itself carries on.
             log.exception("run %d: could not record its end (%s)", run.id, status.value)
-        else:
-            log.info("run %d of %s: %s%s", run.id, run.task.qualified_name, status.value,
-                     f" ({fields['error']})" if fields.get("error") else "")
         finally:
             writer.close()
             del self.active[run.id]
@@ -298,10 +374,13 @@ class Runs:
         """Image, checkout, then the task container; the time limit covers
         the checkout and the container.  A restart skips to the container."""
         first = run.attempt == 1
-        mounts: list[docker.Mount] = []
+        binds: list[docker.Mount] = []
         if first:  # refuse before anything runs: keys, hosts, secrets, deploy targets
             self.checkouts.check(run.task)
-            mounts = host_mounts(self.cfg, run.task)
+            binds = host_mounts(self.cfg, run.task)
+        targets = [t.path for t in deploy_targets(self.cfg, run.task)]
+        for path in targets:  # nosuid,nodev on the host while the task can write it
+            await self.guards.ensure(path)
         if run.task.network is Network.DEFAULT or (
                 run.task.repositories and self.cfg.network_checkout == "bridge"):
             restored = await self.network.check()  # fail closed
@@ -335,13 +414,14 @@ class Runs:
                 async with self.progress.open(run.id, self._progress_reporter(run, writer)) \
                         as progress_dir:
                     if first:
-                        mounts.append(docker.Mount("bind", str(progress_dir), MOUNT_POINT,
-                                                   readonly=True))
+                        binds.append(docker.Mount("bind", str(progress_dir), MOUNT_POINT,
+                                                  readonly=True))
                         spec = container_spec(self.cfg, self.instance, run.id, run.task, views,
-                                              mounts)
+                                              binds)
                         await self.state.call(self.state.update_run, run.id,
                                               container_name=spec.name)
                         container = await docker.create(self.cfg.docker, spec)
+                        run.container_id = container
                         await self.state.call(self.state.update_run, run.id,
                                               container_id=container)
                         writer.message(f"container {spec.name} ({container[:12]}) "
@@ -350,11 +430,11 @@ class Runs:
                         container = task_container_name(self.instance, run.id)
                         writer.message(f"attempt {run.attempt}: starting container "
                                        f"{container} again, with its state and upper layers")
-                    await self._attach(container, writer)
+                    await self._attach(run, container, writer)
             finally:
                 with trio.move_on_after(self.cfg.stop_grace + TEARDOWN_SLACK) as t:
                     t.shield = True
-                    await self._teardown(run, worktrees,
+                    await self._teardown(run, worktrees, targets, writer,
                                          stop=timer.cancel_called or run.scope.cancel_called)
         timed_out = {"error": f"time limit of {limit}s reached"} if timer.cancelled_caught else {}
         if not container:  # the time limit struck during the checkout
@@ -363,9 +443,24 @@ class Runs:
         if state is None:
             return RunStatus.ERROR, {"error": f"container {container[:12]} disappeared"}
         fields = {"exit_code": state.exit_code, "image_id": state.image_id, **timed_out}
+        limits = self._limits_reached(run, state)
+        if limits:
+            fields["error"] = "; ".join([*timed_out.values(), *limits])
         if timed_out:
             return RunStatus.TIMED_OUT, fields
         return (RunStatus.SUCCEEDED if state.exit_code == 0 else RunStatus.FAILED), fields
+
+    def _limits_reached(self, run: ActiveRun, state: docker.ContainerState) -> list[str]:
+        """Which of agent.yml's limits the task ran into, in words."""
+        found = []
+        if state.oom_killed:
+            found.append(f"the kernel's OOM killer stopped a process of it: it reached its "
+                         f"memory limit of {format_size(self.cfg.memory_limit)} "
+                         "(limits.memory in agent.yml)")
+        if run.pids_limit_reached:
+            found.append(f"it reached its limit of {self.cfg.pids_limit} processes "
+                         f"(limits.pids in agent.yml): {run.pids_limit_reached} forks failed")
+        return found
 
     async def reuse_worktrees(self, run_id: int, into: list[Worktree]) -> None:
         """Take uses of the worktrees a finished run checked out (for a
@@ -392,11 +487,13 @@ class Runs:
             writer.event(Kind.STATUS, {"progress": progress, "message": message})
         return report
 
-    async def _teardown(self, run: ActiveRun, worktrees: list[Worktree], *, stop: bool) -> None:
+    async def _teardown(self, run: ActiveRun, worktrees: list[Worktree], targets: list[Path],
+                        writer: LogWriter, *, stop: bool) -> None:
         """After the container: stop it if the run was cut short (by name: it
         may have been created without us learning its id), unmount the
         overlays (nothing stays mounted once a container stops), give the
-        worktrees back.  Each step is idempotent."""
+        worktrees back, and take away any privilege the task left in a
+        deploy target.  Each step is idempotent."""
         try:
             if stop:
                 await docker.stop(self.cfg.docker, task_container_name(self.instance, run.id),
@@ -405,17 +502,34 @@ class Runs:
         finally:
             for worktree in worktrees:
                 await self.checkouts.release(worktree)
+            for path in targets:
+                await sweep_target(path, writer.message)
 
-    async def _attach(self, container: str, writer: LogWriter) -> None:
+    async def _attach(self, run: ActiveRun, container: str, writer: LogWriter) -> None:
         """Start the container attached under a raw host PTY and copy every
-        byte of its terminal output into the log.  Killing the attached
-        client on the way out leaves the container itself running."""
+        byte of its terminal output into the log, watching its pids cgroup
+        meanwhile.  Killing the attached client on the way out leaves the
+        container itself running."""
         cols, rows = self.cfg.terminal_size
         writer.event(Kind.RESIZE, {"cols": cols, "rows": rows}, stream=TASK_STREAM)
         writer.event(Kind.MARKER, {"step": "task", "event": "start"})
         argv = docker.start_attached_argv(self.cfg.docker, container)
-        async with open_pty_process(argv, cols=cols, rows=rows) as proc:
-            while data := await proc.receive_some(1 << 16):
-                writer.output(data)
-            await proc.wait()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_pids, run)
+            async with open_pty_process(argv, cols=cols, rows=rows) as proc:
+                while data := await proc.receive_some(1 << 16):
+                    writer.output(data)
+                await proc.wait()
+            nursery.cancel_scope.cancel()
         writer.event(Kind.MARKER, {"step": "task", "event": "end"})
+
+    async def _watch_pids(self, run: ActiveRun) -> None:
+        """Keep the count of forks that failed at the pids limit (the kernel
+        keeps it in the container's cgroup, which goes with the container)."""
+        events = None
+        while True:
+            await trio.sleep(PIDS_POLL_INTERVAL)
+            events = events or cgroups.pids_events(run.container_id)
+            if events is not None:
+                run.pids_limit_reached = max(run.pids_limit_reached,
+                                             cgroups.limit_reached(events))

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from .errors import EfciError
 from .model import Requester, RunStatus, Task
 
 T = TypeVar("T")
@@ -87,6 +88,17 @@ class SchemaTooNew(Exception):
     pass
 
 
+class StateUnwritable(EfciError):
+    code = "state_unwritable"
+    exit_status = 75  # EX_TEMPFAIL: the same request may work later
+
+    def __init__(self, path: Path, error: sqlite3.Error) -> None:
+        full = "full" in str(error)
+        super().__init__(f"the state store {path} cannot be used ({error})"
+                         + ("; free space on its filesystem, then try again" if full
+                            else "; see the agent's log"))
+
+
 @dataclass(frozen=True)
 class RunRecord:
     id: int
@@ -142,9 +154,15 @@ class StateStore:
         self._db.close()
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run one of this store's methods in the worker thread."""
-        return await trio.to_thread.run_sync(partial(fn, *args, **kwargs),
-                                             limiter=self._limiter)
+        """Run one of this store's methods in the worker thread.  SQLite's
+        own failures (a full disk above all) become a StateUnwritable that
+        says what to do; the transaction was rolled back, so the store
+        stays consistent and the same call can be made again later."""
+        try:
+            return await trio.to_thread.run_sync(partial(fn, *args, **kwargs),
+                                                 limiter=self._limiter)
+        except sqlite3.Error as e:
+            raise StateUnwritable(self.path, e) from e
 
     # -- schema ------------------------------------------------------------
 

@@ -10,13 +10,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CommandFailed
+from ..errors import CommandFailed, printable
 from . import command
 
 # The seed's colour variables: tools each have their own idea of when to colour.
 COLOUR_ENV = {"TERM": "xterm-256color", "FORCE_COLOR": "1", "CLICOLOR_FORCE": "1"}
 
 LABEL_PREFIX = "org.efforting-ci."
+
+DROPPED_CAPABILITIES = ("NET_RAW", "MKNOD", "SETFCAP")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class ContainerSpec:
     tty: bool = False
     interactive: bool = False  # keep stdin open (efci shell)
     entrypoint: str | None = None
+    memory: int | None = None  # bytes, swap included
+    pids: int | None = None  # processes and threads at once
 
 
 def create_argv(docker: str, spec: ContainerSpec) -> list[str]:
@@ -55,15 +59,25 @@ def create_argv(docker: str, spec: ContainerSpec) -> list[str]:
 
     Task containers never get host networking, privileges, devices or the
     docker socket: nothing here can add them, and the network is refused
-    outright.  NET_RAW is dropped (no raw sockets, no ping floods, no ARP
-    spoofing on the bridge) and no process may gain privileges by setuid.
+    outright.  Dropped from Docker's default capabilities: NET_RAW (no raw
+    sockets, no ping floods, no ARP spoofing on the bridge), MKNOD (no
+    device nodes, in a deploy target or anywhere) and SETFCAP (no file
+    capabilities); no process may gain privileges by setuid.  SETUID and
+    SETGID stay: package managers and su inside the image need them, and
+    they give nothing outside the container.
     """
     if spec.network in ("host", "") or spec.network.startswith("container:"):
         raise ValueError(f"refusing network {spec.network!r} for a task container")
     # --init: a tiny init as PID 1 forwards SIGTERM to the task and reaps
     # zombies, so stopping a run does not always wait out the grace period.
     argv = [docker, "create", "--name", spec.name, "--init", "--network", spec.network,
-            "--security-opt", "no-new-privileges", "--cap-drop", "NET_RAW"]
+            "--security-opt", "no-new-privileges"]
+    for capability in DROPPED_CAPABILITIES:
+        argv += ["--cap-drop", capability]
+    if spec.memory is not None:  # --memory-swap the same: no swap beyond it
+        argv += ["--memory", str(spec.memory), "--memory-swap", str(spec.memory)]
+    if spec.pids is not None:
+        argv += ["--pids-limit", str(spec.pids)]
     if spec.tty:
         # Output is read through the attached client; docker need not keep
         # a second copy in its json-file log.
@@ -128,6 +142,7 @@ class ContainerState:
     status: str  # created, running, exited, ...
     exit_code: int
     image_id: str
+    oom_killed: bool  # the kernel's OOM killer stopped a process in it
 
 
 async def inspect(docker: str, container: str) -> ContainerState | None:
@@ -141,7 +156,8 @@ async def inspect(docker: str, container: str) -> ContainerState | None:
         raise CommandFailed(result.args, result.returncode, result.stdout, result.stderr)
     state_json, image_json = result.stdout.decode().rsplit(" ", 1)
     state = json.loads(state_json)
-    return ContainerState(state["Status"], int(state["ExitCode"]), json.loads(image_json))
+    return ContainerState(state["Status"], int(state["ExitCode"]), json.loads(image_json),
+                          bool(state.get("OOMKilled")))
 
 
 async def volume_exists(docker: str, volume: str) -> bool:
@@ -187,3 +203,19 @@ async def _ignoring_missing(argv: list[str]) -> None:
     result = await command.run(argv, check=False)
     if result.returncode != 0 and b"No such container" not in result.stderr:
         raise CommandFailed(argv, result.returncode, result.stdout, result.stderr)
+
+
+# What the docker CLI says when the engine is not there (stopped, restarting).
+_UNREACHABLE = ("Cannot connect to the Docker daemon", "Is the docker daemon running",
+                "error during connect", "docker.sock: connect")
+
+
+def explain(e: CommandFailed) -> str:
+    """A docker failure in words for a run's record: dockerd going away is
+    said plainly; anything else names the docker command and what it said."""
+    said = printable(e.stderr_text.splitlines()[-1] if e.stderr_text else "")
+    if any(words in e.stderr_text for words in _UNREACHABLE):
+        return (f"dockerd stopped answering during the run ({said}); "
+                "the run's container may be gone with it: see docker ps -a")
+    what = " ".join(e.argv[1:3]) if e.argv and "docker" in e.argv[0] else e.argv[0]
+    return f"{what} failed with exit status {e.returncode}" + (f": {said}" if said else "")

@@ -20,25 +20,32 @@ What the rules achieve, for packets coming in on the task bridge:
 IPv6 gets the same (INPUT rejected, link-local and bridge-internal traffic
 rejected), and the agent also turns IPv6 off on the bridge.
 
+Each agent owns only its own chains, named after its bridge
+(``EFCI-IN-<bridge>``, ``EFCI-FWD-<bridge>``), and the jumps to them for
+its bridge: two agents on one host (each with its own bridge) never touch
+each other's rules.  A jump must come before any rule but other agents'
+jumps, so they need not fight over the first place.
+
 libxtables keeps global state and a commit fails with EAGAIN when another
 program changes the tables at the same moment: everything here runs in one
-worker thread at a time, under a lock, and commits are retried.
+worker thread at a time, under a lock, and a failed commit is retried from
+a fresh look at the table (refresh, apply, commit), since a refresh drops
+what was applied to the old handle.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
+import functools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import iptc
 
-INPUT_CHAIN = "EFCI-INPUT"
-FORWARD_CHAIN = "EFCI-FORWARD"
+CHAIN_PREFIX = "EFCI-"
 LINK_LOCAL = {4: "169.254.0.0/16", 6: "fe80::/10"}
 LOOPBACK = {4: "127.0.0.0/8", 6: "::1/128"}
 REJECT_WITH = {4: "icmp-admin-prohibited", 6: "icmp6-adm-prohibited"}
@@ -73,34 +80,41 @@ class RuleSet:
     chains: dict[str, tuple[RuleSpec, ...]] = field(default_factory=dict)
 
 
+def chain_names(bridge: str) -> tuple[str, str]:
+    """This bridge's chains (INPUT's, FORWARD's): at most 24 characters,
+    within iptables' 28 for a bridge name of at most 15."""
+    return f"{CHAIN_PREFIX}IN-{bridge}", f"{CHAIN_PREFIX}FWD-{bridge}"
+
+
 def rule_sets(bridge: str, blocked: tuple[str, ...],
               allowed: tuple[Endpoint, ...] = ()) -> list[RuleSet]:
     """The rules, as data: pure, so unit tests can read them."""
+    input_chain, forward_chain = chain_names(bridge)
     sets = []
     for version in (4, 6):
         reject = (("reject_with", REJECT_WITH[version]),)
         tcp_reset = (("reject_with", "tcp-reset"),)
         nets = tuple(n for n in blocked if (":" in n) == (version == 6))
-        inbound = [RuleSpec(INPUT_CHAIN, "ACCEPT", destination=e.host, protocol="tcp",
+        inbound = [RuleSpec(input_chain, "ACCEPT", destination=e.host, protocol="tcp",
                             matches=(("tcp", (("dport", str(e.port)),)),))
                    for e in allowed if (":" in e.host) == (version == 6)]
         inbound += [
-            RuleSpec(INPUT_CHAIN, "ACCEPT",
+            RuleSpec(input_chain, "ACCEPT",
                      matches=(("conntrack", (("ctstate", "ESTABLISHED,RELATED"),)),)),
-            RuleSpec(INPUT_CHAIN, "REJECT", protocol="tcp", target_params=tcp_reset),
-            RuleSpec(INPUT_CHAIN, "REJECT", target_params=reject),
+            RuleSpec(input_chain, "REJECT", protocol="tcp", target_params=tcp_reset),
+            RuleSpec(input_chain, "REJECT", target_params=reject),
         ]
         forward = [
-            RuleSpec(FORWARD_CHAIN, "REJECT", matches=(("conntrack", (("ctstate", "DNAT"),)),),
+            RuleSpec(forward_chain, "REJECT", matches=(("conntrack", (("ctstate", "DNAT"),)),),
                      target_params=reject),
-            RuleSpec(FORWARD_CHAIN, "REJECT", out_interface=bridge, target_params=reject),
-            *(RuleSpec(FORWARD_CHAIN, "REJECT", destination=net, target_params=reject)
+            RuleSpec(forward_chain, "REJECT", out_interface=bridge, target_params=reject),
+            *(RuleSpec(forward_chain, "REJECT", destination=net, target_params=reject)
               for net in (LINK_LOCAL[version], LOOPBACK[version], *nets)),
         ]
-        jumps = (RuleSpec("INPUT", INPUT_CHAIN, in_interface=bridge),
-                 RuleSpec("FORWARD", FORWARD_CHAIN, in_interface=bridge))
-        sets.append(RuleSet(version, jumps, {INPUT_CHAIN: tuple(inbound),
-                                             FORWARD_CHAIN: tuple(forward)}))
+        jumps = (RuleSpec("INPUT", input_chain, in_interface=bridge),
+                 RuleSpec("FORWARD", forward_chain, in_interface=bridge))
+        sets.append(RuleSet(version, jumps, {input_chain: tuple(inbound),
+                                             forward_chain: tuple(forward)}))
     return sets
 
 
@@ -130,18 +144,28 @@ def _rule(version: int, spec: RuleSpec) -> Any:
     return rule
 
 
-def _commit(table: Any) -> None:
-    for attempt in range(10):
-        try:
-            table.commit()
-            return
-        except iptc.IPTCError as e:
-            retryable = ("Resource temporarily unavailable" in str(e)
-                         or getattr(e, "errno", None) == errno.EAGAIN)
-            if not retryable or attempt == 9:
-                raise
-            time.sleep(0.05 * (attempt + 1))
+def _change(version: int, apply: Callable[[Any], None], *, attempts: int = 10) -> None:
+    """Apply changes to one table in one commit.  On EAGAIN (another program
+    changed the table since we read it) read it afresh, apply again and
+    commit again: a refresh drops whatever the old handle held."""
+    table = _table(version)
+    table.autocommit = False
+    try:
+        for attempt in range(attempts):
             table.refresh()
+            apply(table)
+            try:
+                table.commit()
+                return
+            except iptc.IPTCError as e:
+                retryable = ("Resource temporarily unavailable" in str(e)
+                             or getattr(e, "errno", None) == errno.EAGAIN)
+                if not retryable or attempt == attempts - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+    finally:
+        table.refresh()  # drops anything uncommitted, before autocommit could commit it
+        table.autocommit = True
 
 
 def _chain_matches(table: Any, version: int, name: str, specs: tuple[RuleSpec, ...]) -> bool:
@@ -151,32 +175,32 @@ def _chain_matches(table: Any, version: int, name: str, specs: tuple[RuleSpec, .
     return [r for r in chain.rules] == [_rule(version, s) for s in specs]
 
 
-def _delete_jumps(table: Any, version: int, jump: RuleSpec) -> None:
+def _delete_jumps(table: Any, jump: RuleSpec) -> None:
+    """Every rule of the built-in chain that jumps to our chain (the one we
+    put there, and any copy a crash or a hand left)."""
     builtin = iptc.Chain(table, jump.chain)
-    wanted = _rule(version, jump)
-    for existing in [r for r in builtin.rules if r == wanted]:
+    for existing in [r for r in builtin.rules if r.target.name == jump.target]:
         builtin.delete_rule(existing)
 
 
-@contextlib.contextmanager
-def _changing(version: int) -> Iterator[Any]:
-    """One table, changed in one commit (retried on EAGAIN)."""
-    table = _table(version)
-    table.autocommit = False
-    table.refresh()
-    try:
-        yield table
-        _commit(table)
-    finally:
-        table.autocommit = True
+def _jump_in_place(table: Any, version: int, jump: RuleSpec) -> bool:
+    """Our jump is there, after nothing but other agents' jumps."""
+    wanted = _rule(version, jump)
+    for rule in iptc.Chain(table, jump.chain).rules:
+        if rule == wanted:
+            return True
+        theirs = rule.target.name.startswith(CHAIN_PREFIX) and rule.in_interface \
+            and rule.in_interface != jump.in_interface
+        if not theirs:
+            return False
+    return False
 
 
 def install(sets: list[RuleSet]) -> None:
     """Make the rules exactly these; idempotent."""
     with _lock:
         for rs in sets:
-            with _changing(rs.version) as table:
-                _install_one(table, rs)
+            _change(rs.version, functools.partial(_install_one, rs=rs))
 
 
 def _install_one(table: Any, rs: RuleSet) -> None:
@@ -186,7 +210,7 @@ def _install_one(table: Any, rs: RuleSet) -> None:
         for spec in specs:
             chain.append_rule(_rule(rs.version, spec))
     for jump in rs.jumps:
-        _delete_jumps(table, rs.version, jump)
+        _delete_jumps(table, jump)
         iptc.Chain(table, jump.chain).insert_rule(_rule(rs.version, jump))  # first
 
 
@@ -201,24 +225,74 @@ def problems(sets: list[RuleSet]) -> list[str]:
                 if not _chain_matches(table, rs.version, name, specs):
                     found.append(f"IPv{rs.version} chain {name} is missing or changed")
             for jump in rs.jumps:
-                rules = iptc.Chain(table, jump.chain).rules
-                if not table.is_chain(jump.target) or not rules \
-                        or rules[0] != _rule(rs.version, jump):
+                if not table.is_chain(jump.target) or \
+                        not _jump_in_place(table, rs.version, jump):
                     found.append(f"IPv{rs.version} {jump.chain} does not jump to {jump.target} "
                                  f"first for {jump.in_interface}")
     return found
 
 
-def remove(sets: list[RuleSet]) -> None:
-    """Delete the jumps and our chains; idempotent."""
+def listing(sets: list[RuleSet]) -> dict[str, list[str]]:
+    """Our chains and jumps as they are now, one line per rule, for people."""
+    out: dict[str, list[str]] = {}
     with _lock:
         for rs in sets:
-            with _changing(rs.version) as table:
+            table = _table(rs.version)
+            table.refresh()
+            for jump in rs.jumps:
+                rules = [r for r in iptc.Chain(table, jump.chain).rules
+                         if r.target.name == jump.target]
+                out[f"IPv{rs.version} {jump.chain}"] = [_describe(r) for r in rules] or ["(none)"]
+            for name in rs.chains:
+                out[f"IPv{rs.version} {name}"] = (
+                    [_describe(r) for r in iptc.Chain(table, name).rules]
+                    if table.is_chain(name) else ["(no such chain)"])
+    return out
+
+
+def _describe(rule: Any) -> str:
+    parts = []
+    for flag, value in (("-i", rule.in_interface), ("-o", rule.out_interface),
+                        ("-p", rule.protocol if rule.protocol != "ip" else None),
+                        ("-d", None if rule.dst.startswith(("0.0.0.0/", "::/")) else rule.dst)):
+        if value:
+            parts.append(f"{flag} {value}")
+    for match in rule.matches:
+        params = " ".join(f"--{k} {v}" for k, v in match.get_all_parameters().items()
+                          for v in v)
+        parts.append(f"-m {match.name} {params}".rstrip())
+    target = rule.target
+    params = " ".join(f"--{k} {v}" for k, v in target.get_all_parameters().items() for v in v)
+    parts.append(f"-j {target.name} {params}".rstrip())
+    return " ".join(parts)
+
+
+def remove(sets: list[RuleSet]) -> list[str]:
+    """Delete the jumps and our chains; idempotent.  Returns what could not
+    be removed (a chain someone else's rule still jumps to), never raises
+    for that: stopping the agent must not fail on it."""
+    left: list[str] = []
+    with _lock:
+        for rs in sets:
+            kept: list[str] = []
+
+            def remove_one(table: Any, rs: RuleSet = rs, kept: list[str] = kept) -> None:
+                kept.clear()  # a retry starts over
                 for jump in rs.jumps:
-                    if table.is_chain(jump.target):  # no chain, so no jump to it either
-                        _delete_jumps(table, rs.version, jump)
+                    _delete_jumps(table, jump)
                 for name in rs.chains:
                     if table.is_chain(name):
-                        chain = iptc.Chain(table, name)
-                        chain.flush()
-                        chain.delete()
+                        iptc.Chain(table, name).flush()
+                        if _referenced(table, name):
+                            kept.append(f"IPv{rs.version} chain {name} (another rule jumps "
+                                        "to it; it was emptied)")
+                        else:
+                            table.delete_chain(name)
+
+            _change(rs.version, remove_one)
+            left += kept
+    return left
+
+
+def _referenced(table: Any, name: str) -> bool:
+    return any(r.target.name == name for chain in table.chains for r in chain.rules)

@@ -24,7 +24,7 @@ from agent.client import Client
 from agent.errors import AgentUnreachable
 from agent.host import firewall
 from agent.host.git import worktree_volume_name
-from agent.host.overlay import mounted_under
+from agent.host.mounts import mounted_under
 
 from .gitserver import GitServer
 

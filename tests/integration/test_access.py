@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.host.overlay import mounted_under
+from agent.host.mounts import mounted_under
 
 from .conftest import BASE_IMAGE, AgentProcess
 from .test_checkout import created_containers

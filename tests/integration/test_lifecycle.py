@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent.host.overlay import mounted_under
+from agent.host.mounts import mounted_under
 from agent.host.pty import set_window_size
 
 from .conftest import BASE_IMAGE, AgentProcess, Setup, task

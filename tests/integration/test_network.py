@@ -212,7 +212,7 @@ def test_a_rule_removed_by_hand_is_restored_and_stop_removes_all(agent: AgentPro
     agent.start()
     status = json.loads(agent.efci("--json", "firewall", "status").stdout)
     assert status["problems"] == [] and status["last_probe"]["passed"] is True
-    sh("iptables-legacy", "-D", "EFCI-INPUT", "-p", "tcp", "-j", "REJECT", "--reject-with",
+    sh("iptables-legacy", "-D", "EFCI-IN-efci0", "-p", "tcp", "-j", "REJECT", "--reject-with",
        "tcp-reset")
     with open("/proc/sys/net/ipv4/conf/efci0/route_localnet", "w") as f:
         f.write("1\n")

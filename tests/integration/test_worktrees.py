@@ -9,7 +9,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from agent.host.overlay import mounted_under
+from agent.host.mounts import mounted_under
 
 from .conftest import Setup, task
 from .test_agent import show, wait_for

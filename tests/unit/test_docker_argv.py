@@ -24,7 +24,8 @@ def test_task_container_is_unprivileged_and_keeps_arguments_whole() -> None:
     for forbidden in ("--privileged", "--cap-add", "--device", "docker.sock", "host"):
         assert forbidden not in options
     assert argv[argv.index("--security-opt"):][:2] == ["--security-opt", "no-new-privileges"]
-    assert argv[argv.index("--cap-drop") + 1] == "NET_RAW"
+    dropped = {argv[i + 1] for i, a in enumerate(argv) if a == "--cap-drop"}
+    assert dropped == {"NET_RAW", "MKNOD", "SETFCAP"}
     assert argv[-4:] == ["img:1", "echo", "$(hostname)", "; rm -rf /"]
     assert "A=x y" in argv and "TERM=xterm-256color" in argv and "FORCE_COLOR=1" in argv
     assert "--label" in argv and "org.efforting-ci.run=7" in argv
@@ -42,3 +43,12 @@ def test_network_policy() -> None:
 def test_image_default_command_is_kept() -> None:
     argv = docker.create_argv("docker", container_spec(CFG, "a", 1, task(command=None)))
     assert argv[-1] == "img:1"
+
+
+def test_limits_reach_the_container() -> None:
+    spec = docker.ContainerSpec(name="n", image="img:1", command=None, network="none",
+                                memory=4 << 30, pids=4096)
+    argv = docker.create_argv("docker", spec)
+    assert argv[argv.index("--memory") + 1] == str(4 << 30)
+    assert argv[argv.index("--memory-swap") + 1] == str(4 << 30)
+    assert argv[argv.index("--pids-limit") + 1] == "4096"

@@ -13,11 +13,11 @@ def sets() -> dict[int, fw.RuleSet]:
 def test_our_chains_are_jumped_to_only_for_the_bridge() -> None:
     for rs in sets().values():
         assert {(j.chain, j.target, j.in_interface) for j in rs.jumps} == {
-            ("INPUT", fw.INPUT_CHAIN, "efci0"), ("FORWARD", fw.FORWARD_CHAIN, "efci0")}
+            ("INPUT", "EFCI-IN-efci0", "efci0"), ("FORWARD", "EFCI-FWD-efci0", "efci0")}
 
 
 def test_everything_to_the_host_is_rejected_after_the_allowed_endpoint() -> None:
-    inbound = sets()[4].chains[fw.INPUT_CHAIN]
+    inbound = sets()[4].chains["EFCI-IN-efci0"]
     assert (inbound[0].target, inbound[0].destination, inbound[0].matches) == (
         "ACCEPT", "172.30.0.1", (("tcp", (("dport", "2222"),)),))
     last = inbound[-1]
@@ -26,7 +26,7 @@ def test_everything_to_the_host_is_rejected_after_the_allowed_endpoint() -> None
 
 
 def test_forwarded_traffic_rules() -> None:
-    v4, v6 = sets()[4].chains[fw.FORWARD_CHAIN], sets()[6].chains[fw.FORWARD_CHAIN]
+    v4, v6 = sets()[4].chains["EFCI-FWD-efci0"], sets()[6].chains["EFCI-FWD-efci0"]
     assert [r.destination for r in v4 if r.destination] == [
         "169.254.0.0/16", "127.0.0.0/8", "192.168.0.0/16"]
     assert [r.destination for r in v6 if r.destination] == ["fe80::/10", "::1/128", "fd00::/8"]
@@ -37,4 +37,11 @@ def test_forwarded_traffic_rules() -> None:
 
 def test_no_endpoint_of_the_other_ip_version_leaks_in() -> None:
     assert not any(r.target == "ACCEPT" and r.destination
-                   for r in sets()[6].chains[fw.INPUT_CHAIN])
+                   for r in sets()[6].chains["EFCI-IN-efci0"])
+
+
+def test_each_bridge_has_its_own_chains_within_the_name_limit() -> None:
+    assert fw.chain_names("efci0") == ("EFCI-IN-efci0", "EFCI-FWD-efci0")
+    assert all(len(name) <= 28 for name in fw.chain_names("a" * 15))
+    one, two = fw.rule_sets("efci0", ()), fw.rule_sets("efci1", ())
+    assert not set(one[0].chains) & set(two[0].chains)
