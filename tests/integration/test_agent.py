@@ -270,7 +270,10 @@ def test_socket_permissions_and_peer_credentials(agent: AgentProcess) -> None:
         assert (record["requested_uid"], record["requested_gid"]) == (65534, 65534)
 
         outsider = efci_as(1, 1, "status")
-        assert outsider.returncode == 69 and b"Permission denied" in outsider.stderr
+        assert outsider.returncode == 69
+        assert b"permission denied on the agent's socket" in outsider.stderr, outsider.stderr
+        assert b"of the group nogroup" in outsider.stderr  # the agent runs: say so
+        assert b"systemctl start" not in outsider.stderr
     finally:
         agent.cleanup()
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.host import firewall
 from agent.host.netif import addresses
 
 from .conftest import BASE_IMAGE, AgentProcess, Setup, task
@@ -293,3 +294,82 @@ def test_a_bridge_that_does_not_match_the_config_stops_the_agent(agent: AgentPro
     result = agent.efci("agent", check=False, timeout=120)
     assert result.returncode == 78
     assert b"docker network efci exists but its subnets are ['172.30.0.0/24']" in result.stderr
+
+
+def run_quietly(agent: AgentProcess) -> str:
+    """A trivial run on the bridge; its log says whether rules were restored."""
+    agent.declare("q.yml", json.dumps({"tasks": {"q": {"image": BASE_IMAGE,
+                                                       "command": ["true"]}}}))
+    assert agent.efci("reload").returncode == 0
+    assert agent.efci("run", "--follow", "q").returncode == 0
+    run = json.loads(agent.efci("--json", "runs", "--limit", "1").stdout)[0]["id"]
+    return agent.efci("logs", str(run)).stderr.decode()
+
+
+def assert_isolated(agent: AgentProcess) -> None:
+    status = json.loads(agent.efci("--json", "firewall", "status").stdout)
+    assert status["problems"] == [], status
+    assert json.loads(agent.efci("--json", "firewall", "probe").stdout)["passed"] is True
+    assert "were restored" not in run_quietly(agent)
+
+
+def test_two_agents_on_one_host_keep_their_own_rules(agent: AgentProcess,
+                                                     tmp_path: Path) -> None:
+    """Each agent owns its bridge's chains: started, used and stopped in both
+    orders, neither disturbs the other, and nothing is left behind."""
+    other = AgentProcess(tmp_path / "other")
+    other.configure("network:\n  name: efci-b\n  bridge: efcib0\n  subnet: 172.31.250.0/24\n")
+    try:
+        agent.start()
+        other.start()
+        for first, second in ((agent, other), (other, agent)):
+            assert_isolated(first)
+            assert_isolated(second)
+            assert first.stop() == 0
+            assert "Traceback" not in first.log.read_text()
+            gone = "efci0" if first is agent else "efcib0"
+            assert f"-{gone}" not in legacy_rules()
+            assert_isolated(second)
+            first.start()
+        assert agent.stop() == 0 and other.stop() == 0
+        assert "EFCI-" not in legacy_rules()
+        assert "Traceback" not in agent.log.read_text() + other.log.read_text()
+    finally:
+        other.cleanup()
+        firewall.remove(firewall.rule_sets("efcib0", ()))
+        sh("docker", "network", "rm", "efci-b", check=False)
+
+
+def test_a_commit_that_meets_a_concurrent_change_is_applied_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another program changes the table between our read and our commit:
+    the kernel answers EAGAIN, and the rules must still end up in place."""
+    import iptc
+
+    sets = firewall.rule_sets("efcitest0", ())
+    conflict = "EFCI-CONFLICT-T"
+    original = iptc.Table.commit
+    meddled: list[str] = []
+
+    def commit_after_someone_else(table: object) -> None:
+        if not meddled:  # the first commit only: another program was quicker
+            sh("iptables-legacy", "-N", conflict)
+        try:
+            original(table)
+        except iptc.IPTCError as e:
+            meddled.append(str(e))
+            raise
+        meddled.append("committed")
+
+    monkeypatch.setattr(iptc.Table, "commit", commit_after_someone_else)
+    try:
+        firewall.install(sets)
+        assert "temporarily unavailable" in meddled[0], meddled  # EAGAIN, then a retry
+        monkeypatch.undo()
+        assert firewall.problems(sets) == []
+        assert "EFCI-IN-efcitest0" in legacy_rules()
+    finally:
+        monkeypatch.undo()
+        firewall.remove(sets)
+        sh("iptables-legacy", "-X", conflict, check=False)
+    assert "efcitest0" not in legacy_rules()
