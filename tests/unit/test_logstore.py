@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import resource
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -210,3 +213,54 @@ async def test_syncs_while_segments_roll_and_drop(tmp_path: Path) -> None:
     with store.reader(1) as reader:
         data = b"".join(r.payload for r in reader.records_from(0) if r.kind is fmt.Kind.OUTPUT)
     assert data.startswith(b"000000") and data.endswith(b"003999" + b"x" * 994)
+
+
+@pytest.fixture
+def small_files() -> Iterator[Callable[[int], None]]:
+    """Files may grow only to a given size (RLIMIT_FSIZE: the kernel cuts a
+    write short, then fails it with EFBIG), as a full disk would."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        yield lambda size: resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_full_disk_loses_bytes_counted_and_never_tears_a_record(
+        tmp_path: Path, small_files: Callable[[int], None]) -> None:
+    store = LogStore(tmp_path, limit=1 << 30)
+    w = store.open_writer(1)
+    w.output(b"a" * 1000)
+    small_files(50_000)
+    for _ in range(100):  # 100 KB more, of which about half fits
+        w.output(b"b" * 1000)
+    w.message("still here")
+    assert w.lost_bytes > 40_000 and "File too large" in w.lost_reason
+    small_files(resource.RLIM_INFINITY)
+    w.output(b"c" * 1000)  # there is room again: the loss is told first
+    w.close()
+    with store.reader(1) as reader:
+        records = list(reader.records_from(0))
+    gaps = [r.json() for r in records if r.kind is fmt.Kind.GAP]
+    # A gap record may fit where the next record does not: several may tell
+    # of one loss, and together they tell of every byte lost.
+    assert sum(g["lost_bytes"] for g in gaps) == w.lost_bytes == gaps[-1]["lost_total"]
+    assert "could not be written before this point (File too large" in gaps[0]["message"]
+    data = output(store, 1)
+    assert data.startswith(b"a" * 1000 + b"b" * 1000) and data.endswith(b"c" * 1000)
+    assert len(data) + w.lost_bytes == 102_000 + len("still here")  # every byte accounted
+    assert w.output_bytes == len(data)
+    assert store.recover(1) == 0  # nothing torn
+
+
+def test_a_writer_that_cannot_even_close_cleanly_does_not_raise(
+        tmp_path: Path, small_files: Callable[[int], None]) -> None:
+    store = LogStore(tmp_path, limit=1 << 30)
+    w = store.open_writer(2)
+    small_files(100)
+    w.stream("checkout:x")  # streams.json cannot be written now: kept for later
+    w.output(b"x" * 1000)
+    w.close()  # the GAP cannot be written either; close still ends the log
+    assert not store.is_live(2) and w.lost_bytes == 1000
