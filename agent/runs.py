@@ -329,7 +329,8 @@ class Runs:
                 status, fields = RunStatus.CANCELLED, {"error": run.cancel_reason}
         except RunFailed as e:
             status, fields = RunStatus.FAILED, {"error": e.message}
-        except CommandFailed as e:
+        except CommandFailed as e:  # the whole of it in the log, in words in the record
+            writer.message(e.message)
             status, fields = RunStatus.ERROR, {"error": docker.explain(e)}
         except EfciError as e:
             status, fields = RunStatus.ERROR, {"error": e.message}

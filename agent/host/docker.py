@@ -217,5 +217,10 @@ def explain(e: CommandFailed) -> str:
     if any(words in e.stderr_text for words in _UNREACHABLE):
         return (f"dockerd stopped answering during the run ({said}); "
                 "the run's container may be gone with it: see docker ps -a")
-    what = " ".join(e.argv[1:3]) if e.argv and "docker" in e.argv[0] else e.argv[0]
-    return f"{what} failed with exit status {e.returncode}" + (f": {said}" if said else "")
+    words = [Path(e.argv[0]).name] if e.argv else ["a program"]
+    for arg in e.argv[1:3]:  # the command, up to its first option: docker container inspect
+        if arg.startswith("-"):
+            break
+        words.append(arg)
+    return f"{' '.join(words)} failed with exit status {e.returncode}" + (
+        f": {said}" if said else "")
