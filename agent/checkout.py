@@ -15,6 +15,8 @@ import contextlib
 import hashlib
 import logging
 from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -46,39 +48,59 @@ log = logging.getLogger(__name__)
 class ReadWriteLock:
     """Many runs may use a base worktree at once (as an overlay's lower
     layer); a checkout needs it alone, since changing a lower layer under a
-    mounted overlay is undefined.  A checkout that ends becomes a use."""
+    mounted overlay is undefined.  A checkout that ends becomes a use.
+
+    Releasing is synchronous, as trio.Lock.release is: it runs in
+    ``finally`` blocks under a teardown deadline, where an await could be
+    cancelled and leave the lock held for ever."""
 
     def __init__(self) -> None:
         self._readers = 0
         self._writer = False
-        self._changed = trio.Condition()
-
-    async def acquire_write(self) -> None:
-        async with self._changed:
-            while self._writer or self._readers:
-                await self._changed.wait()
-            self._writer = True
+        self._waiting = trio.lowlevel.ParkingLot()
 
     async def acquire_read(self) -> None:
-        async with self._changed:
-            while self._writer:
-                await self._changed.wait()
-            self._readers += 1
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while self._writer:
+            await self._waiting.park()
+        self._readers += 1
 
-    async def downgrade(self) -> None:
-        async with self._changed:
-            self._writer, self._readers = False, self._readers + 1
-            self._changed.notify_all()
+    async def acquire_write(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while self._writer or self._readers:
+            await self._waiting.park()
+        self._writer = True
 
-    async def release_write(self) -> None:
-        async with self._changed:
-            self._writer = False
-            self._changed.notify_all()
+    def release_read(self) -> None:
+        assert self._readers > 0, "release_read without a reader"
+        self._readers -= 1
+        self._waiting.unpark_all()
 
-    async def release_read(self) -> None:
-        async with self._changed:
-            self._readers -= 1
-            self._changed.notify_all()
+    def release_write(self) -> None:
+        assert self._writer, "release_write without the writer"
+        self._writer = False
+        self._waiting.unpark_all()
+
+    def downgrade(self) -> None:
+        """The writer becomes a reader, letting other readers in."""
+        self.release_write()
+        self._readers += 1
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[None]:
+        await self.acquire_read()
+        try:
+            yield
+        finally:
+            self.release_read()
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[None]:
+        await self.acquire_write()
+        try:
+            yield
+        finally:
+            self.release_write()
 
 
 class CheckoutFailed(RunFailed):
@@ -167,10 +189,9 @@ class Checkouts:
                                    f"{commit[:12]} (immutable revision)")
                     return Worktree(volume, repo.mount_name, commit, reused=True)
             except BaseException:
-                with trio.CancelScope(shield=True):
-                    await lock.release_read()
+                lock.release_read()
                 raise
-            await lock.release_read()
+            lock.release_read()
         await lock.acquire_write()
         try:
             commit = None if repo.mutable else await self.state.call(
@@ -178,10 +199,9 @@ class Checkouts:
             if commit is None:
                 commit = await self._check_out(run_id, task, index, repo, volume, writer)
         except BaseException:
-            with trio.CancelScope(shield=True):
-                await lock.release_write()
+            lock.release_write()
             raise
-        await lock.downgrade()
+        lock.downgrade()  # the checkout becomes this run's use
         return Worktree(volume, repo.mount_name, commit, reused=False)
 
     async def use(self, worktree: Worktree) -> Worktree:
@@ -189,8 +209,8 @@ class Checkouts:
         await self._locks[worktree.volume].acquire_read()
         return worktree
 
-    async def release(self, worktree: Worktree) -> None:
-        await self._locks[worktree.volume].release_read()
+    def release(self, worktree: Worktree) -> None:
+        self._locks[worktree.volume].release_read()
 
     async def _check_out(self, run_id: int, task: Task, index: int, repo: Repository,
                          volume: str, writer: LogWriter) -> str:

@@ -502,7 +502,7 @@ class Runs:
             await self.mutations.unmount(run.id)
         finally:
             for worktree in worktrees:
-                await self.checkouts.release(worktree)
+                self.checkouts.release(worktree)
             for path in targets:
                 await sweep_target(path, writer.message)
 

@@ -76,7 +76,7 @@ async def serve_shell(runs: Runs, request: protocol.Request, conn: Connection,
                 await docker.remove_image(runs.cfg.docker, image)
                 await runs.mutations.unmount(run_id)
                 for worktree in worktrees:
-                    await runs.checkouts.release(worktree)
+                    runs.checkouts.release(worktree)
         log.info("shell in run %d closed (exit status %s)", run_id, exit_status)
         return {"run": run_id, "exit_code": exit_status}
 

@@ -17,7 +17,7 @@ async def _readers_and_a_writer() -> None:
         events.append(f"{name} in")
         await trio.sleep(hold)
         events.append(f"{name} out")
-        await lock.release_read()
+        lock.release_read()
 
     async def writer() -> None:
         await trio.sleep(0.1)  # after both readers are in
@@ -25,9 +25,9 @@ async def _readers_and_a_writer() -> None:
         events.append("writer in")
         await trio.sleep(1)
         events.append("writer downgrades")
-        await lock.downgrade()  # its checkout becomes a use
+        lock.downgrade()  # its checkout becomes a use
         await trio.sleep(1)
-        await lock.release_read()
+        lock.release_read()
 
     async def late_reader() -> None:
         await trio.sleep(2.5)  # the writer holds the lock now
@@ -56,9 +56,44 @@ async def test_a_writer_excludes_another_writer() -> None:
         order.append(n)
         await trio.sleep(0.01)
         order.append(n)
-        await lock.release_write()
+        lock.release_write()
 
     async with trio.open_nursery() as nursery:
         for n in range(3):
             nursery.start_soon(writer, n)
     assert all(order[i] == order[i + 1] for i in range(0, len(order), 2))
+
+
+def test_a_release_in_a_teardown_past_its_deadline_still_releases() -> None:
+    """The bug: release was async, awaited in a finally under a teardown's
+    deadline; a `docker stop` past that deadline made the release raise
+    Cancelled, the use stayed held, and every later checkout waited for ever."""
+
+    async def main() -> None:
+        lock = ReadWriteLock()
+        await lock.acquire_read()
+        with trio.move_on_after(1) as teardown:
+            teardown.shield = True
+            try:
+                await trio.sleep(5)  # docker stop, past the deadline
+            finally:
+                lock.release_read()
+        assert teardown.cancelled_caught
+        with trio.fail_after(1):
+            async with lock.write():
+                pass
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_cancelled_wait_takes_nothing() -> None:
+    async def main() -> None:
+        lock = ReadWriteLock()
+        async with lock.read():
+            with trio.move_on_after(1):
+                await lock.acquire_write()  # waits for the reader, then gives up
+        with trio.fail_after(1):
+            async with lock.write():
+                pass
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
