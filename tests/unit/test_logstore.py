@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import resource
-import signal
-from collections.abc import Callable, Iterator
+import errno
+import os
 from pathlib import Path
 
 import pytest
 import trio
 
 from agent import logformat as fmt
+from agent import logstore
 from agent.logstore import LogStore, records_with_skip
 
 NASTY = b"\x1b[31mred\x1b[0m\r\n\rprogress 50%\r\xff\xfe\x00 invalid utf-8 and NUL\n"
@@ -215,39 +215,51 @@ async def test_syncs_while_segments_roll_and_drop(tmp_path: Path) -> None:
     assert data.startswith(b"000000") and data.endswith(b"003999" + b"x" * 994)
 
 
-@pytest.fixture
-def small_files() -> Iterator[Callable[[int], None]]:
-    """Files may grow only to a given size (RLIMIT_FSIZE: the kernel cuts a
-    write short, then fails it with EFBIG), as a full disk would."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    try:
-        yield lambda size: resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, previous)
+class FullDisk:
+    """The os module as the log store sees it, on a disk with ``free``
+    bytes left: a write past it is cut short, the next fails with ENOSPC
+    (as a real full disk does; the integration tests use a real one)."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(os, name)
+
+    def write(self, fd: int, data: bytes) -> int:
+        if self.free <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written = os.write(fd, bytes(data[:self.free]))
+        self.free -= written
+        return written
+
+    def ftruncate(self, fd: int, size: int) -> None:
+        self.free += os.fstat(fd).st_size - size
+        os.ftruncate(fd, size)
 
 
 def test_a_full_disk_loses_bytes_counted_and_never_tears_a_record(
-        tmp_path: Path, small_files: Callable[[int], None]) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = LogStore(tmp_path, limit=1 << 30)
     w = store.open_writer(1)
     w.output(b"a" * 1000)
-    small_files(50_000)
+    disk = FullDisk(50_000)
+    monkeypatch.setattr(logstore, "os", disk)
     for _ in range(100):  # 100 KB more, of which about half fits
         w.output(b"b" * 1000)
     w.message("still here")
-    assert w.lost_bytes > 40_000 and "File too large" in w.lost_reason
-    small_files(resource.RLIM_INFINITY)
+    assert w.lost_bytes > 40_000 and "No space left on device" in w.lost_reason
+    disk.free = 1 << 30
     w.output(b"c" * 1000)  # there is room again: the loss is told first
     w.close()
+    monkeypatch.undo()
     with store.reader(1) as reader:
         records = list(reader.records_from(0))
     gaps = [r.json() for r in records if r.kind is fmt.Kind.GAP]
     # A gap record may fit where the next record does not: several may tell
     # of one loss, and together they tell of every byte lost.
     assert sum(g["lost_bytes"] for g in gaps) == w.lost_bytes == gaps[-1]["lost_total"]
-    assert "could not be written before this point (File too large" in gaps[0]["message"]
+    assert "could not be written before this point (No space left" in gaps[0]["message"]
     data = output(store, 1)
     assert data.startswith(b"a" * 1000 + b"b" * 1000) and data.endswith(b"c" * 1000)
     assert len(data) + w.lost_bytes == 102_000 + len("still here")  # every byte accounted
@@ -255,12 +267,11 @@ def test_a_full_disk_loses_bytes_counted_and_never_tears_a_record(
     assert store.recover(1) == 0  # nothing torn
 
 
-def test_a_writer_that_cannot_even_close_cleanly_does_not_raise(
-        tmp_path: Path, small_files: Callable[[int], None]) -> None:
+def test_a_writer_on_a_full_disk_still_closes(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     store = LogStore(tmp_path, limit=1 << 30)
     w = store.open_writer(2)
-    small_files(100)
-    w.stream("checkout:x")  # streams.json cannot be written now: kept for later
+    monkeypatch.setattr(logstore, "os", FullDisk(0))
     w.output(b"x" * 1000)
-    w.close()  # the GAP cannot be written either; close still ends the log
+    w.close()  # the gap record cannot be written either; close still ends the log
     assert not store.is_live(2) and w.lost_bytes == 1000
