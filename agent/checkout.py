@@ -233,7 +233,9 @@ class Checkouts:
             key=self.keys.checked(self.keys.private_path(task.owner, repo.key), private=True),
             known_hosts=self.keys.checked(self.keys.known_hosts(task.owner), private=False),
             network="host" if self.cfg.network_checkout == "host" else self.cfg.network_name,
-            unchecked_host_keys=task.unchecked_host_keys)
+            unchecked_host_keys=task.unchecked_host_keys,
+            labels={docker.LABEL_PREFIX + "instance": self.instance,
+                    docker.LABEL_PREFIX + "run": str(run_id)})
         if task.unchecked_host_keys:
             writer.message(f"{repo.mount_name}: WARNING: host keys are not checked for this "
                            "checkout (checkout.unchecked_host_keys); a machine in the middle "

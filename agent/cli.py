@@ -13,10 +13,12 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, views
 from . import config as agentconfig
 from .client import Client
 from .errors import EfciError, printable
@@ -138,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_shell(_socket_path(args, layout), args.run)
         with Client(_socket_path(args, layout)) as client:
-            return COMMANDS[args.command](client, args)
+            answer = COMMANDS[args.command](client, args)
+        return answer if isinstance(answer, int) else _show_answer(answer, args)
     except EfciError as e:
         if args.json:
             print(json.dumps({"ok": False, "error": e.to_wire()}))
@@ -196,164 +199,52 @@ def _config(args: argparse.Namespace, layout: agentconfig.Layout) -> int:
     return 0
 
 
-# -- client commands ------------------------------------------------------------
+# -- client commands: each asks the agent, then one output path shows it ---------
 
-def _when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
-
-
-def _duration(run: dict[str, Any]) -> str:
-    start, end = run.get("started_at"), run.get("finished_at")
-    if not start:
-        return "-"
-    return f"{(end or time.time()) - start:.1f}s"
+View = Callable[[Any], int]
 
 
-def _progress(run: dict[str, Any]) -> str:
-    parts = []
-    if run.get("progress") is not None:
-        parts.append(f"{run['progress'] * 100:.0f}%")
-    if run.get("progress_message"):
-        parts.append(run["progress_message"])
-    return " ".join(parts) or "-"
+@dataclass(frozen=True)
+class Shown:
+    """An answer and how a person sees it; ``--json`` prints the answer
+    itself.  ``json_status`` is the exit status then (a view decides its own)."""
+
+    value: Any
+    view: View
+    json_status: int = 0
 
 
-def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, sort_keys=True))
-
-
-def _table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _status(client: Client, args: argparse.Namespace) -> int:
-    st = client.call("status")
+def _show_answer(shown: Shown, args: argparse.Namespace) -> int:
     if args.json:
-        _print_json(st)
-        return 0
-    d = st["declarations"]
-    print(f"efforting-ci {st['version']} (pid {st['pid']}), up since {_when(st['started_at'])}")
-    print(f"  config:       {st['config']}")
-    print(f"  socket:       {st['socket']}")
-    print(f"  state:        {st['state']}")
-    print(f"  docker:       {st['docker']}")
-    print(f"  declarations: {d['tasks']} tasks, {d['images']} images from {d['directory']}")
-    print(f"  active runs:  {', '.join(map(str, st['active_runs'])) or 'none'}")
-    net, probe = st["network"], st["network"]["last_probe"]
-    print(f"  network:      {'rules in place' if not net['problems'] else 'RULES NOT IN PLACE'}"
-          + (f", last probe {'passed' if probe['passed'] else 'FAILED'}" if probe else ""))
-    for message in d["errors"].values():
-        print(f"  REFUSED: {printable(message)}")
-    for message in d["warnings"]:
-        print(f"  warning: {printable(message)}")
-    return 2 if d["errors"] else 0
+        views.print_json(shown.value)
+        return shown.json_status
+    return shown.view(shown.value)
 
 
-def _tasks(client: Client, args: argparse.Namespace) -> int:
-    tasks = client.call("tasks")
-    if args.json:
-        _print_json(tasks)
-        return 0
-    if not tasks:
-        print("no tasks declared (put *.yml files in the declarations directory, "
-              "then efci reload)")
-        return 0
-    _table([[t["name"], t["owner"], t["image"], str(len(t["repositories"])), t["source"]]
-            for t in tasks], ["TASK", "OWNER", "IMAGE", "REPOS", "DECLARED AT"])
-    return 0
+def _status(client: Client, args: argparse.Namespace) -> Shown:
+    return Shown(client.call("status"), views.status)
 
 
-def _reload(client: Client, args: argparse.Namespace) -> int:
+def _tasks(client: Client, args: argparse.Namespace) -> Shown:
+    return Shown(client.call("tasks"), views.tasks)
+
+
+def _reload(client: Client, args: argparse.Namespace) -> Shown:
     result = client.call("reload")
-    if args.json:
-        _print_json(result)
-    else:
-        print(f"loaded {result['tasks']} tasks and {result['images']} images "
-              f"from {result['directory']}")
-        for message in result["errors"].values():
-            print(f"REFUSED: {printable(message)}", file=sys.stderr)
-        for message in result["warnings"]:
-            print(f"warning: {printable(message)}", file=sys.stderr)
-    return 2 if result["errors"] else 0
+    return Shown(result, views.reload, json_status=2 if result["errors"] else 0)
 
 
-class LogPrinter:
-    """Prints a log's records as they arrive: output bytes to stdout exactly,
-    the agent's messages to stderr (so stdout redirects byte for byte).
-    ``raw`` prints output bytes only; ``timestamps`` prefixes each line with
-    the time of the record it starts in; ``as_json`` prints a JSON line per
-    record (payload in base64) for scripts."""
-
-    def __init__(self, *, raw: bool = False, timestamps: bool = False, as_json: bool = False,
-                 stream: str | None = None) -> None:
-        self.raw, self.timestamps, self.as_json = raw, timestamps, as_json
-        self.only_stream = stream
-        self.streams: dict[int, str] = {}
-        self._at_line_start = True
-        self._out = sys.stdout.buffer
-
-    def __call__(self, message: dict[str, Any]) -> None:
-        from .logformat import Kind
-        from .protocol import decode_records
-
-        if message["event"] == "streams":
-            self.streams = {v: k for k, v in message["streams"].items()}
-            return
-        if message["event"] != "records":
-            return
-        for record in decode_records(message):
-            if self.as_json:
-                self._json(record)
-            elif record.kind is Kind.OUTPUT:
-                if self.only_stream in (None, self.streams.get(record.stream)):
-                    self._output(record.payload, record.time_ns)
-            elif record.kind in (Kind.AGENT, Kind.GAP) and not self.raw:
-                text = record.payload.decode("utf-8", "replace") if record.kind is Kind.AGENT \
-                    else record.json()["message"]
-                self._out.flush()
-                print(f"efci: {printable(text)}", file=sys.stderr, flush=True)
-        self._out.flush()
-
-    def _output(self, data: bytes, time_ns: int) -> None:
-        if not self.timestamps:
-            self._out.write(data)
-            return
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time_ns / 1e9))
-        prefix = f"{stamp}.{time_ns % 1_000_000_000 // 1_000_000:03d} ".encode()
-        for line in data.splitlines(keepends=True):
-            if self._at_line_start:
-                self._out.write(prefix)
-            self._out.write(line)
-            self._at_line_start = line.endswith(b"\n")
-
-    def _json(self, record: Any) -> None:
-        import base64
-
-        print(json.dumps({"position": record.position, "kind": record.kind.name.lower(),
-                          "stream": self.streams.get(record.stream, str(record.stream)),
-                          "time_ns": record.time_ns,
-                          "data": base64.b64encode(record.payload).decode()}), flush=True)
+def _run(client: Client, args: argparse.Namespace) -> Shown | int:
+    return _start_run(client, args, "run", {"task": args.task})
 
 
-def _run(client: Client, args: argparse.Namespace) -> int:
-    return _start_run(client, args, "run", {"task": args.task}, args.task)
-
-
-def _start_run(client: Client, args: argparse.Namespace, op: str, request: dict[str, Any],
-               what: str) -> int:
+def _start_run(client: Client, args: argparse.Namespace, op: str,
+               request: dict[str, Any]) -> Shown | int:
     if not args.follow:
-        run = client.call(op, request)
-        if args.json:
-            _print_json(run)
-        else:
-            print(f"run {run['id']} ({what}) queued; "
-                  f"follow it with: efci logs --follow {run['id']}")
-        return 0
-
+        return Shown(client.call(op, request), views.queued)
     # The log's own agent messages say when it was queued, started and ended.
-    run = client.call(op, {**request, "follow": True}, on_event=LogPrinter(as_json=args.json))
+    run = client.call(op, {**request, "follow": True},
+                      on_event=views.LogPrinter(as_json=args.json))
     if args.json:  # JSON lines: the records, then the run
         print(json.dumps(run))
     if run["exit_code"] is not None and run["status"] in ("succeeded", "failed"):
@@ -361,43 +252,15 @@ def _start_run(client: Client, args: argparse.Namespace, op: str, request: dict[
     return 0 if run["status"] == "succeeded" else EXIT_BY_STATUS.get(run["status"], 1)
 
 
-def _runs(client: Client, args: argparse.Namespace) -> int:
+def _runs(client: Client, args: argparse.Namespace) -> Shown:
     request: dict[str, Any] = {"limit": args.limit}
     if args.task:
         request["task"] = args.task
-    runs = client.call("runs", request)
-    if args.json:
-        _print_json(runs)
-        return 0
-    _table([[str(r["id"]), r["task"], r["status"],
-             "-" if r["exit_code"] is None else str(r["exit_code"]),
-             _when(r["created_at"]), _duration(r), _progress(r)] for r in runs],
-           ["RUN", "TASK", "STATUS", "EXIT", "CREATED", "TOOK", "PROGRESS"])
-    return 0
+    return Shown(client.call("runs", request), views.runs)
 
 
-def _show(client: Client, args: argparse.Namespace) -> int:
-    run = client.call("show", {"run": args.run})
-    if args.json:
-        _print_json(run)
-        return 0
-    for key in ("id", "task", "owner", "status", "exit_code", "error", "attempts", "image",
-                "image_id", "container_name", "container_id", "log_size"):
-        print(printable(f"{key + ':':16}{'-' if run.get(key) is None else run[key]}"))
-    for key in ("created_at", "started_at", "finished_at"):
-        print(f"{key + ':':16}{_when(run[key])}")
-    for w in run["worktrees"]:
-        how = "reused" if w["reused"] else "checked out"
-        print(f"{'worktree:':16}/src/{w['mount_name']} {w['commit_sha'][:12]} ({how}, "
-              f"{w['volume']})")
-    print(f"{'took:':16}{_duration(run)}")
-    if run["removed_at"]:
-        print(f"{'removed:':16}{_when(run['removed_at'])} (container and mutations)")
-    if run["progress"] is not None or run["progress_message"]:
-        print(f"{'progress:':16}{_progress(run)}")
-    print(f"{'requested by:':16}uid {run['requested_uid']} gid {run['requested_gid']} "
-          f"pid {run['requested_pid']}")
-    return 0
+def _show(client: Client, args: argparse.Namespace) -> Shown:
+    return Shown(client.call("show", {"run": args.run}), views.show)
 
 
 def _since_ns(text: str) -> int:
@@ -423,134 +286,59 @@ def _logs(client: Client, args: argparse.Namespace) -> int:
         request["since_ns"] = _since_ns(args.since)
     if args.tail is not None:
         request["tail"] = args.tail
-    printer = LogPrinter(raw=args.raw, timestamps=args.timestamps, as_json=args.json,
-                         stream=args.stream)
+    printer = views.LogPrinter(raw=args.raw, timestamps=args.timestamps, as_json=args.json,
+                               stream=args.stream)
     result = client.call("logs", request, on_event=printer)
     if args.json:  # JSON lines: the records, then where to resume
         print(json.dumps(result))
     return 0
 
 
-def _cancel(client: Client, args: argparse.Namespace) -> int:
-    run = client.call("cancel", {"run": args.run})
-    if args.json:
-        _print_json(run)
-    else:
-        print(f"run {run['id']} {run['status']}")
-    return 0
+def _cancel(client: Client, args: argparse.Namespace) -> Shown:
+    return Shown(client.call("cancel", {"run": args.run}), views.cancelled)
 
 
-def _images(client: Client, args: argparse.Namespace) -> int:
-    images = client.call("images")
-    if args.json:
-        _print_json(images)
-    else:
-        _table([[i["name"], i["tag"] or "-", "yes" if i["built"] else "no",
-                 ", ".join(i["used_by"]) or "-", i["source"]] for i in images],
-               ["IMAGE", "TAG", "BUILT", "USED BY", "DECLARED AT"])
-        for i in images:
-            if i.get("error"):
-                print(f"efci: {printable(i['error'])}", file=sys.stderr)
-    return 0
+def _images(client: Client, args: argparse.Namespace) -> Shown:
+    return Shown(client.call("images"), views.images)
 
 
-def _restart(client: Client, args: argparse.Namespace) -> int:
-    return _start_run(client, args, "restart", {"run": args.run}, f"run {args.run}")
+def _image(client: Client, args: argparse.Namespace) -> Shown | int:
+    return _start_run(client, args, "image_build", {"name": args.name})
 
 
-def _rm(client: Client, args: argparse.Namespace) -> int:
-    run = client.call("rm", {"run": args.run})
-    if args.json:
-        _print_json(run)
-    else:
-        print(f"run {run['id']}: container and mutations removed; its log and record stay")
-    return 0
+def _restart(client: Client, args: argparse.Namespace) -> Shown | int:
+    return _start_run(client, args, "restart", {"run": args.run})
 
 
-def _firewall(client: Client, args: argparse.Namespace) -> int:
-    result = client.call(f"firewall_{args.action}")
-    if args.json:
-        _print_json(result)
-        return 0
-    if args.action == "probe":
-        print(f"probe {'passed' if result['passed'] else 'FAILED'}: {result['detail']}")
-        return 0 if result["passed"] else 1
-    if args.action == "remove":
-        print(f"rules of {result['bridge']} removed; the next run on the bridge puts them back "
-              "(stop the agent to keep them off)")
-        return 0
-    print(f"network {result['network']} on {result['bridge']} ({result['subnet']})")
-    for problem in result["problems"]:
-        print(f"  NOT IN PLACE: {problem}")
-    if not result["problems"]:
-        print("  rules: all in place")
-    probe = result["last_probe"]
-    if probe:
-        print(f"  last probe: {'passed' if probe['passed'] else 'FAILED'} at {_when(probe['at'])}"
-              f" ({probe['detail']})")
-    else:
-        print("  last probe: none yet")
-    for chain, lines in result["rules"].items():
-        print(f"  {chain}:")
-        for line in lines:
-            print(f"    {line}")
-    return 1 if result["problems"] or (probe and not probe["passed"]) else 0
+def _rm(client: Client, args: argparse.Namespace) -> Shown:
+    return Shown(client.call("rm", {"run": args.run}), views.removed)
 
 
-def _image(client: Client, args: argparse.Namespace) -> int:
-    return _start_run(client, args, "image_build", {"name": args.name}, f"image {args.name}")
+def _firewall(client: Client, args: argparse.Namespace) -> Shown:
+    view = {"status": views.firewall_status, "probe": views.firewall_probe,
+            "remove": views.firewall_remove}[args.action]
+    return Shown(client.call(f"firewall_{args.action}"), view)
 
 
-def _print_key(key: dict[str, Any]) -> None:
-    used = ", ".join(key["used_by"]) or "no declared task"
-    print(f"# {key['owner']}/{key['name']}  {key['fingerprint']}  used by {used}")
-    print(key["public_key"])
-
-
-def _key(client: Client, args: argparse.Namespace) -> int:
+def _key(client: Client, args: argparse.Namespace) -> Shown:
     owner = {"owner": args.owner} if args.owner else {}
     if args.action == "list":
-        keys = client.call("key_list", owner)
-        if args.json:
-            _print_json(keys)
-        else:
-            _table([[k["owner"], k["name"], k["fingerprint"], ", ".join(k["used_by"]) or "-"]
-                    for k in keys], ["OWNER", "KEY", "FINGERPRINT", "USED BY"])
-        return 0
+        return Shown(client.call("key_list", owner), views.keys)
     if args.action == "trust":
         request: dict[str, Any] = {"host": args.host, "port": args.port, **owner}
         if args.keys:
             request["keys"] = (sys.stdin.read() if str(args.keys) == "-"
                                else args.keys.read_text())
-        result = client.call("key_trust", request)
-        if args.json:
-            _print_json(result)
-        else:
-            how = "as read by ssh-keyscan just now" if result["scanned"] else "as given"
-            print(f"pinned for {result['owner']}, {how}; compare with the server's own:")
-            for line in result["fingerprints"]:
-                print(f"  {line}")
-        return 0
+        return Shown(client.call("key_trust", request), views.trusted)
     request = {"name": args.name, **owner}
     if args.action == "delete":
-        result = client.call("key_delete", {**request, "force": args.force})
-        if args.json:
-            _print_json(result)
-        else:
-            print(f"deleted key {result['owner']}/{result['name']}")
-        return 0
-    key = client.call(f"key_{args.action}", request)
-    if args.json:
-        _print_json(key)
-    else:
-        _print_key(key)
-        if args.action == "create":
-            print("\nAdd the line above to the repository in Gitea as a read-only deploy key "
-                  "(Settings > Deploy Keys).", file=sys.stderr)
-    return 0
+        return Shown(client.call("key_delete", {**request, "force": args.force}),
+                     views.key_deleted)
+    view = views.key_created if args.action == "create" else views.key
+    return Shown(client.call(f"key_{args.action}", request), view)
 
 
-COMMANDS = {
+COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Shown | int]] = {
     "status": _status, "tasks": _tasks, "reload": _reload, "run": _run, "runs": _runs,
     "show": _show, "logs": _logs, "cancel": _cancel, "key": _key, "images": _images,
     "image": _image, "restart": _restart, "rm": _rm, "firewall": _firewall,

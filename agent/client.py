@@ -8,7 +8,6 @@ from __future__ import annotations
 import getpass
 import grp
 import itertools
-import json
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -63,11 +62,11 @@ class Client:
                 "Start it with `systemctl start efforting-ci` (or `efci agent`), or point "
                 "efci at its socket with --root, --socket or EFCI_ROOT."
             ) from None
-        self._file = self._sock.makefile("rb")
+        self._frames = protocol.FrameDecoder()
+        self._messages: list[dict[str, Any]] = []
         self._ids = itertools.count(1)
 
     def close(self) -> None:
-        self._file.close()
         self._sock.close()
 
     def __enter__(self) -> Client:
@@ -81,16 +80,14 @@ class Client:
 
     def read_message(self) -> dict[str, Any]:
         """One message; a binary frame's bytes are put in ``payload``."""
-        line = self._file.readline()
-        if not line:
-            raise AgentUnreachable(f"the agent at {self.socket_path} closed the connection")
-        message: dict[str, Any] = json.loads(line)
-        if "size" in message:
-            message["payload"] = self._file.read(message["size"])
-            if len(message["payload"]) != message["size"]:
+        while not self._messages:
+            data = self._sock.recv(1 << 20)
+            if not data:
+                middle = " in the middle of a message" if self._frames.pending else ""
                 raise AgentUnreachable(f"the agent at {self.socket_path} closed the "
-                                       "connection in the middle of a message")
-        return message
+                                       f"connection{middle}")
+            self._messages = self._frames.feed(data)
+        return self._messages.pop(0)
 
     def call(self, op: str, args: dict[str, Any] | None = None, *,
              on_event: EventHandler | None = None) -> Any:

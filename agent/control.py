@@ -33,7 +33,8 @@ SEND_TIMEOUT = 60
 LINGER_SECONDS = 5
 LINGER_BYTES = 64 << 20
 
-Handler = Callable[[protocol.Request, Requester, "Connection"], Awaitable[object]]
+# Answers one validated request; the server makes the Call it gets.
+Handler = Callable[[protocol.Request, protocol.Call], Awaitable[object]]
 
 
 class SocketInUse(EfciError):
@@ -94,9 +95,10 @@ class ControlServer:
     """Serves the socket; knows how many requests are being handled so a
     stopping agent can let them finish (up to a deadline) before it closes."""
 
-    def __init__(self, sock: stdsocket.socket, handler: Handler) -> None:
+    def __init__(self, sock: stdsocket.socket, handler: Handler, ops: protocol.Schemas) -> None:
         self._sock = sock
         self._handler = handler
+        self._ops = ops
         self._in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -110,18 +112,17 @@ class ControlServer:
             while True:
                 stream = await listener.accept()
                 nursery.start_soon(serve_connection, stream, peer_credentials(stream.socket),
-                                   self._tracked)
+                                   self._tracked, self._ops)
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
 
-    async def _tracked(self, request: protocol.Request, requester: Requester,
-                       send: Connection) -> object:
+    async def _tracked(self, request: protocol.Request, call: protocol.Call) -> object:
         if self._in_flight == 0:
             self._idle = trio.Event()
         self._in_flight += 1
         try:
-            return await self._handler(request, requester, send)
+            return await self._handler(request, call)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
@@ -161,14 +162,14 @@ class Connection:
 
 
 async def serve_connection(stream: trio.abc.HalfCloseableStream, requester: Requester,
-                           handler: Handler) -> None:
+                           handler: Handler, ops: protocol.Schemas) -> None:
     """Answer one client's requests, in order, until it hangs up."""
     conn = Connection(stream, requester)
     async with stream:
         try:
             while (line := await conn.receive_line()) is not None:
                 if line.strip():
-                    await _one_request(line, requester, handler, conn)
+                    await _one_request(line, handler, ops, conn)
         except protocol.LineTooLong as e:
             await conn(protocol.error(None, e))
             await _lingering_close(stream)
@@ -193,15 +194,16 @@ async def _lingering_close(stream: trio.abc.HalfCloseableStream) -> None:
             discarded += len(data)
 
 
-async def _one_request(line: bytes, requester: Requester, handler: Handler,
+async def _one_request(line: bytes, handler: Handler, ops: protocol.Schemas,
                        send: Connection) -> None:
     try:
-        request = protocol.parse_request(line)
+        request = protocol.parse_request(line, ops)
     except RequestError as e:
         await send(protocol.error(protocol.request_id_of(line), e))
         return
+    call = protocol.Call(request.id, send.requester, send, send.receive_line)
     try:
-        result = await handler(request, requester, send)
+        result = await handler(request, call)
     except EfciError as e:
         await send(protocol.error(request.id, e))
         return

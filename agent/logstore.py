@@ -38,6 +38,7 @@ import trio
 
 from .logformat import (
     AGENT_STREAM,
+    MAX_PAYLOAD,
     SEGMENT_HEADER,
     TASK_STREAM,
     IndexEntry,
@@ -58,7 +59,7 @@ MAX_SEGMENT = 64 << 20
 MIN_SEGMENT = 64 << 10
 INDEX_EVERY_BYTES = 1 << 20  # an index entry per MiB of records
 INDEX_EVERY_NS = 1_000_000_000  # and per second of writing
-CHUNK = 1 << 20 - 1  # largest payload we put in one record (below MAX_PAYLOAD)
+CHUNK = MAX_PAYLOAD  # the largest payload one record holds: a bigger write is split
 
 
 def segment_size_for(limit: int) -> int:

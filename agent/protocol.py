@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import EfciError, RequestError
 from .logformat import Kind, Record
+from .model import Requester
 
 MAX_LINE = 64 * 1024
 # Bounds on what one JSON line may hold, whoever sends it (a client, a
@@ -34,33 +36,8 @@ MAX_DEPTH = 32
 MAX_DIGITS = 20
 
 
-# op -> {arg: (type, required)}
-OPS: dict[str, dict[str, tuple[type, bool]]] = {
-    "ping": {},
-    "status": {},
-    "tasks": {},
-    "reload": {},
-    "run": {"task": (str, True), "follow": (bool, False)},
-    "runs": {"task": (str, False), "limit": (int, False)},
-    "show": {"run": (int, True)},
-    "logs": {"run": (int, True), "follow": (bool, False), "position": (int, False),
-             "since_ns": (int, False), "tail": (int, False)},
-    "cancel": {"run": (int, True)},
-    "restart": {"run": (int, True), "follow": (bool, False)},
-    "rm": {"run": (int, True)},
-    "shell": {"run": (int, True), "cols": (int, True), "rows": (int, True)},
-    "images": {},
-    "firewall_status": {},
-    "firewall_probe": {},
-    "firewall_remove": {},
-    "image_build": {"name": (str, True), "follow": (bool, False)},
-    "key_create": {"name": (str, True), "owner": (str, False)},
-    "key_list": {"owner": (str, False)},
-    "key_show": {"name": (str, True), "owner": (str, False)},
-    "key_delete": {"name": (str, True), "owner": (str, False), "force": (bool, False)},
-    "key_trust": {"host": (str, True), "port": (int, False), "owner": (str, False),
-                  "keys": (str, False)},
-}
+# op -> {argument: (type, required)}: the table is agent.ops's, passed in.
+Schemas = Mapping[str, Mapping[str, tuple[type, bool]]]
 
 
 class LineTooLong(RequestError):
@@ -72,6 +49,21 @@ class Request:
     id: int | str | None
     op: str
     args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request being answered: its id, who asked (SO_PEERCRED), how to
+    send messages back, and (for efci shell) how to read what the peer sends
+    next.  The socket server makes one per request; so can another front end."""
+
+    id: int | str | None
+    requester: Requester
+    send: Callable[[bytes], Awaitable[None]]
+    receive_line: Callable[[], Awaitable[bytes | None]]
+
+    async def event(self, kind: str, **fields: Any) -> None:
+        await self.send(event(self.id, kind, **fields))
 
 
 class LineSplitter:
@@ -125,8 +117,36 @@ def loads(line: bytes) -> Any:
         raise ValueError(str(e)) from None
 
 
-def parse_request(line: bytes) -> Request:
-    """Validate one request line; RequestError says what is wrong."""
+class FrameDecoder:
+    """The client's side: feed the agent's bytes, get whole messages, each a
+    JSON line and, for one with a ``size``, that many raw bytes after it in
+    ``payload``."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        self._buf += data
+        out = []
+        while (end := self._buf.find(b"\n")) >= 0:
+            message: dict[str, Any] = json.loads(self._buf[:end])
+            size = message.get("size", 0)
+            if len(self._buf) < end + 1 + size:
+                break  # its payload is still on the way
+            if "size" in message:
+                message["payload"] = bytes(self._buf[end + 1:end + 1 + size])
+            del self._buf[:end + 1 + size]
+            out.append(message)
+        return out
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+
+def parse_request(line: bytes, ops: Schemas) -> Request:
+    """Validate one request line against the operations' argument schemas;
+    RequestError says what is wrong."""
     try:
         msg = loads(line)
     except ValueError as e:
@@ -141,12 +161,12 @@ def parse_request(line: bytes) -> Request:
     if unknown:
         raise RequestError(f"unknown request field {sorted(unknown)[0]!r}")
     op = msg.get("op")
-    if not isinstance(op, str) or op not in OPS:
-        raise RequestError(f"unknown op {op!r}; known: {', '.join(sorted(OPS))}")
+    if not isinstance(op, str) or op not in ops:
+        raise RequestError(f"unknown op {op!r}; known: {', '.join(sorted(ops))}")
     args = msg.get("args", {})
     if not isinstance(args, dict):
         raise RequestError("args must be a JSON object")
-    spec = OPS[op]
+    spec = ops[op]
     for name, value in args.items():
         if name not in spec:
             raise RequestError(f"{op}: unknown argument {name!r}")

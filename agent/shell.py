@@ -31,11 +31,9 @@ from .checkout import Worktree
 from .errors import Conflict, RequestError
 from .host import docker
 from .host.pty import PtyProcess, open_pty_process
-from .model import Requester
 from .runs import container_spec, task_from_wire
 
 if TYPE_CHECKING:
-    from .control import Connection
     from .runs import Runs
 
 log = logging.getLogger(__name__)
@@ -43,8 +41,8 @@ log = logging.getLogger(__name__)
 SHELL = "/bin/sh"
 
 
-async def serve_shell(runs: Runs, request: protocol.Request, conn: Connection,
-                      requester: Requester, run_id: int, cols: int, rows: int) -> dict[str, Any]:
+async def serve_shell(runs: Runs, call: protocol.Call, run_id: int, cols: int,
+                      rows: int) -> dict[str, Any]:
     if not (10 <= cols <= 1000 and 5 <= rows <= 1000):
         raise RequestError(f"terminal size {cols}x{rows} is out of range")
     async with runs.claimed(run_id) as record:
@@ -64,11 +62,11 @@ async def serve_shell(runs: Runs, request: protocol.Request, conn: Connection,
                 name=name, image=image, command=None, entrypoint=SHELL, interactive=True)
             await docker.remove(runs.cfg.docker, name)  # one left by a killed agent
             await docker.create(runs.cfg.docker, spec)
-            log.info("shell in run %d opened by uid %d", run_id, requester.uid)
-            await conn(protocol.event(request.id, "attached", run=run_id))
+            log.info("shell in run %d opened by uid %d", run_id, call.requester.uid)
+            await call.event("attached", run=run_id)
             argv = [runs.cfg.docker, "start", "--attach", "--interactive", name]
             async with open_pty_process(argv, cols=cols, rows=rows, interactive=True) as proc:
-                exit_status = await _relay(proc, request, conn)
+                exit_status = await _relay(proc, call)
         finally:
             with trio.move_on_after(60) as cleanup:
                 cleanup.shield = True
@@ -81,16 +79,16 @@ async def serve_shell(runs: Runs, request: protocol.Request, conn: Connection,
         return {"run": run_id, "exit_code": exit_status}
 
 
-async def _relay(proc: PtyProcess, request: protocol.Request, conn: Connection) -> int | None:
+async def _relay(proc: PtyProcess, call: protocol.Call) -> int | None:
     async with trio.open_nursery() as nursery:
 
         async def output() -> None:
             while data := await proc.receive_some():
-                await conn(protocol.event(request.id, "output", size=len(data)) + data)
+                await call.send(protocol.event(call.id, "output", size=len(data)) + data)
             nursery.cancel_scope.cancel()  # the shell exited
 
         async def user_input() -> None:
-            while (line := await conn.receive_line()) is not None:
+            while (line := await call.receive_line()) is not None:
                 try:
                     message = protocol.loads(line)
                     if "input" in message:

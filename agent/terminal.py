@@ -8,7 +8,6 @@ keys go to the agent as ``{"input": ...}`` lines and window changes as
 from __future__ import annotations
 
 import base64
-import json
 import os
 import selectors
 import signal
@@ -19,32 +18,13 @@ import tty
 from pathlib import Path
 from typing import Any
 
+from . import protocol
 from .client import RemoteError
 from .errors import AgentUnreachable, EfciError
 
 
 def _send(sock: socket.socket, message: dict[str, Any]) -> None:
-    sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
-
-
-class _Frames:
-    """Splits the agent's byte stream into messages (line, then payload)."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
-        self._buf += data
-        out = []
-        while (end := self._buf.find(b"\n")) >= 0:
-            message = json.loads(self._buf[:end])
-            size = message.get("size", 0)
-            if len(self._buf) < end + 1 + size:
-                break
-            message["payload"] = bytes(self._buf[end + 1:end + 1 + size])
-            del self._buf[:end + 1 + size]
-            out.append(message)
-        return out
+    sock.sendall(protocol.encode(message))
 
 
 def run_shell(socket_path: Path, run: int) -> int:
@@ -62,7 +42,7 @@ def run_shell(socket_path: Path, run: int) -> int:
     resized = [False]
     signal.signal(signal.SIGWINCH, lambda *_: resized.__setitem__(0, True))
     saved = termios.tcgetattr(stdin)
-    frames = _Frames()
+    frames = protocol.FrameDecoder()
     try:
         tty.setraw(stdin)
         selector = selectors.DefaultSelector()

@@ -117,6 +117,12 @@ async def server_version(docker: str) -> str:
     return result.stdout.decode().strip()
 
 
+async def root_dir(docker: str) -> Path:
+    """Where dockerd keeps images, containers and volumes."""
+    result = await command.run([docker, "info", "--format", "{{.DockerRootDir}}"])
+    return Path(result.stdout.decode().strip())
+
+
 def _normalise_ref(ref: str) -> str:
     last = ref.rsplit("/", 1)[-1]
     return ref if ":" in last or "@" in last else ref + ":latest"

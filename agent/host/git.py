@@ -72,6 +72,7 @@ class CheckoutContainer:
     known_hosts: Path
     network: str  # "host" by default: the checkout runs only git, never task code
     unchecked_host_keys: bool
+    labels: dict[str, str]  # the agent's own, as on its task containers
 
 
 def checkout_argv(docker: str, c: CheckoutContainer, repo: Repository, *,
@@ -88,6 +89,8 @@ def checkout_argv(docker: str, c: CheckoutContainer, repo: Repository, *,
             "--mount", f"type=volume,source={c.volume},target=/worktree",
             "--mount", f"type=bind,source={c.key},target=/efci/key,readonly",
             "--mount", f"type=bind,source={c.known_hosts},target=/efci/known_hosts,readonly",
+            *(arg for key, value in sorted(c.labels.items())
+              for arg in ("--label", f"{key}={value}")),
             c.image, "--url", repo.repo_url, "--revision", repo.revision]
     if is_sha:
         argv.append("--sha")

@@ -67,7 +67,7 @@ tasks:
     before = time.time()
     status, record = run(agent, "greedy")
     assert status == 1 and "declares secret 'nope', but there is no" in record["error"]
-    assert created_containers(before, time.time()) == []
+    assert created_containers(agent, before, time.time()) == []
 
 
 def test_deploy_targets_need_the_allow_list_and_a_real_directory(
@@ -97,7 +97,7 @@ def test_deploy_targets_need_the_allow_list_and_a_real_directory(
         status, record = run(agent, name)
         assert status == 1 and record["status"] == "failed", name
         assert words in record["error"], (name, record["error"])
-        assert created_containers(before, time.time()) == [], name
+        assert created_containers(agent, before, time.time()) == [], name
     assert os.listdir(targets["docs"]) == ["b"]
 
 

@@ -11,16 +11,21 @@ import pytest
 
 from agent.host.git import worktree_volume_name
 
-from .conftest import OWNER, Setup, task
+from .conftest import OWNER, AgentProcess, Setup, task
 from .gitserver import git
 
 T0 = 1_600_000_000  # commit times, far enough apart to tell mtimes apart
 
 
-def created_containers(since: float, until: float) -> list[str]:
+def created_containers(agent: AgentProcess, since: float, until: float) -> list[str]:
+    """The containers this agent created in a time span (task and checkout
+    containers carry its instance label); whatever else uses dockerd
+    meanwhile does not count."""
     out = subprocess.run(["docker", "events", "--since", f"{since:.3f}", "--until",
                           f"{until:.3f}", "--filter", "type=container", "--filter",
-                          "event=create", "--format", "{{.Actor.Attributes.name}}"],
+                          "event=create", "--filter",
+                          f"label=org.efforting-ci.instance={agent.instance()}",
+                          "--format", "{{.Actor.Attributes.name}}"],
                          capture_output=True, check=True, timeout=60).stdout.decode()
     return out.split()
 
@@ -103,7 +108,7 @@ def test_immutable_is_reused_and_mutable_is_updated(setup: Setup) -> None:
     status, second_run = setup.run("pinned")
     after = time.time()
     assert status == 0 and second_run["worktrees"][0]["reused"] is True
-    created = created_containers(before, after)
+    created = created_containers(setup.agent, before, after)
     assert created and not [n for n in created if "checkout" in n], created
 
     status, run = setup.run("tracking")
@@ -175,7 +180,7 @@ def test_unpinned_hosts_are_refused_unless_the_task_asks(setup: Setup) -> None:
     before = time.time()
     status, run = setup.run("strict")
     assert status == 1 and "is not pinned" in run["error"] and "efci key trust" in run["error"]
-    assert created_containers(before, time.time()) == []
+    assert created_containers(setup.agent, before, time.time()) == []
     status, run = setup.run("lax")
     assert status == 0
     assert b"WARNING: host keys are not checked" in setup.agent.efci("logs", str(run["id"])).stderr
@@ -244,7 +249,7 @@ def test_bad_checkout_entries_are_refused_before_anything_runs(
     assert b"checkout.repositories[0]" in reload.stderr, reload.stderr
     refused = setup.agent.efci("run", "evil", check=False)
     assert refused.returncode == 66
-    assert created_containers(before, time.time()) == [] and not marker.exists()
+    assert created_containers(setup.agent, before, time.time()) == [] and not marker.exists()
 
 
 def test_trust_by_scanning_pins_the_servers_real_key(setup: Setup) -> None:

@@ -29,8 +29,10 @@ WAN_NS, HOST_VETH, NS_VETH = "efci-twan", "efci-tw0", "efci-tw1"
 WAN, WAN_HOST_SIDE, METADATA = "203.0.113.2", "203.0.113.1", "169.254.169.254"
 GATEWAY = "172.30.0.1"
 
+# Each refusal is reported by its errno: the INPUT rule's TCP reset reads
+# ECONNREFUSED, an ICMP admin-prohibited EHOSTUNREACH, no route ENETUNREACH.
 PROBE = """
-import json, socket, struct, sys
+import errno, json, socket, struct, sys
 targets = json.loads(sys.argv[1])
 out = {}
 for name, (kind, host, port) in targets.items():
@@ -50,13 +52,27 @@ for name, (kind, host, port) in targets.items():
             s.recvfrom(1024)
             out[name] = "open"
     except OSError as e:
-        out[name] = "blocked: " + str(e)
+        out[name] = "blocked: " + (errno.errorcode.get(e.errno or 0) or str(e))
 print("RESULT " + json.dumps(out))
 """
 
 
 def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(list(argv), capture_output=True, check=check)
+
+
+def wait_listening(host: str, port: int, timeout: float = 60) -> None:
+    """Until a server answers from the host: a probe of one not up yet would
+    be refused by its kernel and pass for a rule's refusal."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 class Servers:
@@ -126,7 +142,7 @@ def wan() -> Iterator[None]:
         everywhere = "0.0.0.0"  # noqa: S104 - inside the test's namespace
         server = subprocess.Popen([*ns, "python3", "-m", "http.server", "--bind", everywhere,
                                    "8080"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.5)
+        wait_listening(WAN, 8080)
         yield
     finally:
         if "server" in locals():
@@ -153,8 +169,9 @@ def assert_gateway_blocked(agent: AgentProcess, task: str) -> None:
     servers = Servers()
     try:
         port = servers.tcp(GATEWAY)
+        wait_listening(GATEWAY, port)
         result = probe(agent, task, {"tcp gateway": ["tcp", GATEWAY, port]})
-        assert result["tcp gateway"].startswith("blocked"), result
+        assert result["tcp gateway"] == "blocked: ECONNREFUSED", result
     finally:
         servers.close()
 
@@ -186,7 +203,7 @@ def test_the_host_is_unreachable_and_the_world_is_not(agent: AgentProcess, wan: 
         targets["tcp gateway-only server"] = ["tcp", GATEWAY, servers.tcp(GATEWAY)]
         sh("docker", "run", "-d", "--name", publisher, "-p", "127.0.0.1:18731:8000",
            "-p", "18732:8000", BASE_IMAGE, "python3", "-m", "http.server", "8000")
-        time.sleep(1)
+        wait_listening("127.0.0.1", 18731)
         for address in host_addresses:
             targets[f"tcp published {address}:18732"] = ["tcp", address, 18732]
         targets["tcp metadata"] = ["tcp", METADATA, 8080]
@@ -198,11 +215,16 @@ def test_the_host_is_unreachable_and_the_world_is_not(agent: AgentProcess, wan: 
         reached = {k for k, v in result.items() if v in ("open",)}
         assert reached == {"tcp wan", "icmp wan"}, result
         assert servers.udp_received == []
+        for name, outcome in result.items():  # refused by the rule that should refuse it
+            if name.startswith("tcp published") or name == "tcp metadata":
+                assert outcome == "blocked: EHOSTUNREACH", (name, outcome)  # FORWARD
+            elif name.startswith("tcp") and name != "tcp wan":
+                assert outcome == "blocked: ECONNREFUSED", (name, outcome)  # INPUT, TCP reset
 
         isolated = probe(agent, "isolated", {"tcp wan": ["tcp", WAN, 8080],
                                              "tcp gateway": ["tcp", GATEWAY, any_port]},
                          network="none")
-        assert all(v.startswith("blocked") for v in isolated.values()), isolated
+        assert set(isolated.values()) == {"blocked: ENETUNREACH"}, isolated
     finally:
         servers.close()
         sh("docker", "rm", "-f", publisher, check=False)
@@ -252,8 +274,9 @@ def test_two_task_containers_cannot_reach_each_other(agent: AgentProcess) -> Non
                 address = line.split()[1].decode()
         time.sleep(0.2)
     assert address and address.startswith("172.30.0.")
+    wait_listening(address, 9000)  # the host reaches it: the rule is what refuses a task
     result = probe(agent, "neighbour", {"tcp neighbour": ["tcp", address, 9000]})
-    assert result["tcp neighbour"].startswith("blocked"), result
+    assert result["tcp neighbour"] == "blocked: EHOSTUNREACH", result
     agent.efci("cancel", str(listener))
 
 

@@ -114,7 +114,7 @@ def test_a_symlinked_or_loose_deploy_key_is_refused_before_any_container(
         status, record = setup.run("t")
         assert status == 1 and record["status"] == "failed", record
         assert words in record["error"], record
-        assert created_containers(before, time.time()) == []
+        assert created_containers(setup.agent, before, time.time()) == []
         private.unlink()
         private.write_bytes(saved)
         private.chmod(0o644)

@@ -89,17 +89,23 @@ def test_runs_do_not_see_each_others_writes(setup: Setup) -> None:
     make_repo(setup)
     entry = setup.entry("lib", "main", mutable=True)
     setup.declare({
+        # Each run writes its own container's name, waits while the other
+        # writes, then reads the file back: a shared upper layer would show
+        # one run the other's name.
         "writer": task(checkout={"repositories": [entry]},
                        command=["sh", "-c", "echo $HOSTNAME > /src/lib/mine; sleep 3; "
-                                "ls /src/lib"]),
+                                "echo wrote $HOSTNAME; echo read $(cat /src/lib/mine)"]),
     })
     first = json.loads(setup.agent.efci("--json", "run", "writer").stdout)["id"]
     second = json.loads(setup.agent.efci("--json", "run", "writer").stdout)["id"]
+    names = []
     for run in (first, second):
         wait_for(lambda run=run: show(setup.agent, run)["status"] == "succeeded", timeout=120,
                  what=f"run {run}")
-        out = setup.output(run)
-        assert out.count(b"mine") == 1
+        wrote, read = setup.output(run).split(b"\r\n")[:2]
+        assert wrote.startswith(b"wrote ") and read == b"read " + wrote[6:], (wrote, read)
+        names.append(wrote)
+    assert names[0] != names[1]  # two containers, two names, each read back its own
     assert mounted_under(setup.agent.root / "state/mounts") == []
 
 

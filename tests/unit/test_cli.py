@@ -46,3 +46,10 @@ def test_an_unreadable_file_is_one_clear_line(capsys: pytest.CaptureFixture[str]
                            str(missing)])
     assert status == 74
     assert capsys.readouterr().err.strip() == f"efci: {missing}: No such file or directory"
+
+
+def test_sizes_read_as_people_write_them() -> None:
+    from agent.views import size
+
+    assert [size(n) for n in (0, 1023, 1536, 3 << 20, 12 << 30)] == [
+        "0 B", "1023 B", "1.5 KiB", "3.0 MiB", "12.0 GiB"]

@@ -12,11 +12,12 @@ from agent import control, protocol
 from agent.model import Requester
 
 ME = Requester(uid=1000, gid=1000, pid=1)
+OPS: protocol.Schemas = {"ping": {}, "status": {}}
 
 
-async def flood(request: protocol.Request, requester: Requester, send: Any) -> object:
+async def flood(request: protocol.Request, call: protocol.Call) -> object:
     while True:  # a follower of an endless log
-        await send(protocol.event(request.id, "noise", data="x" * 1000))
+        await call.event("noise", data="x" * 1000)
 
 
 def test_a_client_that_stops_reading_is_dropped() -> None:
@@ -25,7 +26,7 @@ def test_a_client_that_stops_reading_is_dropped() -> None:
         done = trio.Event()
 
         async def serve() -> None:
-            await control.serve_connection(server, ME, flood)
+            await control.serve_connection(server, ME, flood, OPS)
             done.set()
 
         async with trio.open_nursery() as nursery:
@@ -41,13 +42,13 @@ def test_a_client_that_stops_reading_is_dropped() -> None:
 
 
 def test_requests_on_one_connection_are_answered_in_order() -> None:
-    async def handler(request: protocol.Request, requester: Requester, send: Any) -> object:
-        return {"op": request.op, "uid": requester.uid}
+    async def handler(request: protocol.Request, call: protocol.Call) -> object:
+        return {"op": request.op, "uid": call.requester.uid}
 
     async def main() -> None:
         server, client = trio.testing.memory_stream_pair()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(control.serve_connection, server, ME, handler)
+            nursery.start_soon(control.serve_connection, server, ME, handler, OPS)
             await client.send_all(b'{"id": 1, "op": "ping"}\n\n{"id": 2, "op": "status"}\n')
             data = b""
             while data.count(b"\n") < 2:
@@ -61,7 +62,7 @@ def test_requests_on_one_connection_are_answered_in_order() -> None:
 
 
 def test_a_handler_that_breaks_answers_with_a_sentence_and_the_server_goes_on() -> None:
-    async def handler(request: protocol.Request, requester: Requester, send: Any) -> object:
+    async def handler(request: protocol.Request, call: protocol.Call) -> object:
         if request.op == "status":
             raise ExceptionGroup("two", [KeyError("x"), ValueError("y")])
         return "pong"
@@ -69,7 +70,7 @@ def test_a_handler_that_breaks_answers_with_a_sentence_and_the_server_goes_on() 
     async def main() -> None:
         server, client = trio.testing.memory_stream_pair()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(control.serve_connection, server, ME, handler)
+            nursery.start_soon(control.serve_connection, server, ME, handler, OPS)
             await client.send_all(b'{"id": 1, "op": "status"}\n{"id": 2, "op": "ping"}\n')
             data = b""
             while data.count(b"\n") < 2:
@@ -92,7 +93,7 @@ def test_a_connection_that_breaks_outside_a_request_is_closed_alone(monkeypatch:
     async def main() -> None:
         server, client = trio.testing.memory_stream_pair()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(control.serve_connection, server, ME, lambda *a: None)
+            nursery.start_soon(control.serve_connection, server, ME, lambda *a: None, OPS)
             await client.send_all(b'{"id": 1, "op": "ping"}\n')
             data = b""
             while chunk := await client.receive_some():

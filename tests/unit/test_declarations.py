@@ -10,8 +10,9 @@ from agent import declarations as d
 from agent.errors import ConfigError
 from agent.model import Network
 
+from ..seed import seed_file
+
 DATA = Path(__file__).parent.parent / "data"
-SEED_CONFIG = Path(__file__).parents[3] / "shared/seed/experiments/01-rsync-publish/config.yml"
 SECRETS = Path("/srv/ci-secrets")
 
 
@@ -22,9 +23,8 @@ def parse(tmp_path: Path, text: str, name: str = "t.yml") -> d.FileDeclarations:
 
 
 def test_our_copy_of_the_experiment_config_is_unchanged() -> None:
-    if not SEED_CONFIG.exists():
-        pytest.skip("shared/seed is not beside this checkout")
-    assert (DATA / "experiment-01/rsync-publish.yml").read_bytes() == SEED_CONFIG.read_bytes()
+    seed = seed_file("experiments/01-rsync-publish/config.yml")
+    assert (DATA / "experiment-01/rsync-publish.yml").read_bytes() == seed.read_bytes()
 
 
 def test_the_experiment_config_loads_as_a_task() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from agent.host.git import (
     worktree_volume_name,
 )
 from agent.model import Repository
+
+from ..seed import seed_file
 
 # Computed with node from worktree_volume_name in the seed's index.mjs.
 VECTORS = [
@@ -64,8 +67,10 @@ def test_checkout_container_gets_the_key_read_only_and_little_else() -> None:
                           volume="ci-worktree-1",
                           key=Path("/srv/ci-secrets/git-ssh/o/private/k"),
                           known_hosts=Path("/srv/ci-secrets/git-ssh/o/known_hosts"),
-                          network="host", unchecked_host_keys=False)
+                          network="host", unchecked_host_keys=False,
+                          labels={"org.efforting-ci.instance": "x"})
     argv = checkout_argv("docker", c, REPO, is_sha=False)
+    assert argv[argv.index("--label") + 1] == "org.efforting-ci.instance=x"
     mounts = [argv[i + 1] for i, a in enumerate(argv) if a == "--mount"]
     assert mounts == [
         "type=volume,source=ci-worktree-1,target=/worktree",
@@ -80,5 +85,11 @@ def test_checkout_container_gets_the_key_read_only_and_little_else() -> None:
 
 
 def test_labels_are_the_experiments() -> None:
-    assert volume_labels("o", REPO) == {"ci.owner": "o", "ci.repo_url": REPO.repo_url,
-                                        "ci.revision": "main", "ci.mutable": "true"}
+    """The labels index.mjs puts on a worktree volume, each with the value of
+    the entry field it names, so volumes either made are read alike."""
+    source = seed_file("experiments/01-rsync-publish/index.mjs").read_text()
+    theirs = dict(re.findall(r"'--label', `(ci\.[a-z_]+)=\$\{(\w+)\}`", source))
+    assert theirs, "index.mjs sets labels"
+    entry = {"owner": "o", "repo_url": REPO.repo_url, "revision": REPO.revision,
+             "mutable": "true"}  # JavaScript's `${true}`
+    assert volume_labels("o", REPO) == {label: entry[field] for label, field in theirs.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,9 @@ def test_big_writes_are_split_and_roll_segments(tmp_path: Path) -> None:
     w.close()
     assert len(list((tmp_path / "1").glob("*.seg"))) >= 4
     assert output(store, 1) == line[: 30 << 20]
+    with store.reader(1) as reader:
+        sizes = [len(r.payload) for r in reader.records_from(0) if r.kind is fmt.Kind.OUTPUT]
+    assert sizes == [fmt.MAX_PAYLOAD] * 30  # split into records as big as the format allows
 
 
 def test_past_the_limit_head_and_tail_are_kept_with_a_gap_record(tmp_path: Path) -> None:
@@ -171,14 +175,26 @@ async def test_follow_of_a_finished_log_ends(tmp_path: Path) -> None:
     assert [r.payload for b in batches for r in b] == [b"def"]
 
 
-async def test_sync_fsyncs_in_a_thread(tmp_path: Path) -> None:
+async def test_sync_fsyncs_in_a_worker_thread_only_what_changed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[tuple[str, list[int]]] = []
+    real = logstore._fsync_and_close
+
+    def recording(fds: list[int]) -> None:
+        synced.append((threading.current_thread().name, [os.fstat(fd).st_ino for fd in fds]))
+        real(fds)
+
+    monkeypatch.setattr(logstore, "_fsync_and_close", recording)
     store = LogStore(tmp_path, limit=1 << 20)
     w = store.open_writer(1)
     w.output(b"x")
     await w.sync()
     await w.sync()  # nothing new: no work
-    w.close()
-    assert (tmp_path / "1/000000.seg").stat().st_size == 24 + 20 + 1
+    assert len(synced) == 1 and synced[0][0] != threading.main_thread().name
+    segment, index = (tmp_path / "1/000000.seg").stat(), (tmp_path / "1/index").stat()
+    assert sorted(synced[0][1]) == sorted([segment.st_ino, index.st_ino])
+    w.close()  # the last sync, at the end
+    assert len(synced) == 2 and synced[1][0] == threading.main_thread().name
 
 
 def test_streams_are_named_once(tmp_path: Path) -> None:

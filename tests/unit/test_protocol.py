@@ -7,10 +7,14 @@ import pytest
 from agent import protocol
 from agent.errors import RequestError
 from agent.logformat import Kind, Record
+from agent.ops import schemas
+
+OPS = schemas()
 
 
 def test_request_round_trip() -> None:
-    req = protocol.parse_request(b'{"id": 7, "op": "run", "args": {"task": "t", "follow": true}}')
+    req = protocol.parse_request(b'{"id": 7, "op": "run", "args": {"task": "t", "follow": true}}',
+                                 OPS)
     assert (req.id, req.op, req.args) == (7, "run", {"task": "t", "follow": True})
 
 
@@ -32,7 +36,7 @@ def test_request_round_trip() -> None:
 ])
 def test_bad_requests(line: bytes, words: str) -> None:
     with pytest.raises(RequestError, match=words.replace("(", r"\(")):
-        protocol.parse_request(line)
+        protocol.parse_request(line, OPS)
 
 
 def test_splitter_handles_partial_and_many_lines() -> None:
@@ -74,13 +78,13 @@ def test_request_id_of_a_bad_request() -> None:
 ])
 def test_requests_beyond_the_bounds_are_refused(line: bytes, words: str) -> None:
     with pytest.raises(RequestError, match=words):
-        protocol.parse_request(line)
+        protocol.parse_request(line, OPS)
     assert protocol.request_id_of(line) is None
 
 
 def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
     line = b'{"id": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\\"{{{{", "op": "ping"}'
-    assert protocol.parse_request(line).op == "ping"
+    assert protocol.parse_request(line, OPS).op == "ping"
 
 
 def test_a_progress_report_cannot_nest_or_overflow() -> None:
@@ -89,3 +93,17 @@ def test_a_progress_report_cannot_nest_or_overflow() -> None:
     assert parse_report(b"[" * 2000 + b"]" * 2000) is None
     assert parse_report(b'{"progress": ' + b"9" * 4000 + b"}") is None
     assert parse_report(b'{"progress": 0.5}') == (0.5, None)
+
+
+def test_frames_decode_whatever_the_pieces_they_arrive_in() -> None:
+    records = [Record(24, Kind.OUTPUT, 1, 5, b"a\nb\n"), Record(56, Kind.OUTPUT, 1, 6, b"\n")]
+    stream = (protocol.event(1, "streams", streams={"task": 1})
+              + protocol.records_event(1, records) + protocol.ok(1, {"done": True}))
+    for piece in (1, 7, len(stream)):
+        decoder = protocol.FrameDecoder()
+        messages = []
+        for at in range(0, len(stream), piece):
+            messages += decoder.feed(stream[at:at + piece])
+        assert [m.get("event", "ok") for m in messages] == ["streams", "records", "ok"]
+        assert protocol.decode_records(messages[1]) == records
+        assert "payload" not in messages[0] and decoder.pending == 0

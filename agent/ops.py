@@ -1,0 +1,338 @@
+"""The control operations, each declared once.
+
+An operation is a plain async function over the agent's services:
+``handler(agent, call, **arguments)``.  Its keyword-only parameters *are*
+its argument schema (name, type, required when it has no default), so
+validation (:func:`agent.protocol.parse_request`), dispatch and the handler
+cannot disagree.  ``call`` says who asked and how to answer: the socket
+server passes one, and so can any other front end (the web page).
+
+Handlers raise :class:`~agent.errors.EfciError` for what a person should
+read; anything else is a bug, answered as such by the server.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import trio
+
+from . import __version__, protocol
+from .errors import Conflict, EfciError, NotFound
+from .images import image_tag
+from .keys import KeyInfo
+from .logstore import records_with_skip
+from .model import Task
+from .protocol import Call
+from .runs import task_to_wire
+from .shell import serve_shell
+
+if TYPE_CHECKING:
+    from .daemon import Agent
+
+log = logging.getLogger(__name__)
+
+
+Handler = Callable[..., Awaitable[object]]
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    handler: Handler
+    args: dict[str, tuple[type, bool]]  # argument -> (type, required)
+
+
+OPS: dict[str, Op] = {}
+
+
+# What an argument may be: JSON's own scalars (annotations are strings here).
+_TYPES: dict[str, type] = {"str": str, "int": int, "bool": bool}
+
+
+def _schema(handler: Handler) -> dict[str, tuple[type, bool]]:
+    """The keyword-only parameters of a handler as (type, required); an
+    optional one is ``T | None = None`` or has a default."""
+    schema = {}
+    for param in inspect.signature(handler).parameters.values():
+        if param.kind is not param.KEYWORD_ONLY:
+            continue
+        names = [n for n in str(param.annotation).split(" | ") if n != "None"]
+        if len(names) != 1 or names[0] not in _TYPES:
+            raise TypeError(f"op {handler.__name__}: argument {param.name} must be one of "
+                            f"{', '.join(_TYPES)} (or that | None), not {param.annotation}")
+        schema[param.name] = (_TYPES[names[0]], param.default is param.empty)
+    return schema
+
+
+def op(handler: Handler) -> Handler:
+    """Declare ``handler`` as the operation of its name."""
+    OPS[handler.__name__] = Op(handler.__name__, handler, _schema(handler))
+    return handler
+
+
+def schemas() -> dict[str, dict[str, tuple[type, bool]]]:
+    return {name: o.args for name, o in OPS.items()}
+
+
+async def dispatch(agent: Agent, call: Call, request: protocol.Request) -> object:
+    return await OPS[request.op].handler(agent, call, **request.args)
+
+
+# -- the agent ------------------------------------------------------------------
+
+@op
+async def ping(agent: Agent, call: Call) -> object:
+    return {"version": __version__}
+
+
+@op
+async def status(agent: Agent, call: Call) -> object:
+    return {
+        "version": __version__,
+        "pid": os.getpid(),
+        "started_at": agent.started_at,
+        "config": agent.cfg.source,
+        "socket": str(agent.cfg.socket_path),
+        "state": str(agent.state.path),
+        "docker": agent.docker_version,
+        "active_runs": sorted(agent.runs.active),
+        "network": {"problems": await agent.network.problems(),
+                    "last_probe": agent.network.last_probe.__dict__
+                    if agent.network.last_probe else None},
+        "declarations": agent.declarations_summary(),
+        **_resources(agent),
+    }
+
+
+def _resources(agent: Agent) -> dict[str, Any]:
+    """The agent's own memory and descriptors, and the room left where it
+    and dockerd write (a full disk is what stops a CI host)."""
+    me = psutil.Process()
+    places = {"state": agent.cfg.state_dir, "logs": agent.cfg.log_dir,
+              "docker": agent.docker_root}
+    disks = {}
+    for name, path in places.items():
+        if path is None:
+            continue
+        try:
+            usage = psutil.disk_usage(str(path))
+        except OSError:
+            continue
+        disks[name] = {"path": str(path), "free": usage.free, "total": usage.total}
+    return {"memory": me.memory_info().rss, "open_files": me.num_fds(), "disks": disks}
+
+
+@op
+async def tasks(agent: Agent, call: Call) -> object:
+    return [task_to_wire(t) for _, t in sorted(agent.decls.tasks.items())]
+
+
+@op
+async def reload(agent: Agent, call: Call) -> object:
+    return await agent.reload()
+
+
+# -- runs -------------------------------------------------------------------------
+
+@op
+async def run(agent: Agent, call: Call, *, task: str, follow: bool = False) -> object:
+    found = agent.decls.tasks.get(task)
+    if found is None:
+        known = ", ".join(sorted(agent.decls.tasks)) or "none declared"
+        raise NotFound(f"no task {task!r} (tasks: {known}); see efci tasks")
+    run_id = await agent.runs.start(found, call.requester,
+                                    image=agent.decls.images.get(found.image))
+    return await _started(agent, call, run_id, 0, follow)
+
+
+@op
+async def runs(agent: Agent, call: Call, *, task: str | None = None, limit: int = 20) -> object:
+    records = await agent.runs.records(task=task, limit=min(limit, 1000))
+    return [r.to_wire() for r in records]
+
+
+@op
+async def show(agent: Agent, call: Call, *, run: int) -> object:
+    return await run_wire(agent, run)
+
+
+@op
+async def logs(agent: Agent, call: Call, *, run: int, follow: bool = False, position: int = 0,
+               since_ns: int | None = None, tail: int | None = None) -> object:
+    """A run's log from ``position``, a time, or its last ``tail`` lines;
+    the index finds the start without reading the whole log."""
+    await run_wire(agent, run)  # NotFound for an unknown run
+    skip = 0
+    with agent.logs.reader(run) as reader:
+        if since_ns is not None:
+            position = await trio.to_thread.run_sync(reader.position_at_time, since_ns)
+        if tail is not None:
+            position, skip = await trio.to_thread.run_sync(reader.position_of_tail, tail)
+    end = await stream_log(agent, call, run, position, skip, follow=follow)
+    return {"run": run, "next": end}
+
+
+@op
+async def cancel(agent: Agent, call: Call, *, run: int) -> object:
+    await agent.runs.cancel(run, f"cancelled by uid {call.requester.uid}")
+    return await run_wire(agent, run)
+
+
+@op
+async def restart(agent: Agent, call: Call, *, run: int, follow: bool = False) -> object:
+    position = agent.logs.end(run)  # a follower reads from where the new attempt begins
+    await agent.runs.restart(run, call.requester)
+    return await _started(agent, call, run, position, follow)
+
+
+@op
+async def rm(agent: Agent, call: Call, *, run: int) -> object:
+    await agent.runs.remove(run)
+    log.info("run %d: container and mutations removed (uid %d)", run, call.requester.uid)
+    return await run_wire(agent, run)
+
+
+@op
+async def shell(agent: Agent, call: Call, *, run: int, cols: int, rows: int) -> object:
+    return await serve_shell(agent.runs, call, run, cols, rows)
+
+
+async def _started(agent: Agent, call: Call, run_id: int, position: int,
+                   follow: bool) -> object:
+    if follow:
+        await call.event("started", run=run_id)
+        await stream_log(agent, call, run_id, position, 0, follow=True)
+    return await run_wire(agent, run_id)
+
+
+async def run_wire(agent: Agent, run_id: int) -> dict[str, Any]:
+    record = await agent.runs.record(run_id)
+    if record is None:
+        raise NotFound(f"no run {run_id}; see efci runs")
+    worktrees = await agent.state.call(agent.state.run_worktrees, run_id)
+    return {**record.to_wire(), "log_size": agent.logs.end(run_id), "worktrees": worktrees}
+
+
+async def stream_log(agent: Agent, call: Call, run_id: int, position: int, skip: int, *,
+                     follow: bool) -> int:
+    """Send the log's records from ``position`` (the first one shortened by
+    ``skip`` bytes), and with ``follow`` until the run ends; returns where
+    to resume."""
+    streams = agent.logs.streams(run_id)
+    await call.event("streams", streams=streams)
+    async for batch in agent.logs.follow(run_id, position, live=follow):
+        if any(r.stream not in streams.values() for r in batch):
+            streams = agent.logs.streams(run_id)
+            await call.event("streams", streams=streams)
+        await call.send(protocol.records_event(call.id, records_with_skip(batch, skip)))
+        skip = 0
+        position = batch[-1].end
+    return position
+
+
+# -- images -----------------------------------------------------------------------
+
+@op
+async def images(agent: Agent, call: Call) -> object:
+    out: list[dict[str, Any]] = []
+    for name, image in sorted(agent.decls.images.items()):
+        try:
+            tag = await trio.to_thread.run_sync(image_tag, image)
+        except EfciError as e:
+            out.append({"name": name, "source": image.source, "tag": None, "built": False,
+                        "error": e.message, "used_by": []})
+            continue
+        out.append({"name": name, "source": image.source, "tag": tag,
+                    "built": await agent.runs.images.exists(tag),
+                    "used_by": sorted(t.name for t in agent.decls.tasks.values()
+                                      if t.image == name)})
+    return out
+
+
+@op
+async def image_build(agent: Agent, call: Call, *, name: str, follow: bool = False) -> object:
+    """A build is a run of its own (task ``image:NAME``), so its output is
+    a log like any run's."""
+    image = agent.decls.images.get(name)
+    if image is None:
+        raise NotFound(f"no image {name!r} is declared; see efci images")
+    task = Task(name=f"image:{name}", owner=agent.cfg.owner, source=image.source,
+                image=name, command=None)
+    run_id = await agent.runs.start(task, call.requester, image=image, build_only=True)
+    return await _started(agent, call, run_id, 0, follow)
+
+
+# -- the network --------------------------------------------------------------------
+
+@op
+async def firewall_status(agent: Agent, call: Call) -> object:
+    return await agent.network.status()
+
+
+@op
+async def firewall_probe(agent: Agent, call: Call) -> object:
+    return (await agent.network.probe(agent.cfg.base_image)).__dict__
+
+
+@op
+async def firewall_remove(agent: Agent, call: Call) -> object:
+    await agent.network.remove()
+    log.warning("network rules removed by uid %d; the next run puts them back",
+                call.requester.uid)
+    return await agent.network.status()
+
+
+# -- deploy keys (the private half never crosses the socket) --------------------------
+
+def _key_wire(agent: Agent, key: KeyInfo) -> dict[str, Any]:
+    return {"owner": key.owner, "name": key.name, "public_key": key.public_key,
+            "fingerprint": key.fingerprint, "created_at": key.created_at,
+            "used_by": agent.tasks_using_key(key.owner, key.name)}
+
+
+@op
+async def key_create(agent: Agent, call: Call, *, name: str, owner: str | None = None) -> object:
+    key = await agent.keys.create(owner or agent.cfg.owner, name)
+    log.info("created deploy key %s/%s (%s)", key.owner, key.name, key.fingerprint)
+    return _key_wire(agent, key)
+
+
+@op
+async def key_list(agent: Agent, call: Call, *, owner: str | None = None) -> object:
+    return [_key_wire(agent, k) for k in await agent.keys.all(owner)]
+
+
+@op
+async def key_show(agent: Agent, call: Call, *, name: str, owner: str | None = None) -> object:
+    return _key_wire(agent, await agent.keys.info(owner or agent.cfg.owner, name))
+
+
+@op
+async def key_delete(agent: Agent, call: Call, *, name: str, owner: str | None = None,
+                     force: bool = False) -> object:
+    owner = owner or agent.cfg.owner
+    users = agent.tasks_using_key(owner, name)
+    if users and not force:
+        raise Conflict(f"key {name!r} of owner {owner!r} is used by task"
+                       f"{'s' if len(users) > 1 else ''} {', '.join(users)}; "
+                       "give --force to delete it anyway")
+    agent.keys.delete(owner, name)
+    log.info("deleted deploy key %s/%s%s", owner, name, " (forced)" if users else "")
+    return {"owner": owner, "name": name, "was_used_by": users}
+
+
+@op
+async def key_trust(agent: Agent, call: Call, *, host: str, port: int = 22,
+                    owner: str | None = None, keys: str | None = None) -> object:
+    owner = owner or agent.cfg.owner
+    fingerprints = await agent.keys.trust(owner, host, port, keys)
+    log.info("pinned host keys of %s port %d for %s", host, port, owner)
+    return {"owner": owner, "host": host, "port": port, "fingerprints": fingerprints,
+            "scanned": keys is None}

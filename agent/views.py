@@ -1,0 +1,277 @@
+"""What ``efci`` shows people: one view per answer of the agent.
+
+Each view takes an operation's result (the very data ``--json`` prints)
+and prints it for a person, returning the exit status.  Text that came from
+the agent is made printable first (a declaration's escape sequence never
+reaches the terminal).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from .errors import printable
+
+
+def when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def duration(run: dict[str, Any]) -> str:
+    start, end = run.get("started_at"), run.get("finished_at")
+    if not start:
+        return "-"
+    return f"{(end or time.time()) - start:.1f}s"
+
+
+def progress(run: dict[str, Any]) -> str:
+    parts = []
+    if run.get("progress") is not None:
+        parts.append(f"{run['progress'] * 100:.0f}%")
+    if run.get("progress_message"):
+        parts.append(run["progress_message"])
+    return printable(" ".join(parts)) or "-"
+
+
+def size(count: int) -> str:
+    """Bytes for a person: 512 B, 3.4 MiB, 12.0 GiB."""
+    value, unit = float(count), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print(printable("  ".join(str(v).ljust(w)
+                                  for v, w in zip(row, widths, strict=True)).rstrip()))
+
+
+def status(st: dict[str, Any]) -> int:
+    d = st["declarations"]
+    print(f"efforting-ci {st['version']} (pid {st['pid']}), up since {when(st['started_at'])}")
+    print(f"  config:       {st['config']}")
+    print(f"  socket:       {st['socket']}")
+    print(f"  state:        {st['state']}")
+    print(f"  docker:       {st['docker']}")
+    print(f"  declarations: {d['tasks']} tasks, {d['images']} images from {d['directory']}")
+    print(f"  active runs:  {', '.join(map(str, st['active_runs'])) or 'none'}")
+    net, probe = st["network"], st["network"]["last_probe"]
+    print(f"  network:      {'rules in place' if not net['problems'] else 'RULES NOT IN PLACE'}"
+          + (f", last probe {'passed' if probe['passed'] else 'FAILED'}" if probe else ""))
+    print(f"  agent:        {size(st['memory'])} of memory, {st['open_files']} open files")
+    for name, disk in st["disks"].items():
+        print(f"  free space:   {size(disk['free'])} of {size(disk['total'])} for {name} "
+              f"({disk['path']})")
+    for message in d["errors"].values():
+        print(f"  REFUSED: {printable(message)}")
+    for message in d["warnings"]:
+        print(f"  warning: {printable(message)}")
+    return 2 if d["errors"] else 0
+
+
+def tasks(found: list[dict[str, Any]]) -> int:
+    if not found:
+        print("no tasks declared (put *.yml files in the declarations directory, "
+              "then efci reload)")
+        return 0
+    table([[t["name"], t["owner"], t["image"], str(len(t["repositories"])), t["source"]]
+           for t in found], ["TASK", "OWNER", "IMAGE", "REPOS", "DECLARED AT"])
+    return 0
+
+
+def reload(result: dict[str, Any]) -> int:
+    print(f"loaded {result['tasks']} tasks and {result['images']} images "
+          f"from {result['directory']}")
+    for message in result["errors"].values():
+        print(f"REFUSED: {printable(message)}", file=sys.stderr)
+    for message in result["warnings"]:
+        print(f"warning: {printable(message)}", file=sys.stderr)
+    return 2 if result["errors"] else 0
+
+
+def queued(run: dict[str, Any]) -> int:
+    print(f"run {run['id']} ({run['task']}) queued; "
+          f"follow it with: efci logs --follow {run['id']}")
+    return 0
+
+
+def runs(found: list[dict[str, Any]]) -> int:
+    table([[str(r["id"]), r["task"], r["status"],
+            "-" if r["exit_code"] is None else str(r["exit_code"]),
+            when(r["created_at"]), duration(r), progress(r)] for r in found],
+          ["RUN", "TASK", "STATUS", "EXIT", "CREATED", "TOOK", "PROGRESS"])
+    return 0
+
+
+def show(run: dict[str, Any]) -> int:
+    for key in ("id", "task", "owner", "status", "exit_code", "error", "attempts", "image",
+                "image_id", "container_name", "container_id", "log_size"):
+        print(printable(f"{key + ':':16}{'-' if run.get(key) is None else run[key]}"))
+    for key in ("created_at", "started_at", "finished_at"):
+        print(f"{key + ':':16}{when(run[key])}")
+    for w in run["worktrees"]:
+        how = "reused" if w["reused"] else "checked out"
+        print(f"{'worktree:':16}/src/{w['mount_name']} {w['commit_sha'][:12]} ({how}, "
+              f"{w['volume']})")
+    print(f"{'took:':16}{duration(run)}")
+    if run["removed_at"]:
+        print(f"{'removed:':16}{when(run['removed_at'])} (container and mutations)")
+    if run["progress"] is not None or run["progress_message"]:
+        print(f"{'progress:':16}{progress(run)}")
+    print(f"{'requested by:':16}uid {run['requested_uid']} gid {run['requested_gid']} "
+          f"pid {run['requested_pid']}")
+    return 0
+
+
+def cancelled(run: dict[str, Any]) -> int:
+    print(f"run {run['id']} {run['status']}")
+    return 0
+
+
+def removed(run: dict[str, Any]) -> int:
+    print(f"run {run['id']}: container and mutations removed; its log and record stay")
+    return 0
+
+
+def images(found: list[dict[str, Any]]) -> int:
+    table([[i["name"], i["tag"] or "-", "yes" if i["built"] else "no",
+            ", ".join(i["used_by"]) or "-", i["source"]] for i in found],
+          ["IMAGE", "TAG", "BUILT", "USED BY", "DECLARED AT"])
+    for i in found:
+        if i.get("error"):
+            print(f"efci: {printable(i['error'])}", file=sys.stderr)
+    return 0
+
+
+def firewall_status(result: dict[str, Any]) -> int:
+    print(f"network {result['network']} on {result['bridge']} ({result['subnet']})")
+    for problem in result["problems"]:
+        print(f"  NOT IN PLACE: {problem}")
+    if not result["problems"]:
+        print("  rules: all in place")
+    probe = result["last_probe"]
+    if probe:
+        print(f"  last probe: {'passed' if probe['passed'] else 'FAILED'} at {when(probe['at'])}"
+              f" ({printable(probe['detail'])})")
+    else:
+        print("  last probe: none yet")
+    for chain, lines in result["rules"].items():
+        print(f"  {chain}:")
+        for line in lines:
+            print(f"    {line}")
+    return 1 if result["problems"] or (probe and not probe["passed"]) else 0
+
+
+def firewall_probe(result: dict[str, Any]) -> int:
+    print(f"probe {'passed' if result['passed'] else 'FAILED'}: {printable(result['detail'])}")
+    return 0 if result["passed"] else 1
+
+
+def firewall_remove(result: dict[str, Any]) -> int:
+    print(f"rules of {result['bridge']} removed; the next run on the bridge puts them back "
+          "(stop the agent to keep them off)")
+    return 0
+
+
+def key(found: dict[str, Any]) -> int:
+    used = ", ".join(found["used_by"]) or "no declared task"
+    print(f"# {found['owner']}/{found['name']}  {found['fingerprint']}  used by {used}")
+    print(found["public_key"])
+    return 0
+
+
+def key_created(found: dict[str, Any]) -> int:
+    key(found)
+    print("\nAdd the line above to the repository in Gitea as a read-only deploy key "
+          "(Settings > Deploy Keys).", file=sys.stderr)
+    return 0
+
+
+def keys(found: list[dict[str, Any]]) -> int:
+    table([[k["owner"], k["name"], k["fingerprint"], ", ".join(k["used_by"]) or "-"]
+           for k in found], ["OWNER", "KEY", "FINGERPRINT", "USED BY"])
+    return 0
+
+
+def key_deleted(result: dict[str, Any]) -> int:
+    print(f"deleted key {result['owner']}/{result['name']}")
+    return 0
+
+
+def trusted(result: dict[str, Any]) -> int:
+    how = "as read by ssh-keyscan just now" if result["scanned"] else "as given"
+    print(f"pinned for {result['owner']}, {how}; compare with the server's own:")
+    for line in result["fingerprints"]:
+        print(f"  {line}")
+    return 0
+
+
+class LogPrinter:
+    """Prints a log's records as they arrive: output bytes to stdout exactly,
+    the agent's messages to stderr (so stdout redirects byte for byte).
+    ``raw`` prints output bytes only; ``timestamps`` prefixes each line with
+    the time of the record it starts in; ``as_json`` prints a JSON line per
+    record (payload in base64) for scripts."""
+
+    def __init__(self, *, raw: bool = False, timestamps: bool = False, as_json: bool = False,
+                 stream: str | None = None) -> None:
+        self.raw, self.timestamps, self.as_json = raw, timestamps, as_json
+        self.only_stream = stream
+        self.streams: dict[int, str] = {}
+        self._at_line_start = True
+        self._out = sys.stdout.buffer
+
+    def __call__(self, message: dict[str, Any]) -> None:
+        from .logformat import Kind
+        from .protocol import decode_records
+
+        if message["event"] == "streams":
+            self.streams = {v: k for k, v in message["streams"].items()}
+            return
+        if message["event"] != "records":
+            return
+        for record in decode_records(message):
+            if self.as_json:
+                self._json(record)
+            elif record.kind is Kind.OUTPUT:
+                if self.only_stream in (None, self.streams.get(record.stream)):
+                    self._output(record.payload, record.time_ns)
+            elif record.kind in (Kind.AGENT, Kind.GAP) and not self.raw:
+                text = record.payload.decode("utf-8", "replace") if record.kind is Kind.AGENT \
+                    else record.json()["message"]
+                self._out.flush()
+                print(f"efci: {printable(text)}", file=sys.stderr, flush=True)
+        self._out.flush()
+
+    def _output(self, data: bytes, time_ns: int) -> None:
+        if not self.timestamps:
+            self._out.write(data)
+            return
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time_ns / 1e9))
+        prefix = f"{stamp}.{time_ns % 1_000_000_000 // 1_000_000:03d} ".encode()
+        for line in data.splitlines(keepends=True):
+            if self._at_line_start:
+                self._out.write(prefix)
+            self._out.write(line)
+            self._at_line_start = line.endswith(b"\n")
+
+    def _json(self, record: Any) -> None:
+        import base64
+
+        print(json.dumps({"position": record.position, "kind": record.kind.name.lower(),
+                          "stream": self.streams.get(record.stream, str(record.stream)),
+                          "time_ns": record.time_ns,
+                          "data": base64.b64encode(record.payload).decode()}), flush=True)
+
+
