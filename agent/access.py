@@ -26,7 +26,7 @@ import trio
 
 from .config import AgentConfig, DeployTarget
 from .errors import RunFailed
-from .host.docker import Mount
+from .host.engine import Mount
 from .host.privileges import clear_privileges
 from .model import Task
 

@@ -11,7 +11,6 @@ reused half-made.  Checkouts of one volume never overlap.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 from collections import defaultdict
@@ -23,19 +22,16 @@ from pathlib import Path
 
 import trio
 
-from . import names
 from .config import AgentConfig
-from .errors import CommandFailed, RunFailed
-from .host import command, docker
+from .errors import RunFailed
+from .host.engine import Engine
 from .host.git import (
     HEAD_LINE,
-    CheckoutContainer,
-    checkout_argv,
+    checkout_container,
     ssh_host,
     volume_labels,
     worktree_volume_name,
 )
-from .host.pty import open_pty_process
 from .keys import KeyStore
 from .logformat import Kind
 from .logstore import LogWriter
@@ -130,9 +126,10 @@ def checkout_image_tag(base_image: str) -> str:
 
 
 class Checkouts:
-    def __init__(self, cfg: AgentConfig, state: StateStore, keys: KeyStore,
+    def __init__(self, cfg: AgentConfig, engine: Engine, state: StateStore, keys: KeyStore,
                  instance: str) -> None:
         self.cfg = cfg
+        self.engine = engine
         self.state = state
         self.keys = keys
         self.instance = instance
@@ -145,12 +142,16 @@ class Checkouts:
         """The checkout image's tag, building it first if it is missing."""
         tag = self._image_tag
         async with self._image_lock:
-            probe = await command.run([self.cfg.docker, "image", "inspect", tag], check=False)
-            if probe.returncode != 0:
+            if not await self.engine.image_exists(tag):
                 log.info("building the checkout image %s", tag)
-                await command.run([self.cfg.docker, "build", "--quiet", "--tag", tag,
-                                   "--build-arg", f"BASE={self.cfg.base_image}",
-                                   str(_image_context())])
+                output = bytearray()
+                status = await self.engine.build(
+                    tag, _image_context(), dockerfile=_image_context() / "Dockerfile",
+                    build_args={"BASE": self.cfg.base_image}, output=output.extend)
+                if status != 0:
+                    raise CheckoutFailed(f"the checkout image {tag} failed to build (exit "
+                                         f"status {status}): "
+                                         + output.decode("utf-8", "replace")[-2000:])
         return tag
 
     def check(self, task: Task) -> None:
@@ -184,7 +185,7 @@ class Checkouts:
             await lock.acquire_read()
             try:
                 commit = await self.state.call(self.state.worktree_commit, volume)
-                if commit and await docker.volume_exists(self.cfg.docker, volume):
+                if commit and await self.engine.volume_exists(volume):
                     writer.message(f"{repo.mount_name}: reusing worktree {volume} at "
                                    f"{commit[:12]} (immutable revision)")
                     return Worktree(volume, repo.mount_name, commit, reused=True)
@@ -214,8 +215,8 @@ class Checkouts:
 
     async def _check_out(self, run_id: int, task: Task, index: int, repo: Repository,
                          volume: str, writer: LogWriter) -> str:
-        if not await docker.volume_exists(self.cfg.docker, volume):
-            await docker.create_volume(self.cfg.docker, volume, volume_labels(task.owner, repo))
+        if not await self.engine.volume_exists(volume):
+            await self.engine.create_volume(volume, volume_labels(task.owner, repo))
         await self.state.call(self.state.worktree_checking_out, volume, task.owner, repo.entry)
         commit = await self._run_checkout(run_id, task, index, repo, volume, writer)
         if not repo.mutable and commit != repo.revision:
@@ -227,15 +228,14 @@ class Checkouts:
                             volume: str, writer: LogWriter) -> str:
         image = await self.ensure_image()
         stream = writer.stream(f"checkout:{repo.mount_name}")
-        container = CheckoutContainer(
+        container = checkout_container(
             name=f"efci-{self.instance}-{run_id}-checkout-{index}",
-            image=image, volume=volume,
+            image=image, volume=volume, repo=repo,
             key=self.keys.checked(self.keys.private_path(task.owner, repo.key), private=True),
             known_hosts=self.keys.checked(self.keys.known_hosts(task.owner), private=False),
             network="host" if self.cfg.network_checkout == "host" else self.cfg.network_name,
             unchecked_host_keys=task.unchecked_host_keys,
-            labels={docker.LABEL_PREFIX + "instance": self.instance,
-                    docker.LABEL_PREFIX + "run": str(run_id)})
+            labels={"instance": self.instance, "run": str(run_id)})
         if task.unchecked_host_keys:
             writer.message(f"{repo.mount_name}: WARNING: host keys are not checked for this "
                            "checkout (checkout.unchecked_host_keys); a machine in the middle "
@@ -244,23 +244,13 @@ class Checkouts:
                        f"into {volume}")
         writer.event(Kind.MARKER, {"step": "checkout", "name": repo.mount_name,
                                    "event": "start"})
-        argv = checkout_argv(self.cfg.docker, container, repo,
-                             is_sha=bool(names.FULL_SHA.fullmatch(repo.revision)))
         tail = b""
-        status: int | None = None
         cols, rows = self.cfg.terminal_size
-        try:
-            async with open_pty_process(argv, cols=cols, rows=rows) as proc:
-                while data := await proc.receive_some():
-                    writer.output(data, stream)
-                    tail = (tail + data)[-4096:]
-                status = await proc.wait()
-        finally:
-            if status is None:  # cancelled: killing `docker run` leaves the container
-                with trio.move_on_after(30) as cleanup:
-                    cleanup.shield = True
-                    with contextlib.suppress(CommandFailed):
-                        await docker.remove(self.cfg.docker, container.name)
+        async with self.engine.run_attached(container, cols=cols, rows=rows) as terminal:
+            while data := await terminal.receive_some():
+                writer.output(data, stream)
+                tail = (tail + data)[-4096:]
+            status = await terminal.wait()
         writer.event(Kind.MARKER, {"step": "checkout", "name": repo.mount_name, "event": "end"})
         heads = HEAD_LINE.findall(tail)
         if status != 0 or not heads:

@@ -18,19 +18,17 @@ from typing import Any
 import trio
 
 from . import __version__, declarations, ops, protocol
-from .access import deploy_targets, sweep_target
 from .checkout import Checkouts
 from .config import AgentConfig
 from .control import ControlServer, bind_socket
 from .errors import CommandFailed, EfciError
-from .host import docker
+from .host.docker import DockerCLI
+from .host.engine import Engine
 from .keys import KeyStore
-from .logformat import Kind
 from .logstore import LogStore
-from .model import RunStatus
 from .mutations import Mutations
 from .network import TaskNetwork
-from .runs import Runs, task_from_wire
+from .runs import Runs
 from .state import StateStore
 
 log = logging.getLogger("efci.agent")
@@ -42,16 +40,18 @@ SHUTDOWN_GRACE = 5
 class Agent:
     """The request handlers and the state they share."""
 
-    def __init__(self, cfg: AgentConfig, state: StateStore, logs: LogStore) -> None:
+    def __init__(self, cfg: AgentConfig, engine: Engine, state: StateStore,
+                 logs: LogStore) -> None:
         self.cfg = cfg
+        self.engine = engine
         self.state = state
         self.logs = logs
         self.instance = state.instance()
         self.keys = KeyStore(cfg.secrets_base)
-        self.checkouts = Checkouts(cfg, state, self.keys, self.instance)
-        self.mutations = Mutations(cfg, self.instance)
-        self.network = TaskNetwork(cfg)
-        self.runs = Runs(cfg, state, logs, self.checkouts, self.mutations, self.network,
+        self.checkouts = Checkouts(cfg, engine, state, self.keys, self.instance)
+        self.mutations = Mutations(cfg, engine, self.instance)
+        self.network = TaskNetwork(cfg, engine)
+        self.runs = Runs(cfg, engine, state, logs, self.checkouts, self.mutations, self.network,
                          self.instance)
         self.decls = declarations.DeclarationSet()
         self.started_at = time.time()
@@ -66,7 +66,7 @@ class Agent:
                                         default_owner=self.cfg.owner,
                                         secrets_base=self.cfg.secrets_base)
         refs = declarations.image_refs(parsed, self.decls)
-        present = await docker.present_images(self.cfg.docker, refs)
+        present = await self.engine.present_images(refs)
         self.decls = declarations.assemble(parsed, existing_images=present, previous=self.decls)
         for file, message in self.decls.errors.items():
             kept = " (its last good version stays in force)" if file in self.decls.by_file else ""
@@ -76,62 +76,6 @@ class Agent:
         log.info("declarations: %d tasks, %d images from %s", len(self.decls.tasks),
                  len(self.decls.images), self.cfg.declarations_dir)
         return self.declarations_summary()
-
-    # -- recovery -------------------------------------------------------------
-
-    async def recover(self) -> None:
-        """Finish the records of runs a previous agent left unfinished, and
-        unmount what it left mounted."""
-        for record in await self.state.call(self.state.unfinished_runs):
-            fields: dict[str, Any] = {"finished_at": time.time()}
-            container = record.container_id or record.container_name or ""
-            found = await docker.inspect(self.cfg.docker, container) if container else None
-            if found is None:
-                status = RunStatus.CANCELLED
-                fields["error"] = "the agent stopped before the run's container ran"
-            elif found.status in ("running", "paused", "restarting"):
-                await docker.stop(self.cfg.docker, container, grace=self.cfg.stop_grace)
-                status = RunStatus.CANCELLED
-                fields["error"] = "the agent stopped while it ran; its container was stopped"
-            elif found.status == "created":
-                status = RunStatus.CANCELLED
-                fields["error"] = "the agent stopped before the run's container started"
-            else:
-                # Never "succeeded": what it printed after the agent stopped
-                # is not in its log, so the record cannot vouch for the run.
-                status = RunStatus.ERROR
-                fields.update(exit_code=found.exit_code, image_id=found.image_id,
-                              error=f"finished while the agent was not running (exit status "
-                                    f"{found.exit_code}); output after the agent stopped is "
-                                    "not in the log")
-            await self.state.call(self.state.update_run, record.id, status=status, **fields)
-            self._close_log_of_recovered(record.id, status, fields)
-            log.warning("recovered run %d: %s (%s)", record.id, status.value, fields["error"])
-            await self._sweep_targets_of(record.id)
-        await self.mutations.unmount_all()
-
-    async def _sweep_targets_of(self, run_id: int) -> None:
-        """What the run's task may have left in its deploy targets before the
-        agent stopped (the run's own teardown never ran)."""
-        task = task_from_wire(await self.state.call(self.state.run_declaration, run_id))
-        try:
-            targets = deploy_targets(self.cfg, task)
-        except EfciError:
-            return  # no longer allowed or no longer there: nothing was mounted for it now
-        for target in targets:
-            await sweep_target(target.path, lambda line: log.warning("run %d: %s", run_id, line))
-
-    def _close_log_of_recovered(self, run_id: int, status: RunStatus,
-                                fields: dict[str, Any]) -> None:
-        cut = self.logs.recover(run_id)
-        writer = self.logs.open_writer(run_id)
-        try:
-            if cut:
-                writer.message(f"{cut} bytes of a torn last record were cut off at recovery")
-            writer.message(f"run {run_id} {status.value}: {fields['error']}")
-            writer.event(Kind.STATUS, {"status": status.value, **fields})
-        finally:
-            writer.close()
 
     # -- for the operations ------------------------------------------------------
 
@@ -150,23 +94,24 @@ class Agent:
 
 async def serve(cfg: AgentConfig) -> None:
     """Run the agent until SIGTERM or SIGINT."""
+    engine = DockerCLI(cfg.docker)
     try:
-        version = await docker.server_version(cfg.docker)
+        version = await engine.version()
     except CommandFailed as e:
         raise EfciError(f"dockerd does not answer ({e.stderr_text or e.message}); start it "
                         "(systemctl start docker, or dockerd &) and try again") from e
     state = StateStore(cfg.state_dir / "state.db")
     try:
-        agent = Agent(cfg, state, LogStore(cfg.log_dir, limit=cfg.log_limit))
+        agent = Agent(cfg, engine, state, LogStore(cfg.log_dir, limit=cfg.log_limit))
         agent.docker_version = version
-        agent.docker_root = await docker.root_dir(cfg.docker)
+        agent.docker_root = await engine.root_dir()
         log.info("efforting-ci %s starting: config %s, state %s, docker %s", __version__,
                  cfg.source, cfg.state_dir, version)
-        await agent.recover()
+        await agent.runs.recover()
         await agent.network.ensure()
         try:
             await agent.reload()
-            if await docker.present_images(cfg.docker, {cfg.base_image}):
+            if await engine.present_images({cfg.base_image}):
                 await agent.network.probe(cfg.base_image)
             else:
                 log.warning("no %s to probe the network rules with", cfg.base_image)
@@ -201,10 +146,6 @@ async def _serve_until_signal(agent: Agent, sock: Any) -> None:
                          len(agent.runs.active))
                 break
             await agent.runs.shutdown()
-            with trio.CancelScope(shield=True):
-                await agent.runs.save_ends()  # a last try; else recovery settles them
-                await agent.mutations.unmount_all()  # each run did; this makes sure
-                await agent.runs.guards.remove_all()
             # Followers of the cancelled runs now get their last bytes and
             # status; give in-flight requests a moment, then close.
             with trio.move_on_after(SHUTDOWN_GRACE):

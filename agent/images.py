@@ -4,18 +4,18 @@ them, rebuilt only when that hash changes."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import stat
-import subprocess
 from collections import defaultdict
 from pathlib import Path
 
 import trio
 
 from .errors import RunFailed
-from .host import command
+from .host.engine import Engine
 from .logstore import LogWriter
 from .model import Image
 
@@ -75,20 +75,13 @@ def image_tag(image: Image) -> str:
     return f"efci/image-{image.name.lower()}:{digest.hexdigest()[:16]}"
 
 
-def build_argv(docker: str, image: Image, tag: str) -> list[str]:
-    dockerfile = "-" if image.inline is not None else str(image.dockerfile)
-    return [docker, "build", "--tag", tag, "--label", f"org.efforting-ci.image={image.name}",
-            "--file", dockerfile, str(image.context)]
-
-
 class Images:
-    def __init__(self, docker: str) -> None:
-        self.docker = docker
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
         self._locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
 
     async def exists(self, tag: str) -> bool:
-        result = await command.run([self.docker, "image", "inspect", tag], check=False)
-        return result.returncode == 0
+        return await self.engine.image_exists(tag)
 
     async def ensure(self, image: Image, writer: LogWriter, *, force: bool = False) -> str:
         """The image's tag, built first (output in the run's log, stream
@@ -99,22 +92,10 @@ class Images:
                 return tag
             stream = writer.stream(f"image:{image.name}")
             writer.message(f"building image {image.name} as {tag}")
-            argv = build_argv(self.docker, image, tag)
-            proc = await trio.lowlevel.open_process(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            try:
-                assert proc.stdin is not None and proc.stdout is not None
-                async with proc.stdin:
-                    if image.inline is not None:
-                        await proc.stdin.send_all(image.inline.encode())
-                while data := await proc.stdout.receive_some(65536):
-                    writer.output(data, stream)
-                status = await proc.wait()
-            finally:
-                with trio.CancelScope(shield=True):
-                    if proc.returncode is None:
-                        proc.kill()
-                    await proc.wait()
+            status = await self.engine.build(
+                tag, image.context, dockerfile=image.dockerfile, inline=image.inline,
+                labels={"image": image.name},
+                output=functools.partial(writer.output, stream=stream))
             if status != 0:
                 raise BuildFailed(f"image {image.name} failed to build (docker build exit "
                                   f"status {status}); its output is in the log, stream "

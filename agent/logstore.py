@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 MAX_SEGMENT = 64 << 20
 MIN_SEGMENT = 64 << 10
+SYNC_INTERVAL = 1.0  # seconds between fsyncs of a live log
 INDEX_EVERY_BYTES = 1 << 20  # an index entry per MiB of records
 INDEX_EVERY_NS = 1_000_000_000  # and per second of writing
 CHUNK = MAX_PAYLOAD  # the largest payload one record holds: a bigger write is split
@@ -150,6 +151,22 @@ class LogStore:
         self._writers[run_id] = writer
         self._changed[run_id] = trio.Event()
         return writer
+
+    async def sync_forever(self) -> None:
+        """The fsync policy: every live log at least once a second (and each
+        at its run's end, in LogWriter.close).  A failing disk is said once
+        per log; the agent keeps going."""
+        failing: set[int] = set()
+        while True:
+            await trio.sleep(SYNC_INTERVAL)
+            for writer in self.live_writers():
+                try:
+                    await writer.sync()
+                except OSError as e:
+                    if writer.run_id not in failing:
+                        log.error("run %d: could not fsync its log: %s", writer.run_id,
+                                  e.strerror)
+                    failing.add(writer.run_id)
 
     def is_live(self, run_id: int) -> bool:
         return run_id in self._writers

@@ -13,15 +13,31 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Protocol
 
 from .config import AgentConfig
-from .host import docker, mounts
+from .host import mounts
+from .host.engine import LABEL_PREFIX, Engine
+
+
+class Mounter(Protocol):
+    """The kernel's mounts as mutations need them (agent.host.mounts)."""
+
+    async def mount_overlay(self, lower: Path, upper: Path, work: Path,
+                            target: Path) -> None: ...
+
+    async def unmount(self, target: Path) -> None: ...
+
+    def mounted_under(self, root: Path, mountinfo: str | None = None) -> list[Path]: ...
 
 
 class Mutations:
-    def __init__(self, cfg: AgentConfig, instance: str) -> None:
+    def __init__(self, cfg: AgentConfig, engine: Engine, instance: str,
+                 mounter: Mounter = mounts) -> None:
         self.cfg = cfg
+        self.engine = engine
         self.instance = instance
+        self.mounter = mounter
         self.root = cfg.state_dir / "mounts"
 
     def volume_name(self, run_id: int, index: int) -> str:
@@ -34,15 +50,15 @@ class Mutations:
         """Mount the run's view of one worktree (creating its mutations volume
         the first time; a restart mounts the same one again)."""
         volume = self.volume_name(run_id, index)
-        if not await docker.volume_exists(self.cfg.docker, volume):
-            await docker.create_volume(self.cfg.docker, volume, {
-                docker.LABEL_PREFIX + "instance": self.instance,
-                docker.LABEL_PREFIX + "run": str(run_id),
-                docker.LABEL_PREFIX + "base": base_volume})
-        lower = await docker.volume_path(self.cfg.docker, base_volume)
-        layers = await docker.volume_path(self.cfg.docker, volume)
+        if not await self.engine.volume_exists(volume):
+            await self.engine.create_volume(volume, {
+                LABEL_PREFIX + "instance": self.instance,
+                LABEL_PREFIX + "run": str(run_id),
+                LABEL_PREFIX + "base": base_volume})
+        lower = await self.engine.volume_path(base_volume)
+        layers = await self.engine.volume_path(volume)
         merged = self.merged_path(run_id, mount_name)
-        await mounts.mount_overlay(lower, layers / "upper", layers / "work", merged)
+        await self.mounter.mount_overlay(lower, layers / "upper", layers / "work", merged)
         return merged
 
     async def unmount(self, run_id: int) -> None:
@@ -54,8 +70,8 @@ class Mutations:
         await self._unmount_below(self.root)
 
     async def _unmount_below(self, root: Path) -> None:
-        for point in mounts.mounted_under(root):
-            await mounts.unmount(point)
+        for point in self.mounter.mounted_under(root):
+            await self.mounter.unmount(point)
         if root.is_dir():
             for directory in sorted(root.glob("**/"), key=lambda p: len(p.parts),
                                     reverse=True):
@@ -65,5 +81,4 @@ class Mutations:
     async def remove(self, run_id: int) -> None:
         """Unmount and delete the run's mutations volumes."""
         await self.unmount(run_id)
-        await docker.remove_volumes(self.cfg.docker,
-                                    {"instance": self.instance, "run": str(run_id)})
+        await self.engine.remove_volumes({"instance": self.instance, "run": str(run_id)})

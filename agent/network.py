@@ -14,8 +14,8 @@ is unreachable.  At stop, and by ``efci firewall remove``, the rules go.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
+import secrets
 import socket as stdsocket
 import time
 from dataclasses import dataclass
@@ -25,7 +25,8 @@ import trio
 
 from .config import AgentConfig
 from .errors import ConfigError, RunFailed
-from .host import command, firewall, netif
+from .host import firewall, netif
+from .host.engine import Engine, NetworkSpec, OneShot
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,9 @@ sys.exit(1)
 
 
 class TaskNetwork:
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, engine: Engine) -> None:
         self.cfg = cfg
+        self.engine = engine
         net = ipaddress.ip_network(cfg.network_subnet)
         self.gateway = str(next(net.hosts()))
         self.rules = firewall.rule_sets(cfg.network_bridge, cfg.network_blocked,
@@ -87,30 +89,25 @@ class TaskNetwork:
                  self.cfg.network_bridge, self.cfg.network_subnet)
 
     async def _ensure_docker_network(self) -> None:
-        docker, name = self.cfg.docker, self.cfg.network_name
-        found = await command.run([docker, "network", "inspect", name], check=False)
-        if found.returncode != 0:
-            await command.run([
-                docker, "network", "create", "--driver", "bridge",
-                "--subnet", self.cfg.network_subnet, "--gateway", self.gateway,
-                "--opt", f"com.docker.network.bridge.name={self.cfg.network_bridge}",
-                "--opt", "com.docker.network.bridge.enable_icc=false",
-                "--label", "org.efforting-ci.network=tasks", name])
+        wanted = NetworkSpec(name=self.cfg.network_name, bridge=self.cfg.network_bridge,
+                             subnet=self.cfg.network_subnet, gateway=self.gateway, icc=False,
+                             labels={"network": "tasks"})
+        found = await self.engine.network(wanted.name)
+        if found is None:
+            await self.engine.create_network(wanted)
             return
-        info = json.loads(found.stdout)[0]
-        subnets = [c.get("Subnet") for c in info.get("IPAM", {}).get("Config") or []]
-        options = info.get("Options") or {}
         problems = []
-        if subnets != [self.cfg.network_subnet]:
-            problems.append(f"its subnets are {subnets}, not [{self.cfg.network_subnet}]")
-        if options.get("com.docker.network.bridge.name") != self.cfg.network_bridge:
-            problems.append(f"its bridge is not {self.cfg.network_bridge}")
-        if options.get("com.docker.network.bridge.enable_icc") != "false":
+        if found.subnet != wanted.subnet:
+            problems.append(f"its subnets are [{found.subnet}], not [{wanted.subnet}]")
+        if found.bridge != wanted.bridge:
+            problems.append(f"its bridge is not {wanted.bridge}")
+        if found.icc:
             problems.append("containers on it can reach each other (enable_icc)")
         if problems:
             raise ConfigError(self.cfg.source, 0, "network",
-                              f"docker network {name} exists but " + "; ".join(problems)
-                              + f"; remove it (docker network rm {name}) or change agent.yml")
+                              f"docker network {wanted.name} exists but " + "; ".join(problems)
+                              + f"; remove it (docker network rm {wanted.name}) or change "
+                              "agent.yml")
 
     async def remove(self) -> None:
         left = await self._firewall(firewall.remove, self.rules)
@@ -156,13 +153,12 @@ class TaskNetwork:
             await listener.bind((self.gateway, 0))
             listener.listen(1)
             port = listener.getsockname()[1]
-            result = await command.run(
-                [self.cfg.docker, "run", "--rm", "--network", self.cfg.network_name,
-                 "--cap-drop", "NET_RAW", "--security-opt", "no-new-privileges",
-                 "--log-driver", "none", image, "python3", "-c", PROBE, self.gateway, str(port)],
-                check=False)
-        detail = result.stdout.decode().strip() or result.stderr.decode().strip()
-        self.last_probe = Probe(time.time(), result.returncode == 0, detail)
+            status, output = await self.engine.run(OneShot(
+                name=f"efci-probe-{secrets.token_hex(4)}", image=image,
+                args=("python3", "-c", PROBE, self.gateway, str(port)),
+                network=self.cfg.network_name))
+        detail = output.decode("utf-8", "replace").strip()
+        self.last_probe = Probe(time.time(), status == 0, detail)
         (log.info if self.last_probe.passed else log.error)(
             "network probe %s: %s", "passed" if self.last_probe.passed else "FAILED", detail)
         return self.last_probe

@@ -21,10 +21,11 @@ The finished container is kept, stopped, as the seed's lifecycle wants.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,10 @@ import trio
 from .access import deploy_targets, host_mounts, sweep_target
 from .checkout import Checkouts, Worktree
 from .config import AgentConfig
+from .environment import Environment, Environments, shielded
 from .errors import CommandFailed, Conflict, EfciError, NotFound, RunFailed, internal_error
 from .host import cgroups, docker, mounts
-from .host.pty import open_pty_process
+from .host.engine import ContainerSpec, ContainerState, Engine, Mount
 from .images import Images
 from .logformat import TASK_STREAM, Kind
 from .logstore import LogStore, LogWriter
@@ -44,14 +46,13 @@ from .model import CacheUse, Image, Network, Repository, Requester, RunStatus, S
 from .mutations import Mutations
 from .names import format_size
 from .network import TaskNetwork
-from .progress import MOUNT_POINT, ProgressChannels
+from .progress import MOUNT_POINT, ProgressChannels, Update
 from .state import RunRecord, StateStore
 
 log = logging.getLogger(__name__)
 
-# Longest a teardown step may take once its run is being cancelled.
+# Longest stopping a container may take beyond its grace period.
 TEARDOWN_SLACK = 30
-LOG_SYNC_INTERVAL = 1.0
 PIDS_POLL_INTERVAL = 0.5
 SAVE_RETRY_INTERVAL = 2.0
 
@@ -93,19 +94,29 @@ def with_log_loss(fields: dict[str, Any], writer: LogWriter) -> dict[str, Any]:
     return {**fields, "error": error}
 
 
+def ended(state: ContainerState) -> tuple[RunStatus, dict[str, Any]]:
+    """How a run ended, by its container's exit status: the one mapping."""
+    status = RunStatus.SUCCEEDED if state.exit_code == 0 else RunStatus.FAILED
+    return status, {"exit_code": state.exit_code, "image_id": state.image_id}
+
+
+def _recovery_note(run_id: int, line: str) -> None:
+    log.warning("run %d: %s", run_id, line)
+
+
 def task_container_name(instance: str, run_id: int) -> str:
     return f"efci-{instance}-{run_id}"
 
 
 def container_spec(cfg: AgentConfig, instance: str, run_id: int, task: Task,
                    views: Sequence[tuple[Path, str]] = (),
-                   host_mounts: Sequence[docker.Mount] = ()) -> docker.ContainerSpec:
+                   host_mounts: Sequence[Mount] = ()) -> ContainerSpec:
     """The task container for a run: pure, so unit tests can check it.
 
     ``views`` are the run's overlay views of its worktrees (host path, mount
     name); each appears writable at /src/<name>."""
     cols, rows = cfg.terminal_size
-    return docker.ContainerSpec(
+    return ContainerSpec(
         name=task_container_name(instance, run_id),
         image=task.image,
         command=task.command,
@@ -114,7 +125,7 @@ def container_spec(cfg: AgentConfig, instance: str, run_id: int, task: Task,
         # starts; COLUMNS and LINES tell the size to programs that look first.
         env={"COLUMNS": str(cols), "LINES": str(rows), **task.env},
         labels={"instance": instance, "run": str(run_id), "task": task.qualified_name},
-        mounts=(*(docker.Mount("bind", str(path), f"/src/{name}", readonly=False)
+        mounts=(*(Mount("bind", str(path), f"/src/{name}", readonly=False)
                   for path, name in views), *host_mounts),
         tty=True,
         memory=cfg.memory_limit,
@@ -138,25 +149,27 @@ class ActiveRun:
 
 
 class Runs:
-    """Starts runs in its own nursery, tracks them, stops them.
+    """Starts runs in its own nursery, tracks them, stops them, and settles
+    what a previous agent left unfinished.
 
-    Call :meth:`serve` (via ``nursery.start``) before :meth:`start`;
-    :meth:`shutdown` cancels every active run and waits until each has
-    recorded its end.
+    Call :meth:`recover` once before serving, then :meth:`serve` (via
+    ``nursery.start``) before :meth:`start`; :meth:`shutdown` cancels every
+    active run and waits until each has recorded its end.
     """
 
-    def __init__(self, cfg: AgentConfig, state: StateStore, logs: LogStore,
+    def __init__(self, cfg: AgentConfig, engine: Engine, state: StateStore, logs: LogStore,
                  checkouts: Checkouts, mutations: Mutations, network: TaskNetwork,
-                 instance: str) -> None:
+                 instance: str, guards: mounts.Guards | None = None) -> None:
         self.cfg = cfg
+        self.engine = engine
         self.state = state
         self.logs = logs
         self.checkouts = checkouts
         self.mutations = mutations
         self.network = network
-        self.images = Images(cfg.docker)
-        self.progress = ProgressChannels(cfg.state_dir)
-        self.guards = mounts.Guards()
+        self.images = Images(engine)
+        self.environments = Environments(checkouts, mutations, ProgressChannels(cfg.state_dir))
+        self.guards = guards or mounts.Guards()
         self.instance = instance
         self.active: dict[int, ActiveRun] = {}
         self._slots = trio.CapacityLimiter(cfg.max_parallel)
@@ -171,29 +184,13 @@ class Runs:
                     ) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._save_ends_forever)
+            nursery.start_soon(self.logs.sync_forever)
             task_status.started()
-            await self._sync_logs_forever()
+            while True:
+                await trio.sleep(SAVE_RETRY_INTERVAL)
+                await self.save_ends()
 
-    async def _sync_logs_forever(self) -> None:
-        """The fsync policy: every live log at least once a second (and each
-        at its run's end, in LogWriter.close)."""
-        failing: set[int] = set()
-        while True:
-            await trio.sleep(LOG_SYNC_INTERVAL)
-            for writer in self.logs.live_writers():
-                try:
-                    await writer.sync()
-                except OSError as e:  # a full or failing disk: say so once, keep going
-                    if writer.run_id not in failing:
-                        log.error("run %d: could not fsync its log: %s", writer.run_id,
-                                  e.strerror)
-                    failing.add(writer.run_id)
-
-    async def _save_ends_forever(self) -> None:
-        while True:
-            await trio.sleep(SAVE_RETRY_INTERVAL)
-            await self.save_ends()
+    # -- records ----------------------------------------------------------------
 
     async def save_ends(self) -> None:
         """Record the ends the state store could not take before."""
@@ -222,6 +219,18 @@ class Runs:
         found = await self.state.call(self.state.list_runs, task=task, limit=limit)
         return [self._with_unsaved_end(r) for r in found]
 
+    async def _finished_record(self, run_id: int) -> RunRecord:
+        record = await self.record(run_id)
+        if record is None:
+            raise NotFound(f"no run {run_id}; see efci runs")
+        if run_id in self.active:
+            raise Conflict(f"run {run_id} is {record.status.value}; wait for it or cancel it")
+        if run_id in self._claimed:
+            raise Conflict(f"run {run_id} has a shell open (efci shell); close it first")
+        return record
+
+    # -- starting and stopping runs ---------------------------------------------------
+
     async def start(self, task: Task, requester: Requester, *, image: Image | None = None,
                     build_only: bool = False) -> int:
         assert self._nursery is not None, "Runs.serve must be running"
@@ -232,6 +241,23 @@ class Runs:
         await self._launch(ActiveRun(run_id, task, image, build_only), requester)
         log.info("run %d of %s queued (uid %d)", run_id, task.qualified_name, requester.uid)
         return run_id
+
+    async def restart(self, run_id: int, requester: Requester) -> None:
+        """Start a finished run's container again: same upper layers, same
+        container state; its output is appended to the run's log."""
+        if self._stopping:
+            raise Conflict("the agent is stopping; no new runs are started")
+        record = await self._finished_record(run_id)
+        if record.container_id is None or record.removed_at is not None:
+            raise Conflict(f"run {run_id} has no container to restart"
+                           + (" (efci rm removed it)" if record.removed_at else ""))
+        task = task_from_wire(await self.state.call(self.state.run_declaration, run_id))
+        attempt = record.attempts + 1
+        await self.state.call(self.state.update_run, run_id, status=RunStatus.QUEUED,
+                              attempts=attempt, finished_at=None, exit_code=None, error=None)
+        await self._launch(ActiveRun(run_id, task, None, False, attempt,
+                                     container_id=record.container_id), requester)
+        log.info("run %d restarted as attempt %d (uid %d)", run_id, attempt, requester.uid)
 
     async def _launch(self, run: ActiveRun, requester: Requester) -> None:
         # Opened here, not in the run's task, so a follower that asks right
@@ -250,48 +276,11 @@ class Runs:
         assert self._nursery is not None
         self._nursery.start_soon(self._execute, run, writer, name=f"run {run.id}")
 
-    async def _finished_record(self, run_id: int) -> RunRecord:
-        record = await self.record(run_id)
-        if record is None:
-            raise NotFound(f"no run {run_id}; see efci runs")
-        if run_id in self.active:
-            raise Conflict(f"run {run_id} is {record.status.value}; wait for it or cancel it")
-        if run_id in self._claimed:
-            raise Conflict(f"run {run_id} has a shell open (efci shell); close it first")
-        return record
-
-    @asynccontextmanager
-    async def claimed(self, run_id: int) -> AsyncIterator[RunRecord]:
-        """A finished run, kept from restart and rm while the block runs."""
-        record = await self._finished_record(run_id)
-        self._claimed.add(run_id)
-        try:
-            yield record
-        finally:
-            self._claimed.discard(run_id)
-
-    async def restart(self, run_id: int, requester: Requester) -> None:
-        """Start a finished run's container again: same upper layers, same
-        container state; its output is appended to the run's log."""
-        if self._stopping:
-            raise Conflict("the agent is stopping; no new runs are started")
-        record = await self._finished_record(run_id)
-        if record.container_id is None or record.removed_at is not None:
-            raise Conflict(f"run {run_id} has no container to restart"
-                           + (" (efci rm removed it)" if record.removed_at else ""))
-        task = task_from_wire(await self.state.call(self.state.run_declaration, run_id))
-        attempt = record.attempts + 1
-        await self.state.call(self.state.update_run, run_id, status=RunStatus.QUEUED,
-                              attempts=attempt, finished_at=None, exit_code=None, error=None)
-        await self._launch(ActiveRun(run_id, task, None, False, attempt,
-                               container_id=record.container_id), requester)
-        log.info("run %d restarted as attempt %d (uid %d)", run_id, attempt, requester.uid)
-
     async def remove(self, run_id: int) -> None:
         """Remove a finished run's container and mutations; its record and
         log stay.  Idempotent."""
         record = await self._finished_record(run_id)
-        await docker.remove(self.cfg.docker, task_container_name(self.instance, run_id))
+        await self.engine.remove(task_container_name(self.instance, run_id))
         await self.mutations.remove(run_id)
         if record.removed_at is None:
             await self.state.call(self.state.update_run, run_id, removed_at=time.time())
@@ -316,8 +305,65 @@ class Runs:
             run.scope.cancel()
         for run in runs:
             await run.done.wait()
+        with trio.CancelScope(shield=True):
+            await self.save_ends()  # a last try; else recovery settles them
+            await self.mutations.unmount_all()  # each run did; this makes sure
+            await self.guards.remove_all()
 
-    # -- one run ---------------------------------------------------------------
+    # -- recovery ---------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Finish the records of runs a previous agent left unfinished, sweep
+        their deploy targets, and unmount what it left mounted."""
+        for record in await self.state.call(self.state.unfinished_runs):
+            status, fields = await self._settle(record)
+            fields["finished_at"] = time.time()
+            await self.state.call(self.state.update_run, record.id, status=status, **fields)
+            self._close_log_of_recovered(record.id, status, fields)
+            log.warning("recovered run %d: %s (%s)", record.id, status.value, fields["error"])
+            task = task_from_wire(await self.state.call(self.state.run_declaration, record.id))
+            try:
+                targets = deploy_targets(self.cfg, task)
+            except EfciError:
+                targets = []  # no longer allowed or there: nothing of it is mounted now
+            for target in targets:
+                await sweep_target(target.path, functools.partial(_recovery_note, record.id))
+        await self.mutations.unmount_all()
+
+    async def _settle(self, record: RunRecord) -> tuple[RunStatus, dict[str, Any]]:
+        """How an unfinished run ended, from what its container says now."""
+        container = record.container_id or record.container_name or ""
+        found = await self.engine.inspect(container) if container else None
+        if found is None:
+            return RunStatus.CANCELLED, {"error": "the agent stopped before the run's "
+                                                  "container ran"}
+        if found.status in ("running", "paused", "restarting"):
+            await self.engine.stop(container, grace=self.cfg.stop_grace)
+            return RunStatus.CANCELLED, {"error": "the agent stopped while it ran; its "
+                                                  "container was stopped"}
+        if found.status == "created":
+            return RunStatus.CANCELLED, {"error": "the agent stopped before the run's "
+                                                  "container started"}
+        # Never "succeeded": what it printed after the agent stopped is not
+        # in its log, so the record cannot vouch for the run.
+        _, fields = ended(found)
+        return RunStatus.ERROR, {**fields, "error": (
+            f"finished while the agent was not running (exit status {found.exit_code}); "
+            "output after the agent stopped is not in the log")}
+
+    def _close_log_of_recovered(self, run_id: int, status: RunStatus,
+                                fields: dict[str, Any]) -> None:
+        cut = self.logs.recover(run_id)
+        writer = self.logs.open_writer(run_id)
+        try:
+            if cut:
+                writer.message(f"{cut} bytes of a torn last record were cut off at recovery")
+            writer.message(f"run {run_id} {status.value}: {fields['error']}")
+            writer.event(Kind.STATUS, {"status": status.value, **fields})
+        finally:
+            writer.close()
+
+    # -- one run ----------------------------------------------------------------------
 
     async def _execute(self, run: ActiveRun, writer: LogWriter) -> None:
         try:
@@ -372,16 +418,52 @@ class Runs:
             run.done.set()
 
     async def _run(self, run: ActiveRun, writer: LogWriter) -> tuple[RunStatus, dict[str, Any]]:
-        """Image, checkout, then the task container; the time limit covers
-        the checkout and the container.  A restart skips to the container."""
+        """Refusals, the image, then within the time limit: the environment
+        (checkout or the worktrees it has, views, progress) and the container
+        (created, or the run's own again for a restart), attached."""
         first = run.attempt == 1
-        binds: list[docker.Mount] = []
-        if first:  # refuse before anything runs: keys, hosts, secrets, deploy targets
+        binds = await self._prepare(run, writer)
+        if run.build_only:
+            return RunStatus.SUCCEEDED, {}
+        targets = [t.path for t in deploy_targets(self.cfg, run.task)]
+        limit = run.task.time_limit or self.cfg.time_limit
+        container = ""
+        with trio.move_on_after(limit) as timer:
+            take = self._check_out(run, writer) if first else self._worktrees_of(run.id)
+            async with self.environments.open(run.id, take, targets=targets,
+                                              report=self._progress_reporter(run, writer),
+                                              say=writer.message) as env:
+                try:
+                    container = await (self._create(run, env, binds, writer) if first
+                                       else self._again(run, writer))
+                    await self._attach(run, container, writer)
+                finally:
+                    if timer.cancel_called or run.scope.cancel_called:
+                        await shielded(f"stopping run {run.id}'s container", self._stop, run,
+                                       deadline=self.cfg.stop_grace + TEARDOWN_SLACK)()
+        timed_out = {"error": f"time limit of {limit}s reached"} if timer.cancelled_caught else {}
+        if not container:  # the time limit struck during the checkout
+            return RunStatus.TIMED_OUT, timed_out
+        state = await self.engine.inspect(container)
+        if state is None:
+            return RunStatus.ERROR, {"error": f"container {container[:12]} disappeared"}
+        status, fields = ended(state)
+        limits = self._limits_reached(run, state)
+        if timed_out or limits:
+            fields["error"] = "; ".join([*timed_out.values(), *limits])
+        return (RunStatus.TIMED_OUT if timed_out else status), fields
+
+    async def _prepare(self, run: ActiveRun, writer: LogWriter) -> list[Mount]:
+        """What comes before the time limit starts: refuse what cannot run
+        (keys, hosts, secrets, deploy targets; on the first attempt), guard
+        the deploy targets, check the network rules, record the run as
+        running, build its image.  Returns the first attempt's host mounts."""
+        binds = []
+        if run.attempt == 1:
             self.checkouts.check(run.task)
             binds = host_mounts(self.cfg, run.task)
-        targets = [t.path for t in deploy_targets(self.cfg, run.task)]
-        for path in targets:  # nosuid,nodev on the host while the task can write it
-            await self.guards.ensure(path)
+        for target in deploy_targets(self.cfg, run.task):
+            await self.guards.ensure(target.path)  # nosuid,nodev while a task can write it
         if run.task.network is Network.DEFAULT or (
                 run.task.repositories and self.cfg.network_checkout == "bridge"):
             restored = await self.network.check()  # fail closed
@@ -394,64 +476,53 @@ class Runs:
         if run.image is not None:
             tag = await self.images.ensure(run.image, writer, force=run.build_only)
             run.task = dataclasses.replace(run.task, image=tag)
-            if run.build_only:
-                return RunStatus.SUCCEEDED, {}
-        limit = run.task.time_limit or self.cfg.time_limit
-        container = ""
-        worktrees: list[Worktree] = []
-        with trio.move_on_after(limit) as timer:
-            try:
-                if first:
-                    for index, repo in enumerate(run.task.repositories):
-                        worktree = await self.checkouts.prepare(run.id, run.task, index, repo,
-                                                                writer)
-                        worktrees.append(worktree)
-                        await self.state.call(self.state.add_run_worktree, run.id,
-                                              worktree.volume, worktree.mount_name,
-                                              worktree.commit, worktree.reused)
-                else:
-                    await self.reuse_worktrees(run.id, worktrees)
-                views = await self.mount_views(run.id, worktrees)
-                async with self.progress.open(run.id, self._progress_reporter(run, writer)) \
-                        as progress_dir:
-                    if first:
-                        binds.append(docker.Mount("bind", str(progress_dir), MOUNT_POINT,
-                                                  readonly=True))
-                        spec = container_spec(self.cfg, self.instance, run.id, run.task, views,
-                                              binds)
-                        await self.state.call(self.state.update_run, run.id,
-                                              container_name=spec.name)
-                        container = await docker.create(self.cfg.docker, spec)
-                        run.container_id = container
-                        await self.state.call(self.state.update_run, run.id,
-                                              container_id=container)
-                        writer.message(f"container {spec.name} ({container[:12]}) "
-                                       f"from {spec.image}")
-                    else:
-                        container = task_container_name(self.instance, run.id)
-                        writer.message(f"attempt {run.attempt}: starting container "
-                                       f"{container} again, with its state and upper layers")
-                    await self._attach(run, container, writer)
-            finally:
-                with trio.move_on_after(self.cfg.stop_grace + TEARDOWN_SLACK) as t:
-                    t.shield = True
-                    await self._teardown(run, worktrees, targets, writer,
-                                         stop=timer.cancel_called or run.scope.cancel_called)
-        timed_out = {"error": f"time limit of {limit}s reached"} if timer.cancelled_caught else {}
-        if not container:  # the time limit struck during the checkout
-            return RunStatus.TIMED_OUT, timed_out
-        state = await docker.inspect(self.cfg.docker, container)
-        if state is None:
-            return RunStatus.ERROR, {"error": f"container {container[:12]} disappeared"}
-        fields = {"exit_code": state.exit_code, "image_id": state.image_id, **timed_out}
-        limits = self._limits_reached(run, state)
-        if limits:
-            fields["error"] = "; ".join([*timed_out.values(), *limits])
-        if timed_out:
-            return RunStatus.TIMED_OUT, fields
-        return (RunStatus.SUCCEEDED if state.exit_code == 0 else RunStatus.FAILED), fields
+        return binds
 
-    def _limits_reached(self, run: ActiveRun, state: docker.ContainerState) -> list[str]:
+    def _check_out(self, run: ActiveRun, writer: LogWriter
+                   ) -> Callable[[list[Worktree]], Awaitable[None]]:
+        """The first attempt's worktrees: each entry checked out or reused,
+        and recorded with the run."""
+        async def take(into: list[Worktree]) -> None:
+            for index, repo in enumerate(run.task.repositories):
+                worktree = await self.checkouts.prepare(run.id, run.task, index, repo, writer)
+                into.append(worktree)
+                await self.state.call(self.state.add_run_worktree, run.id, worktree.volume,
+                                      worktree.mount_name, worktree.commit, worktree.reused)
+        return take
+
+    def _worktrees_of(self, run_id: int) -> Callable[[list[Worktree]], Awaitable[None]]:
+        """Uses of the worktrees a finished run checked out (a restart's, a
+        shell's)."""
+        async def take(into: list[Worktree]) -> None:
+            for row in await self.state.call(self.state.run_worktrees, run_id):
+                into.append(await self.checkouts.use(
+                    Worktree(row["volume"], row["mount_name"], row["commit_sha"], True)))
+        return take
+
+    async def _create(self, run: ActiveRun, env: Environment, binds: list[Mount],
+                      writer: LogWriter) -> str:
+        assert env.progress_dir is not None
+        spec = container_spec(self.cfg, self.instance, run.id, run.task, env.views,
+                              [*binds, Mount("bind", str(env.progress_dir), MOUNT_POINT,
+                                             readonly=True)])
+        await self.state.call(self.state.update_run, run.id, container_name=spec.name)
+        run.container_id = await self.engine.create(spec)
+        await self.state.call(self.state.update_run, run.id, container_id=run.container_id)
+        writer.message(f"container {spec.name} ({run.container_id[:12]}) from {spec.image}")
+        return run.container_id
+
+    async def _stop(self, run: ActiveRun) -> None:
+        """By name: it may have been created without us learning its id."""
+        await self.engine.stop(task_container_name(self.instance, run.id),
+                               grace=self.cfg.stop_grace)
+
+    async def _again(self, run: ActiveRun, writer: LogWriter) -> str:
+        container = task_container_name(self.instance, run.id)
+        writer.message(f"attempt {run.attempt}: starting container {container} again, with "
+                       "its state and upper layers")
+        return container
+
+    def _limits_reached(self, run: ActiveRun, state: ContainerState) -> list[str]:
         """Which of agent.yml's limits the task ran into, in words."""
         found = []
         if state.oom_killed:
@@ -463,21 +534,7 @@ class Runs:
                          f"(limits.pids in agent.yml): {run.pids_limit_reached} forks failed")
         return found
 
-    async def reuse_worktrees(self, run_id: int, into: list[Worktree]) -> None:
-        """Take uses of the worktrees a finished run checked out (for a
-        restart or a shell).  Each lands in ``into`` as soon as it is taken,
-        so the caller's teardown gives back exactly those, even midway."""
-        for row in await self.state.call(self.state.run_worktrees, run_id):
-            into.append(await self.checkouts.use(
-                Worktree(row["volume"], row["mount_name"], row["commit_sha"], True)))
-
-    async def mount_views(self, run_id: int, worktrees: list[Worktree]) -> list[tuple[Path, str]]:
-        """The run's overlay view of each worktree: (host path, mount name)."""
-        return [(await self.mutations.mount(run_id, i, w.volume, w.mount_name), w.mount_name)
-                for i, w in enumerate(worktrees)]
-
-    def _progress_reporter(self, run: ActiveRun, writer: LogWriter
-                           ) -> Callable[[float | None, str | None], Awaitable[None]]:
+    def _progress_reporter(self, run: ActiveRun, writer: LogWriter) -> Update:
         async def report(progress: float | None, message: str | None) -> None:
             fields: dict[str, Any] = {}
             if progress is not None:
@@ -488,39 +545,19 @@ class Runs:
             writer.event(Kind.STATUS, {"progress": progress, "message": message})
         return report
 
-    async def _teardown(self, run: ActiveRun, worktrees: list[Worktree], targets: list[Path],
-                        writer: LogWriter, *, stop: bool) -> None:
-        """After the container: stop it if the run was cut short (by name: it
-        may have been created without us learning its id), unmount the
-        overlays (nothing stays mounted once a container stops), give the
-        worktrees back, and take away any privilege the task left in a
-        deploy target.  Each step is idempotent."""
-        try:
-            if stop:
-                await docker.stop(self.cfg.docker, task_container_name(self.instance, run.id),
-                                  grace=self.cfg.stop_grace)
-            await self.mutations.unmount(run.id)
-        finally:
-            for worktree in worktrees:
-                self.checkouts.release(worktree)
-            for path in targets:
-                await sweep_target(path, writer.message)
-
     async def _attach(self, run: ActiveRun, container: str, writer: LogWriter) -> None:
-        """Start the container attached under a raw host PTY and copy every
-        byte of its terminal output into the log, watching its pids cgroup
-        meanwhile.  Killing the attached client on the way out leaves the
-        container itself running."""
+        """Start the container attached to a terminal and copy every byte of
+        its output into the log, watching its pids cgroup meanwhile.
+        Leaving detaches; the container itself goes on until stopped."""
         cols, rows = self.cfg.terminal_size
         writer.event(Kind.RESIZE, {"cols": cols, "rows": rows}, stream=TASK_STREAM)
         writer.event(Kind.MARKER, {"step": "task", "event": "start"})
-        argv = docker.start_attached_argv(self.cfg.docker, container)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_pids, run)
-            async with open_pty_process(argv, cols=cols, rows=rows) as proc:
-                while data := await proc.receive_some(1 << 16):
+            async with self.engine.attach(container, cols=cols, rows=rows) as terminal:
+                while data := await terminal.receive_some(1 << 16):
                     writer.output(data)
-                await proc.wait()
+                await terminal.wait()
             nursery.cancel_scope.cancel()
         writer.event(Kind.MARKER, {"step": "task", "event": "end"})
 
@@ -534,3 +571,20 @@ class Runs:
             if events is not None:
                 run.pids_limit_reached = max(run.pids_limit_reached,
                                              cgroups.limit_reached(events))
+
+    # -- for efci shell ------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def claimed(self, run_id: int) -> AsyncIterator[RunRecord]:
+        """A finished run, kept from restart and rm while the block runs."""
+        record = await self._finished_record(run_id)
+        self._claimed.add(run_id)
+        try:
+            yield record
+        finally:
+            self._claimed.discard(run_id)
+
+    def environment_of(self, run_id: int) -> AbstractAsyncContextManager[Environment]:
+        """A finished run's environment again (its worktrees and views), for
+        a shell."""
+        return self.environments.open(run_id, self._worktrees_of(run_id))

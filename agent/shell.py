@@ -21,16 +21,16 @@ import base64
 import binascii
 import dataclasses
 import logging
+from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from . import protocol
 from .access import host_mounts
-from .checkout import Worktree
+from .environment import shielded
 from .errors import Conflict, RequestError
-from .host import docker
-from .host.pty import PtyProcess, open_pty_process
+from .host.engine import Terminal
 from .runs import container_spec, task_from_wire
 
 if TYPE_CHECKING:
@@ -45,41 +45,33 @@ async def serve_shell(runs: Runs, call: protocol.Call, run_id: int, cols: int,
                       rows: int) -> dict[str, Any]:
     if not (10 <= cols <= 1000 and 5 <= rows <= 1000):
         raise RequestError(f"terminal size {cols}x{rows} is out of range")
-    async with runs.claimed(run_id) as record:
+    engine = runs.engine
+    async with runs.claimed(run_id) as record, AsyncExitStack() as cleanup:
         if record.container_id is None or record.removed_at is not None:
             raise Conflict(f"run {run_id} has no container to open a shell in")
         task = task_from_wire(await runs.state.call(runs.state.run_declaration, run_id))
         image = f"efci-shell/{runs.instance}:{run_id}"
         name = f"efci-{runs.instance}-{run_id}-shell"
-        worktrees: list[Worktree] = []
-        try:
-            await docker.commit(runs.cfg.docker, record.container_id, image)
-            await runs.reuse_worktrees(run_id, worktrees)
-            views = await runs.mount_views(run_id, worktrees)
-            mounts = [dataclasses.replace(m, readonly=True) for m in host_mounts(runs.cfg, task)]
-            spec = dataclasses.replace(
-                container_spec(runs.cfg, runs.instance, run_id, task, views, mounts),
-                name=name, image=image, command=None, entrypoint=SHELL, interactive=True)
-            await docker.remove(runs.cfg.docker, name)  # one left by a killed agent
-            await docker.create(runs.cfg.docker, spec)
-            log.info("shell in run %d opened by uid %d", run_id, call.requester.uid)
-            await call.event("attached", run=run_id)
-            argv = [runs.cfg.docker, "start", "--attach", "--interactive", name]
-            async with open_pty_process(argv, cols=cols, rows=rows, interactive=True) as proc:
-                exit_status = await _relay(proc, call)
-        finally:
-            with trio.move_on_after(60) as cleanup:
-                cleanup.shield = True
-                await docker.remove(runs.cfg.docker, name)
-                await docker.remove_image(runs.cfg.docker, image)
-                await runs.mutations.unmount(run_id)
-                for worktree in worktrees:
-                    runs.checkouts.release(worktree)
-        log.info("shell in run %d closed (exit status %s)", run_id, exit_status)
-        return {"run": run_id, "exit_code": exit_status}
+        # Undone in reverse, each step on its own: the image, the container.
+        cleanup.push_async_callback(shielded(f"removing {image}", engine.remove_image, image))
+        await engine.commit(record.container_id, image)
+        env = await cleanup.enter_async_context(runs.environment_of(run_id))
+        cleanup.push_async_callback(shielded(f"removing {name}", engine.remove, name))
+        mounts = [dataclasses.replace(m, readonly=True) for m in host_mounts(runs.cfg, task)]
+        spec = dataclasses.replace(
+            container_spec(runs.cfg, runs.instance, run_id, task, env.views, mounts),
+            name=name, image=image, command=None, entrypoint=SHELL, interactive=True)
+        await engine.remove(name)  # one left by a killed agent
+        await engine.create(spec)
+        log.info("shell in run %d opened by uid %d", run_id, call.requester.uid)
+        await call.event("attached", run=run_id)
+        async with engine.attach(name, cols=cols, rows=rows, interactive=True) as terminal:
+            exit_status = await _relay(terminal, call)
+    log.info("shell in run %d closed (exit status %s)", run_id, exit_status)
+    return {"run": run_id, "exit_code": exit_status}
 
 
-async def _relay(proc: PtyProcess, call: protocol.Call) -> int | None:
+async def _relay(proc: Terminal, call: protocol.Call) -> int | None:
     async with trio.open_nursery() as nursery:
 
         async def output() -> None:

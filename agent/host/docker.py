@@ -1,57 +1,59 @@
-"""The docker CLI: pure argument builders and thin async calls.
+"""The engine through the docker CLI: the one place that builds a docker
+command line.  Argument builders are pure functions (unit-tested without
+Docker); :class:`DockerCLI` runs them through :mod:`agent.host.command`.
 
-Every destroy here (stop, remove) is idempotent: a container that is
-already gone is not an error, so teardown and recovery can repeat them.
+Every destroy (stop, remove, remove_image, remove_volumes) is idempotent:
+what is already gone is not an error, so teardown and recovery can repeat
+them.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+
+import trio
 
 from ..errors import CommandFailed, printable
 from . import command
+from .engine import (
+    LABEL_PREFIX,
+    ContainerSpec,
+    ContainerState,
+    Mount,
+    NetworkSpec,
+    OneShot,
+    Output,
+    Terminal,
+)
+from .pty import open_pty_process
 
 # The seed's colour variables: tools each have their own idea of when to colour.
 COLOUR_ENV = {"TERM": "xterm-256color", "FORCE_COLOR": "1", "CLICOLOR_FORCE": "1"}
 
-LABEL_PREFIX = "org.efforting-ci."
-
 DROPPED_CAPABILITIES = ("NET_RAW", "MKNOD", "SETFCAP")
 
-
-@dataclass(frozen=True)
-class Mount:
-    kind: str  # "volume" or "bind"
-    source: str  # a volume name or a host path
-    target: str
-    readonly: bool
-
-    def option(self) -> str:
-        for value in (self.source, self.target):
-            if "," in value or "=" in value:
-                raise ValueError(f"{value!r} cannot be in a --mount option")
-        return f"type={self.kind},source={self.source},target={self.target}" + (
-            ",readonly" if self.readonly else "")
+# Longest a one-shot container's removal may take once its run is cut short.
+CLEANUP_DEADLINE = 30
 
 
-@dataclass(frozen=True)
-class ContainerSpec:
-    """What a task container is made of; built by the run code, checked here."""
+def mount_option(mount: Mount) -> str:
+    for value in (mount.source, mount.target):
+        if "," in value or "=" in value:
+            raise ValueError(f"{value!r} cannot be in a --mount option")
+    return f"type={mount.kind},source={mount.source},target={mount.target}" + (
+        ",readonly" if mount.readonly else "")
 
-    name: str
-    image: str
-    command: tuple[str, ...] | None
-    network: str  # "none" or a docker network name; never "host"
-    env: dict[str, str] = field(default_factory=dict)
-    labels: dict[str, str] = field(default_factory=dict)
-    mounts: tuple[Mount, ...] = ()
-    tty: bool = False
-    interactive: bool = False  # keep stdin open (efci shell)
-    entrypoint: str | None = None
-    memory: int | None = None  # bytes, swap included
-    pids: int | None = None  # processes and threads at once
+
+def _labels(labels: dict[str, str]) -> list[str]:
+    return [arg for key, value in sorted(labels.items())
+            for arg in ("--label", f"{LABEL_PREFIX}{key}={value}")]
+
+
+def _mounts(mounts: tuple[Mount, ...]) -> list[str]:
+    return [arg for mount in mounts for arg in ("--mount", mount_option(mount))]
 
 
 def create_argv(docker: str, spec: ContainerSpec) -> list[str]:
@@ -86,41 +88,44 @@ def create_argv(docker: str, spec: ContainerSpec) -> list[str]:
         argv.append("--interactive")
     if spec.entrypoint is not None:
         argv += ["--entrypoint", spec.entrypoint]
-    for key, value in sorted(spec.labels.items()):
-        argv += ["--label", f"{LABEL_PREFIX}{key}={value}"]
+    argv += _labels(spec.labels)
     for key, value in {**COLOUR_ENV, **spec.env}.items():
         argv += ["--env", f"{key}={value}"]
-    for mount in spec.mounts:
-        argv += ["--mount", mount.option()]
+    argv += _mounts(spec.mounts)
     argv.append(spec.image)
     if spec.command:
         argv += list(spec.command)
     return argv
 
 
-def start_attached_argv(docker: str, container: str) -> list[str]:
-    return [docker, "start", "--attach", container]
+def run_argv(docker: str, spec: OneShot, *, tty: bool) -> list[str]:
+    """``docker run --rm`` of a one-shot container."""
+    argv = [docker, "run", "--rm", "--name", spec.name, "--network", spec.network,
+            "--log-driver", "none", "--security-opt", "no-new-privileges"]
+    if tty:
+        argv.append("--tty")
+    for capability in spec.cap_drop:
+        argv += ["--cap-drop", capability]
+    for capability in spec.cap_add:
+        argv += ["--cap-add", capability]
+    return [*argv, *_mounts(spec.mounts), *_labels(spec.labels), spec.image, *spec.args]
 
 
-async def commit(docker: str, container: str, image: str) -> None:
-    """An image of the container's filesystem as it is now."""
-    await command.run([docker, "commit", "--pause=false", container, image])
+def build_argv(docker: str, tag: str, context: Path, *, dockerfile: Path | None,
+               build_args: dict[str, str], labels: dict[str, str]) -> list[str]:
+    """``docker build``; without a ``dockerfile`` it is read from stdin."""
+    argv = [docker, "build", "--tag", tag, "--file", str(dockerfile) if dockerfile else "-"]
+    for key, value in sorted(build_args.items()):
+        argv += ["--build-arg", f"{key}={value}"]
+    return [*argv, *_labels(labels), str(context)]
 
 
-async def remove_image(docker: str, image: str) -> None:
-    await command.run([docker, "image", "rm", "--force", image], check=False)
-
-
-async def server_version(docker: str) -> str:
-    """dockerd's version; raises CommandFailed when it does not answer."""
-    result = await command.run([docker, "version", "--format", "{{.Server.Version}}"])
-    return result.stdout.decode().strip()
-
-
-async def root_dir(docker: str) -> Path:
-    """Where dockerd keeps images, containers and volumes."""
-    result = await command.run([docker, "info", "--format", "{{.DockerRootDir}}"])
-    return Path(result.stdout.decode().strip())
+def network_argv(docker: str, spec: NetworkSpec) -> list[str]:
+    return [docker, "network", "create", "--driver", "bridge", "--subnet", spec.subnet,
+            "--gateway", spec.gateway,
+            "--opt", f"com.docker.network.bridge.name={spec.bridge}",
+            "--opt", f"com.docker.network.bridge.enable_icc={str(spec.icc).lower()}",
+            *_labels(spec.labels), spec.name]
 
 
 def _normalise_ref(ref: str) -> str:
@@ -128,87 +133,150 @@ def _normalise_ref(ref: str) -> str:
     return ref if ":" in last or "@" in last else ref + ":latest"
 
 
-async def present_images(docker: str, refs: set[str]) -> set[str]:
-    """Which of ``refs`` exist locally (one ``docker image ls``)."""
-    if not refs:
-        return set()
-    result = await command.run([docker, "image", "ls", "--format",
-                                "{{.Repository}}:{{.Tag}}"])
-    have = set(result.stdout.decode().split())
-    return {ref for ref in refs if _normalise_ref(ref) in have}
+def _missing(result_stderr: bytes) -> bool:
+    return b"No such" in result_stderr or b"no such" in result_stderr
 
 
-async def create(docker: str, spec: ContainerSpec) -> str:
-    result = await command.run(create_argv(docker, spec))
-    return result.stdout.decode().strip()
+class DockerCLI:
+    """The :class:`~agent.host.engine.Engine`, by running ``docker``."""
 
+    def __init__(self, program: str = "docker") -> None:
+        self.program = program
 
-@dataclass(frozen=True)
-class ContainerState:
-    status: str  # created, running, exited, ...
-    exit_code: int
-    image_id: str
-    oom_killed: bool  # the kernel's OOM killer stopped a process in it
+    async def _run(self, *args: str, stdin: bytes = b"") -> bytes:
+        return (await command.run([self.program, *args], stdin=stdin)).stdout
 
+    async def _destroy(self, *args: str) -> None:
+        argv = [self.program, *args]
+        result = await command.run(argv, check=False)
+        if result.returncode != 0 and not _missing(result.stderr):
+            raise CommandFailed(argv, result.returncode, result.stdout, result.stderr)
 
-async def inspect(docker: str, container: str) -> ContainerState | None:
-    """The container's state, or None if there is no such container."""
-    result = await command.run(
-        [docker, "container", "inspect", "--format", "{{json .State}} {{json .Image}}",
-         container], check=False)
-    if result.returncode != 0:
-        if b"No such" in result.stderr or b"no such" in result.stderr:
+    async def version(self) -> str:
+        return (await self._run("version", "--format", "{{.Server.Version}}")).decode().strip()
+
+    async def root_dir(self) -> Path:
+        return Path((await self._run("info", "--format", "{{.DockerRootDir}}")).decode().strip())
+
+    # -- images --
+
+    async def present_images(self, refs: set[str]) -> set[str]:
+        if not refs:
+            return set()
+        have = set((await self._run("image", "ls", "--format",
+                                    "{{.Repository}}:{{.Tag}}")).decode().split())
+        return {ref for ref in refs if _normalise_ref(ref) in have}
+
+    async def image_exists(self, ref: str) -> bool:
+        result = await command.run([self.program, "image", "inspect", ref], check=False)
+        return result.returncode == 0
+
+    async def build(self, tag: str, context: Path, *, output: Output,
+                    dockerfile: Path | None = None, inline: str | None = None,
+                    build_args: dict[str, str] | None = None,
+                    labels: dict[str, str] | None = None) -> int:
+        argv = build_argv(self.program, tag, context, dockerfile=dockerfile,
+                          build_args=build_args or {}, labels=labels or {})
+        return await command.stream(argv, output=output,
+                                    stdin=inline.encode() if inline is not None else b"")
+
+    async def remove_image(self, ref: str) -> None:
+        await self._destroy("image", "rm", "--force", ref)
+
+    async def commit(self, container: str, image: str) -> None:
+        await self._run("commit", "--pause=false", container, image)
+
+    # -- containers --
+
+    async def create(self, spec: ContainerSpec) -> str:
+        return (await command.run(create_argv(self.program, spec))).stdout.decode().strip()
+
+    @asynccontextmanager
+    async def attach(self, container: str, *, cols: int, rows: int,
+                     interactive: bool = False) -> AsyncIterator[Terminal]:
+        argv = [self.program, "start", "--attach", *(["--interactive"] if interactive else []),
+                container]
+        async with open_pty_process(argv, cols=cols, rows=rows,
+                                    interactive=interactive) as terminal:
+            yield terminal
+
+    @asynccontextmanager
+    async def run_attached(self, spec: OneShot, *, cols: int,
+                           rows: int) -> AsyncIterator[Terminal]:
+        try:
+            async with open_pty_process(run_argv(self.program, spec, tty=True),
+                                        cols=cols, rows=rows) as terminal:
+                yield terminal
+        finally:
+            # Killing `docker run` leaves its container; --rm removes it only
+            # when it ends by itself.  A no-op when it is gone already.
+            with trio.move_on_after(CLEANUP_DEADLINE) as cleanup:
+                cleanup.shield = True
+                await self.remove(spec.name)
+
+    async def run(self, spec: OneShot) -> tuple[int, bytes]:
+        result = await command.run(run_argv(self.program, spec, tty=False), check=False)
+        return result.returncode, result.stdout + result.stderr
+
+    async def inspect(self, container: str) -> ContainerState | None:
+        argv = [self.program, "container", "inspect", "--format",
+                "{{json .State}} {{json .Image}}", container]
+        result = await command.run(argv, check=False)
+        if result.returncode != 0:
+            if _missing(result.stderr):
+                return None
+            raise CommandFailed(argv, result.returncode, result.stdout, result.stderr)
+        state_json, image_json = result.stdout.decode().rsplit(" ", 1)
+        state = json.loads(state_json)
+        return ContainerState(state["Status"], int(state["ExitCode"]), json.loads(image_json),
+                              bool(state.get("OOMKilled")))
+
+    async def stop(self, container: str, *, grace: int) -> None:
+        await self._destroy("stop", "--time", str(grace), container)
+
+    async def remove(self, container: str) -> None:
+        await self._destroy("rm", "--force", "--volumes", container)
+
+    # -- volumes --
+
+    async def volume_exists(self, name: str) -> bool:
+        result = await command.run([self.program, "volume", "inspect", name], check=False)
+        return result.returncode == 0
+
+    async def create_volume(self, name: str, labels: dict[str, str]) -> None:
+        await self._run("volume", "create",
+                        *(a for k, v in labels.items() for a in ("--label", f"{k}={v}")), name)
+
+    async def volume_path(self, name: str) -> Path:
+        return Path((await self._run("volume", "inspect", "--format", "{{.Mountpoint}}",
+                                     name)).decode().strip())
+
+    async def remove_volumes(self, labels: dict[str, str]) -> None:
+        filters = [arg for key, value in labels.items()
+                   for arg in ("--filter", f"label={LABEL_PREFIX}{key}={value}")]
+        names = (await self._run("volume", "ls", "--quiet", *filters)).decode().split()
+        if names:
+            await self._destroy("volume", "rm", "--force", *names)
+
+    # -- networks --
+
+    async def network(self, name: str) -> NetworkSpec | None:
+        result = await command.run([self.program, "network", "inspect", name], check=False)
+        if result.returncode != 0:
             return None
-        raise CommandFailed(result.args, result.returncode, result.stdout, result.stderr)
-    state_json, image_json = result.stdout.decode().rsplit(" ", 1)
-    state = json.loads(state_json)
-    return ContainerState(state["Status"], int(state["ExitCode"]), json.loads(image_json),
-                          bool(state.get("OOMKilled")))
+        info = json.loads(result.stdout)[0]
+        config = (info.get("IPAM", {}).get("Config") or [{}])
+        options = info.get("Options") or {}
+        return NetworkSpec(
+            name=name, bridge=options.get("com.docker.network.bridge.name", ""),
+            subnet=",".join(c.get("Subnet", "") for c in config),
+            gateway=config[0].get("Gateway", ""),
+            icc=options.get("com.docker.network.bridge.enable_icc", "true") != "false",
+            labels={k.removeprefix(LABEL_PREFIX): v for k, v in (info.get("Labels") or {}).items()
+                    if k.startswith(LABEL_PREFIX)})
 
-
-async def volume_exists(docker: str, volume: str) -> bool:
-    result = await command.run([docker, "volume", "inspect", volume], check=False)
-    return result.returncode == 0
-
-
-async def create_volume(docker: str, volume: str, labels: dict[str, str]) -> None:
-    argv = [docker, "volume", "create"]
-    for key, value in labels.items():
-        argv += ["--label", f"{key}={value}"]
-    await command.run([*argv, volume])
-
-
-async def volume_path(docker: str, volume: str) -> Path:
-    """The host directory holding a local volume's data."""
-    result = await command.run([docker, "volume", "inspect", "--format", "{{.Mountpoint}}",
-                                volume])
-    return Path(result.stdout.decode().strip())
-
-
-async def remove_volumes(docker: str, labels: dict[str, str]) -> None:
-    """Remove the volumes that carry all these labels; idempotent."""
-    filters = [arg for key, value in labels.items()
-               for arg in ("--filter", f"label={LABEL_PREFIX}{key}={value}")]
-    result = await command.run([docker, "volume", "ls", "--quiet", *filters])
-    names = result.stdout.decode().split()
-    if names:
-        await command.run([docker, "volume", "rm", "--force", *names])
-
-
-async def stop(docker: str, container: str, *, grace: int) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` seconds; idempotent."""
-    await _ignoring_missing([docker, "stop", "--time", str(grace), container])
-
-
-async def remove(docker: str, container: str) -> None:
-    """Remove the container (and its anonymous volumes); idempotent."""
-    await _ignoring_missing([docker, "rm", "--force", "--volumes", container])
-
-
-async def _ignoring_missing(argv: list[str]) -> None:
-    result = await command.run(argv, check=False)
-    if result.returncode != 0 and b"No such container" not in result.stderr:
-        raise CommandFailed(argv, result.returncode, result.stdout, result.stderr)
+    async def create_network(self, spec: NetworkSpec) -> None:
+        await command.run(network_argv(self.program, spec))
 
 
 # What the docker CLI says when the engine is not there (stopped, restarting).

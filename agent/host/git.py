@@ -1,8 +1,8 @@
 """The checkout container: what it is given and how it is started.
 
-Pure functions: the argument list of ``docker run`` for one repository
-entry, the ssh host a URL names, and the worktree volume's name and labels
-(the seed experiment's rule, byte for byte).  The program inside the
+Pure functions: the one-shot container for one repository entry, the ssh
+host a URL names, and the worktree volume's name and labels (the seed
+experiment's rule, byte for byte).  The program inside the
 container is ``agent/checkout_image/efci-checkout``.
 """
 
@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..model import Repository
-from ..names import is_host
+from ..names import FULL_SHA, is_host
+from .engine import Mount, OneShot
 
 CHECKOUT_PROGRAM = "/usr/local/bin/efci-checkout"
 HEAD_LINE = re.compile(rb"efci-checkout: HEAD ([0-9a-f]{40,64})")
@@ -63,39 +63,26 @@ def known_hosts_name(host: str, port: int) -> str:
     return host if port == 22 else f"[{host}]:{port}"
 
 
-@dataclass(frozen=True)
-class CheckoutContainer:
-    name: str
-    image: str
-    volume: str
-    key: Path
-    known_hosts: Path
-    network: str  # "host" by default: the checkout runs only git, never task code
-    unchecked_host_keys: bool
-    labels: dict[str, str]  # the agent's own, as on its task containers
-
-
-def checkout_argv(docker: str, c: CheckoutContainer, repo: Repository, *,
-                  is_sha: bool) -> list[str]:
-    """``docker run`` of the checkout container for one repository entry.
+def checkout_container(*, name: str, image: str, volume: str, key: Path, known_hosts: Path,
+                       network: str, labels: dict[str, str], repo: Repository,
+                       unchecked_host_keys: bool) -> OneShot:
+    """The checkout container for one repository entry.
 
     The deploy key and known_hosts are mounted read-only and only here;
     every capability is dropped but DAC_OVERRIDE, which lets the container's
-    root read the key the service user owns and write the volume.
+    root read the key the service user owns and write the volume.  Its
+    network is the host's by default: it runs only git, never task code.
     """
-    argv = [docker, "run", "--rm", "--tty", "--log-driver", "none", "--name", c.name,
-            "--network", c.network, "--cap-drop", "ALL", "--cap-add", "DAC_OVERRIDE",
-            "--security-opt", "no-new-privileges",
-            "--mount", f"type=volume,source={c.volume},target=/worktree",
-            "--mount", f"type=bind,source={c.key},target=/efci/key,readonly",
-            "--mount", f"type=bind,source={c.known_hosts},target=/efci/known_hosts,readonly",
-            *(arg for key, value in sorted(c.labels.items())
-              for arg in ("--label", f"{key}={value}")),
-            c.image, "--url", repo.repo_url, "--revision", repo.revision]
-    if is_sha:
-        argv.append("--sha")
+    args = ["--url", repo.repo_url, "--revision", repo.revision]
+    if FULL_SHA.fullmatch(repo.revision):
+        args.append("--sha")
     if repo.submodules:
-        argv.append("--submodules")
-    if c.unchecked_host_keys:
-        argv.append("--unchecked-host-keys")
-    return argv
+        args.append("--submodules")
+    if unchecked_host_keys:
+        args.append("--unchecked-host-keys")
+    return OneShot(
+        name=name, image=image, args=tuple(args), network=network, labels=labels,
+        cap_drop=("ALL",), cap_add=("DAC_OVERRIDE",),
+        mounts=(Mount("volume", volume, "/worktree", readonly=False),
+                Mount("bind", str(key), "/efci/key", readonly=True),
+                Mount("bind", str(known_hosts), "/efci/known_hosts", readonly=True)))

@@ -22,6 +22,8 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from . import command
+
 
 def set_window_size(fd: int, cols: int, rows: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
@@ -76,23 +78,17 @@ async def open_pty_process(argv: Sequence[str], *, cols: int, rows: int,
     stdin) on a new raw PTY of the given size; on exit (also when cancelled)
     the child is killed and reaped."""
     master_fd, slave_fd = os.openpty()
+    master = trio.lowlevel.FdStream(master_fd)  # takes ownership of master_fd
     try:
         tty.setraw(slave_fd)
         set_window_size(slave_fd, cols, rows)
-        process = await trio.lowlevel.open_process(
-            list(argv), stdin=slave_fd if interactive else subprocess.DEVNULL,
-            stdout=slave_fd, stderr=slave_fd)
-    except BaseException:
-        os.close(master_fd)
-        raise
+        async with command.spawned(argv, stdin=slave_fd if interactive else subprocess.DEVNULL,
+                                   stdout=slave_fd, stderr=slave_fd) as process:
+            os.close(slave_fd)  # the child holds its own copies
+            slave_fd = -1
+            yield PtyProcess(process, master, master_fd)
     finally:
-        os.close(slave_fd)  # the child holds its own copies
-    master = trio.lowlevel.FdStream(master_fd)  # takes ownership of master_fd
-    try:
-        yield PtyProcess(process, master, master_fd)
-    finally:
+        if slave_fd >= 0:
+            os.close(slave_fd)
         with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
             await master.aclose()

@@ -6,6 +6,7 @@ import pytest
 
 from agent import config
 from agent.host import docker
+from agent.host.engine import ContainerSpec, Mount, NetworkSpec, OneShot
 from agent.model import Network, Task
 from agent.runs import container_spec
 
@@ -35,7 +36,7 @@ def test_network_policy() -> None:
     none = docker.create_argv("docker", container_spec(CFG, "a", 1, task(network=Network.NONE)))
     assert none[none.index("--network") + 1] == "none"
     for bad in ("host", "container:abc", ""):
-        spec = docker.ContainerSpec(name="n", image="i", command=None, network=bad)
+        spec = ContainerSpec(name="n", image="i", command=None, network=bad)
         with pytest.raises(ValueError, match="refusing network"):
             docker.create_argv("docker", spec)
 
@@ -46,9 +47,31 @@ def test_image_default_command_is_kept() -> None:
 
 
 def test_limits_reach_the_container() -> None:
-    spec = docker.ContainerSpec(name="n", image="img:1", command=None, network="none",
+    spec = ContainerSpec(name="n", image="img:1", command=None, network="none",
                                 memory=4 << 30, pids=4096)
     argv = docker.create_argv("docker", spec)
     assert argv[argv.index("--memory") + 1] == str(4 << 30)
     assert argv[argv.index("--memory-swap") + 1] == str(4 << 30)
     assert argv[argv.index("--pids-limit") + 1] == "4096"
+
+
+def test_a_one_shot_container_keeps_only_what_it_is_given() -> None:
+    spec = OneShot(name="efci-x-1-checkout-0", image="efci/checkout:1", args=("--url", "u"),
+                   network="host", mounts=(Mount("volume", "v", "/worktree", readonly=False),),
+                   labels={"instance": "x"}, cap_add=("DAC_OVERRIDE",))
+    argv = docker.run_argv("docker", spec, tty=True)
+    assert argv[:5] == ["docker", "run", "--rm", "--name", "efci-x-1-checkout-0"]
+    assert argv[argv.index("--cap-drop") + 1] == "ALL"
+    assert argv[argv.index("--cap-add") + 1] == "DAC_OVERRIDE" and "--tty" in argv
+    assert "org.efforting-ci.instance=x" in argv
+    assert argv[-3:] == ["efci/checkout:1", "--url", "u"]
+
+
+def test_builds_and_networks() -> None:
+    argv = docker.build_argv("docker", "t:1", Path("/ctx"), dockerfile=None,
+                             build_args={"BASE": "b"}, labels={"image": "i"})
+    assert argv == ["docker", "build", "--tag", "t:1", "--file", "-", "--build-arg", "BASE=b",
+                    "--label", "org.efforting-ci.image=i", "/ctx"]
+    net = docker.network_argv("docker", NetworkSpec("efci", "efci0", "172.30.0.0/24",
+                                                    "172.30.0.1"))
+    assert "com.docker.network.bridge.enable_icc=false" in net and net[-1] == "efci"

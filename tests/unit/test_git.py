@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 
 from agent.host.git import (
-    CheckoutContainer,
-    checkout_argv,
+    checkout_container,
     ssh_host,
     volume_labels,
     worktree_volume_name,
@@ -63,25 +63,23 @@ REPO = Repository(repo_url="ssh://git@h:2222/a.git", revision="main", mutable=Tr
 
 
 def test_checkout_container_gets_the_key_read_only_and_little_else() -> None:
-    c = CheckoutContainer(name="efci-x-1-checkout-0", image="efci/checkout:1",
-                          volume="ci-worktree-1",
-                          key=Path("/srv/ci-secrets/git-ssh/o/private/k"),
-                          known_hosts=Path("/srv/ci-secrets/git-ssh/o/known_hosts"),
-                          network="host", unchecked_host_keys=False,
-                          labels={"org.efforting-ci.instance": "x"})
-    argv = checkout_argv("docker", c, REPO, is_sha=False)
-    assert argv[argv.index("--label") + 1] == "org.efforting-ci.instance=x"
-    mounts = [argv[i + 1] for i, a in enumerate(argv) if a == "--mount"]
-    assert mounts == [
-        "type=volume,source=ci-worktree-1,target=/worktree",
-        "type=bind,source=/srv/ci-secrets/git-ssh/o/private/k,target=/efci/key,readonly",
-        "type=bind,source=/srv/ci-secrets/git-ssh/o/known_hosts,target=/efci/known_hosts,"
-        "readonly",
-    ]
-    assert argv[argv.index("--cap-drop") + 1] == "ALL" and "--privileged" not in argv
-    assert argv[argv.index("efci/checkout:1"):] == [
-        "efci/checkout:1", "--url", REPO.repo_url, "--revision", "main", "--submodules"]
-    assert "--unchecked-host-keys" not in argv and "--sha" not in argv
+    c = checkout_container(name="efci-x-1-checkout-0", image="efci/checkout:1",
+                           volume="ci-worktree-1",
+                           key=Path("/srv/ci-secrets/git-ssh/o/private/k"),
+                           known_hosts=Path("/srv/ci-secrets/git-ssh/o/known_hosts"),
+                           network="host", unchecked_host_keys=False,
+                           labels={"instance": "x"}, repo=REPO)
+    assert [(m.kind, m.source, m.target, m.readonly) for m in c.mounts] == [
+        ("volume", "ci-worktree-1", "/worktree", False),
+        ("bind", "/srv/ci-secrets/git-ssh/o/private/k", "/efci/key", True),
+        ("bind", "/srv/ci-secrets/git-ssh/o/known_hosts", "/efci/known_hosts", True)]
+    assert (c.cap_drop, c.cap_add, c.network) == (("ALL",), ("DAC_OVERRIDE",), "host")
+    assert c.args == ("--url", REPO.repo_url, "--revision", "main", "--submodules")
+    sha = checkout_container(name="n", image="i", volume="v", key=Path("/k"),
+                             known_hosts=Path("/h"), network="efci", labels={},
+                             unchecked_host_keys=True,
+                             repo=dataclasses.replace(REPO, revision="a" * 40, submodules=False))
+    assert sha.args[-2:] == ("--sha", "--unchecked-host-keys")
 
 
 def test_labels_are_the_experiments() -> None:

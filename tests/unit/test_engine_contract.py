@@ -1,0 +1,19 @@
+"""The engine contract, against the fake engine (the integration tests run
+the same against the docker CLI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..engine_contract import PRINT_AND_EXIT, SAY_AND_FAIL, SLEEP, check_engine
+from ..fake_engine import FakeEngine, FakeTerminal, prints, sleeps
+
+
+async def test_the_fake_engine_keeps_the_contract(tmp_path: Path) -> None:
+    async def say_and_fail(terminal: FakeTerminal) -> int:
+        await terminal.write(b"said\n")
+        return 2
+
+    engine = FakeEngine(tmp_path, programs={PRINT_AND_EXIT: prints(b"hi there", 3),
+                                            SAY_AND_FAIL: say_and_fail, SLEEP: sleeps()})
+    await check_engine(engine, "efci/base:bookworm")
