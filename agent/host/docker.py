@@ -203,16 +203,19 @@ class DockerCLI:
     @asynccontextmanager
     async def run_attached(self, spec: OneShot, *, cols: int,
                            rows: int) -> AsyncIterator[Terminal]:
+        ended = False
         try:
             async with open_pty_process(run_argv(self.program, spec, tty=True),
                                         cols=cols, rows=rows) as terminal:
                 yield terminal
+                ended = terminal.process.returncode is not None
         finally:
-            # Killing `docker run` leaves its container; --rm removes it only
-            # when it ends by itself.  A no-op when it is gone already.
-            with trio.move_on_after(CLEANUP_DEADLINE) as cleanup:
-                cleanup.shield = True
-                await self.remove(spec.name)
+            # Killing `docker run` leaves its container: --rm removes it only
+            # when it ends by itself.
+            if not ended:
+                with trio.move_on_after(CLEANUP_DEADLINE) as cleanup:
+                    cleanup.shield = True
+                    await self.remove(spec.name)
 
     async def run(self, spec: OneShot) -> tuple[int, bytes]:
         result = await command.run(run_argv(self.program, spec, tty=False), check=False)
