@@ -159,7 +159,7 @@ class Runs:
 
     def __init__(self, cfg: AgentConfig, engine: Engine, state: StateStore, logs: LogStore,
                  checkouts: Checkouts, mutations: Mutations, network: TaskNetwork,
-                 instance: str, guards: mounts.Guards | None = None) -> None:
+                 instance: str) -> None:
         self.cfg = cfg
         self.engine = engine
         self.state = state
@@ -169,7 +169,7 @@ class Runs:
         self.network = network
         self.images = Images(engine)
         self.environments = Environments(checkouts, mutations, ProgressChannels(cfg.state_dir))
-        self.guards = guards or mounts.Guards()
+        self.guards = mounts.Guards()
         self.instance = instance
         self.active: dict[int, ActiveRun] = {}
         self._slots = trio.CapacityLimiter(cfg.max_parallel)

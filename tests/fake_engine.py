@@ -11,7 +11,6 @@ command exits 0 at once.
 
 from __future__ import annotations
 
-import itertools
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -102,7 +101,6 @@ class FakeEngine:
     volumes: dict[str, dict[str, str]] = field(default_factory=dict)
     networks: dict[str, NetworkSpec] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)  # container names, in order
-    _ids: itertools.count[int] = field(default_factory=itertools.count)
 
     def _find(self, container: str) -> FakeContainer | None:
         for c in self.containers.values():
