@@ -422,10 +422,9 @@ class Runs:
         (checkout or the worktrees it has, views, progress) and the container
         (created, or the run's own again for a restart), attached."""
         first = run.attempt == 1
-        binds = await self._prepare(run, writer)
+        binds, targets = await self._prepare(run, writer)
         if run.build_only:
             return RunStatus.SUCCEEDED, {}
-        targets = [t.path for t in deploy_targets(self.cfg, run.task)]
         limit = run.task.time_limit or self.cfg.time_limit
         container = ""
         with trio.move_on_after(limit) as timer:
@@ -453,17 +452,20 @@ class Runs:
             fields["error"] = "; ".join([*timed_out.values(), *limits])
         return (RunStatus.TIMED_OUT if timed_out else status), fields
 
-    async def _prepare(self, run: ActiveRun, writer: LogWriter) -> list[Mount]:
+    async def _prepare(self, run: ActiveRun,
+                       writer: LogWriter) -> tuple[list[Mount], list[Path]]:
         """What comes before the time limit starts: refuse what cannot run
         (keys, hosts, secrets, deploy targets; on the first attempt), guard
         the deploy targets, check the network rules, record the run as
-        running, build its image.  Returns the first attempt's host mounts."""
+        running, build its image.  Returns the first attempt's host mounts
+        and the deploy targets' paths."""
         binds = []
         if run.attempt == 1:
             self.checkouts.check(run.task)
             binds = host_mounts(self.cfg, run.task)
-        for target in deploy_targets(self.cfg, run.task):
-            await self.guards.ensure(target.path)  # nosuid,nodev while a task can write it
+        targets = [t.path for t in deploy_targets(self.cfg, run.task)]
+        for path in targets:
+            await self.guards.ensure(path)  # nosuid,nodev while a task can write it
         if run.task.network is Network.DEFAULT or (
                 run.task.repositories and self.cfg.network_checkout == "bridge"):
             restored = await self.network.check()  # fail closed
@@ -476,7 +478,7 @@ class Runs:
         if run.image is not None:
             tag = await self.images.ensure(run.image, writer, force=run.build_only)
             run.task = dataclasses.replace(run.task, image=tag)
-        return binds
+        return binds, targets
 
     def _check_out(self, run: ActiveRun, writer: LogWriter
                    ) -> Callable[[list[Worktree]], Awaitable[None]]:

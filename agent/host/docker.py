@@ -146,6 +146,10 @@ class DockerCLI:
     async def _run(self, *args: str, stdin: bytes = b"") -> bytes:
         return (await command.run([self.program, *args], stdin=stdin)).stdout
 
+    async def _answers(self, *args: str) -> bool:
+        """Whether the command succeeds (an inspect: whether the thing exists)."""
+        return (await command.run([self.program, *args], check=False)).returncode == 0
+
     async def _destroy(self, *args: str) -> None:
         argv = [self.program, *args]
         result = await command.run(argv, check=False)
@@ -168,8 +172,7 @@ class DockerCLI:
         return {ref for ref in refs if _normalise_ref(ref) in have}
 
     async def image_exists(self, ref: str) -> bool:
-        result = await command.run([self.program, "image", "inspect", ref], check=False)
-        return result.returncode == 0
+        return await self._answers("image", "inspect", ref)
 
     async def build(self, tag: str, context: Path, *, output: Output,
                     dockerfile: Path | None = None, inline: str | None = None,
@@ -243,8 +246,7 @@ class DockerCLI:
     # -- volumes --
 
     async def volume_exists(self, name: str) -> bool:
-        result = await command.run([self.program, "volume", "inspect", name], check=False)
-        return result.returncode == 0
+        return await self._answers("volume", "inspect", name)
 
     async def create_volume(self, name: str, labels: dict[str, str]) -> None:
         await self._run("volume", "create",

@@ -41,24 +41,27 @@ def test_a_client_that_stops_reading_is_dropped() -> None:
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
+async def exchange(handler: control.Handler, sent: bytes, answers: int) -> list[Any]:
+    """Send ``sent`` on one connection; the first ``answers`` replies."""
+    server, client = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(control.serve_connection, server, ME, handler, OPS)
+        await client.send_all(sent)
+        data = b""
+        while data.count(b"\n") < answers:
+            data += await client.receive_some()
+        await client.aclose()
+    return [json.loads(line) for line in data.splitlines()]
+
+
 def test_requests_on_one_connection_are_answered_in_order() -> None:
     async def handler(request: protocol.Request, call: protocol.Call) -> object:
         return {"op": request.op, "uid": call.requester.uid}
 
-    async def main() -> None:
-        server, client = trio.testing.memory_stream_pair()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(control.serve_connection, server, ME, handler, OPS)
-            await client.send_all(b'{"id": 1, "op": "ping"}\n\n{"id": 2, "op": "status"}\n')
-            data = b""
-            while data.count(b"\n") < 2:
-                data += await client.receive_some()
-            await client.aclose()
-        replies = [json.loads(line) for line in data.splitlines()]
-        assert replies == [{"id": 1, "ok": True, "result": {"op": "ping", "uid": 1000}},
-                           {"id": 2, "ok": True, "result": {"op": "status", "uid": 1000}}]
-
-    trio.run(main)
+    replies = trio.run(exchange, handler,
+                       b'{"id": 1, "op": "ping"}\n\n{"id": 2, "op": "status"}\n', 2)
+    assert replies == [{"id": 1, "ok": True, "result": {"op": "ping", "uid": 1000}},
+                       {"id": 2, "ok": True, "result": {"op": "status", "uid": 1000}}]
 
 
 def test_a_handler_that_breaks_answers_with_a_sentence_and_the_server_goes_on() -> None:
@@ -67,21 +70,11 @@ def test_a_handler_that_breaks_answers_with_a_sentence_and_the_server_goes_on() 
             raise ExceptionGroup("two", [KeyError("x"), ValueError("y")])
         return "pong"
 
-    async def main() -> None:
-        server, client = trio.testing.memory_stream_pair()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(control.serve_connection, server, ME, handler, OPS)
-            await client.send_all(b'{"id": 1, "op": "status"}\n{"id": 2, "op": "ping"}\n')
-            data = b""
-            while data.count(b"\n") < 2:
-                data += await client.receive_some()
-            await client.aclose()
-        first, second = (json.loads(line) for line in data.splitlines())
-        assert first["ok"] is False and "failed unexpectedly (ExceptionGroup" in \
-            first["error"]["message"] and "agent's log" in first["error"]["message"]
-        assert second == {"id": 2, "ok": True, "result": "pong"}
-
-    trio.run(main)
+    first, second = trio.run(exchange, handler,
+                             b'{"id": 1, "op": "status"}\n{"id": 2, "op": "ping"}\n', 2)
+    assert first["ok"] is False and "failed unexpectedly (ExceptionGroup" in \
+        first["error"]["message"] and "agent's log" in first["error"]["message"]
+    assert second == {"id": 2, "ok": True, "result": "pong"}
 
 
 def test_a_connection_that_breaks_outside_a_request_is_closed_alone(monkeypatch: Any) -> None:
