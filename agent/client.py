@@ -18,7 +18,8 @@ from .errors import AgentUnreachable, EfciError
 
 EventHandler = Callable[[dict[str, Any]], None]
 
-_EXIT_BY_CODE = {"config": 78, "bad_request": 64, "not_found": 66, "conflict": 75}
+_EXIT_BY_CODE = {"config": 78, "bad_request": 64, "not_found": 66, "conflict": 75,
+                 "refused": 77}
 
 
 class RemoteError(EfciError):

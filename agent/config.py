@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,19 @@ class AgentConfig:
     network_blocked: tuple[str, ...]
     network_checkout: str
     network_git_endpoints: tuple[tuple[str, int], ...]
+    web_listen: tuple[str, int]
+    web_public_url: str
+    web_session_lifetime: int
+    web_login_lifetime: int
     deploy_targets: dict[str, DeployTarget] = field(default_factory=dict)
+
+    @property
+    def web_url(self) -> str:
+        """Where browsers reach the page: the public URL, else the listen address."""
+        if self.web_public_url:
+            return self.web_public_url
+        host, port = self.web_listen
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 # -- the settings table -------------------------------------------------------
@@ -135,8 +148,12 @@ def _checkout_network(node: Node) -> str:
 
 
 def _endpoints(node: Node) -> tuple[tuple[str, int], ...]:
+    return _endpoints_of(node.sequence())
+
+
+def _endpoints_of(items: list[Node]) -> tuple[tuple[str, int], ...]:
     out = []
-    for item in node.sequence():
+    for item in items:
         text = item.string()
         host, _, port = text.rpartition(":")
         try:
@@ -156,6 +173,22 @@ def _bridge(node: Node) -> str:
 
 def _group(node: Node) -> str:
     return node.string(pattern=re.compile(r"[a-z_][a-z0-9_-]{0,31}"), what="a group name")
+
+
+def _listen(node: Node) -> tuple[str, int]:
+    (endpoint,) = _endpoints_of([node])
+    return endpoint
+
+
+def _public_url(node: Node) -> str:
+    text = node.string()
+    if not text:
+        return ""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query \
+            or parts.fragment or parts.username or parts.path not in ("", "/"):
+        raise node.error(f"must be http(s)://HOST[:PORT] with no path, not {text!r}")
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _program(node: Node) -> str:
@@ -232,6 +265,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("network.git_endpoints", "network_git_endpoints", _endpoints, _const(()), "[]",
             "host:port of git servers on this host that the bridge lets through, "
             "e.g. [172.30.0.1:22]."),
+    Setting("web.listen", "web_listen", _listen, _const(("127.0.0.1", 8470)), "127.0.0.1:8470",
+            "Where efci web serves the page (ADDRESS:PORT); put a TLS proxy in front of it "
+            "for other machines."),
+    Setting("web.public_url", "web_public_url", _public_url, _const(""), '""',
+            "The page's address as browsers reach it (e.g. https://ci.example.org behind a "
+            "proxy); empty: http://LISTEN."),
+    Setting("web.session_lifetime", "web_session_lifetime", Node.duration, _const(12 * 3600),
+            "12h", "How long a web login lasts."),
+    Setting("web.login_lifetime", "web_login_lifetime", Node.duration, _const(600), "10m",
+            "How long a one-time login URL from efci web-login stays usable."),
 )
 
 _DEPLOY_HELP = """\

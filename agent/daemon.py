@@ -57,6 +57,7 @@ class Agent:
         self.started_at = time.time()
         self.docker_version = ""
         self.docker_root: Path | None = None
+        self.web: dict[str, Any] | None = None  # efci web's announcement, while it is up
 
     # -- declarations ---------------------------------------------------------
 

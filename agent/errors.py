@@ -67,6 +67,13 @@ class Conflict(EfciError):
     exit_status = 75  # EX_TEMPFAIL
 
 
+class Refused(EfciError):
+    """A credential (a web login or session) is unknown, used up or expired."""
+
+    code = "refused"
+    exit_status = 77  # EX_NOPERM
+
+
 class RunFailed(EfciError):
     """A run cannot go on for a reason of its own (a checkout or build that
     failed, a refused deploy target): recorded as the run's result, failed,

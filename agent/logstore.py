@@ -531,6 +531,11 @@ class LogReader:
             records = list(iter_records(self._file.read(length + 64), 0, position))[:1]
         return records
 
+    def starts_record(self, position: int) -> bool:
+        """Whether ``position`` is a record boundary (the end included) or
+        in dropped space, i.e. a place a reader may start from."""
+        return position >= self.end() or bool(self.read(position, 64 * 1024))
+
     def records_from(self, position: int) -> Any:
         """Every record from ``position`` to the current end (a generator)."""
         while records := self.read(position):
@@ -559,21 +564,25 @@ class LogReader:
         last = self._segments[-1]
         return last.start + last.path.stat().st_size
 
-    def position_of_tail(self, lines: int) -> tuple[int, int]:
+    def position_of_tail(self, lines: int, until: int | None = None) -> tuple[int, int]:
         """(record position, bytes to skip in it) where the last ``lines``
-        lines of output begin, scanning only from a late enough index entry."""
-        entries = self.index()
+        lines of output before ``until`` (default: the end) begin, scanning
+        only from a late enough index entry."""
+        entries = [e for e in self.index() if until is None or e.position < until]
         for entry in reversed([IndexEntry(0, 0, 0, 0), *entries]):
-            found = self._tail_from(entry, lines)
+            found = self._tail_from(entry, lines, until)
             if found is not None:
                 return found
         return 0, 0
 
-    def _tail_from(self, entry: IndexEntry, lines: int) -> tuple[int, int] | None:
+    def _tail_from(self, entry: IndexEntry, lines: int,
+                   until: int | None) -> tuple[int, int] | None:
         # Newline positions after the entry: (record position, offset after it).
         marks: list[tuple[int, int]] = []
         last_byte = b"\n"
         for record in self.records_from(entry.position):
+            if until is not None and record.position >= until:
+                break
             if record.kind is not Kind.OUTPUT or not record.payload:
                 continue
             start = 0
@@ -583,7 +592,7 @@ class LogReader:
             last_byte = record.payload[-1:]
         wanted = lines if last_byte == b"\n" else lines - 1  # newlines to keep after start
         if lines <= 0:
-            return self.end(), 0
+            return (self.end() if until is None else until), 0
         if len(marks) > wanted:
             return marks[len(marks) - wanted - 1]
         if entry.position == 0:

@@ -13,9 +13,13 @@ read; anything else is a bug, answered as such by the server.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import os
+import re
+import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,7 +28,7 @@ import psutil
 import trio
 
 from . import __version__, protocol
-from .errors import Conflict, EfciError, NotFound
+from .errors import Conflict, EfciError, NotFound, Refused, RequestError
 from .images import image_tag
 from .keys import KeyInfo
 from .logstore import records_with_skip
@@ -107,6 +111,7 @@ async def status(agent: Agent, call: Call) -> object:
                     "last_probe": agent.network.last_probe.__dict__
                     if agent.network.last_probe else None},
         "declarations": agent.declarations_summary(),
+        "web": agent.web,
         **_resources(agent),
     }
 
@@ -153,8 +158,10 @@ async def run(agent: Agent, call: Call, *, task: str, follow: bool = False) -> o
 
 
 @op
-async def runs(agent: Agent, call: Call, *, task: str | None = None, limit: int = 20) -> object:
-    records = await agent.runs.records(task=task, limit=min(limit, 1000))
+async def runs(agent: Agent, call: Call, *, task: str | None = None, status: str | None = None,
+               owner: str | None = None, limit: int = 20) -> object:
+    records = await agent.runs.records(task=task, status=status, owner=owner,
+                                       limit=min(limit, 1000))
     return [r.to_wire() for r in records]
 
 
@@ -165,17 +172,23 @@ async def show(agent: Agent, call: Call, *, run: int) -> object:
 
 @op
 async def logs(agent: Agent, call: Call, *, run: int, follow: bool = False, position: int = 0,
-               since_ns: int | None = None, tail: int | None = None) -> object:
-    """A run's log from ``position``, a time, or its last ``tail`` lines;
-    the index finds the start without reading the whole log."""
+               since_ns: int | None = None, tail: int | None = None,
+               until: int | None = None) -> object:
+    """A run's log from ``position``, a time, or its last ``tail`` lines,
+    up to ``until`` (a record's position: the viewer reads backwards that
+    way); the index finds the start without reading the whole log."""
     await run_wire(agent, run)  # NotFound for an unknown run
     skip = 0
     with agent.logs.reader(run) as reader:
         if since_ns is not None:
             position = await trio.to_thread.run_sync(reader.position_at_time, since_ns)
         if tail is not None:
-            position, skip = await trio.to_thread.run_sync(reader.position_of_tail, tail)
-    end = await stream_log(agent, call, run, position, skip, follow=follow)
+            position, skip = await trio.to_thread.run_sync(reader.position_of_tail, tail, until)
+        elif not await trio.to_thread.run_sync(reader.starts_record, position):
+            raise RequestError(f"logs: position {position} is not where a record of run "
+                               f"{run}'s log begins; resume from a 'next' the agent gave")
+    end = await stream_log(agent, call, run, position, skip, follow=follow and until is None,
+                           until=until)
     return {"run": run, "next": end}
 
 
@@ -221,19 +234,24 @@ async def run_wire(agent: Agent, run_id: int) -> dict[str, Any]:
 
 
 async def stream_log(agent: Agent, call: Call, run_id: int, position: int, skip: int, *,
-                     follow: bool) -> int:
+                     follow: bool, until: int | None = None) -> int:
     """Send the log's records from ``position`` (the first one shortened by
-    ``skip`` bytes), and with ``follow`` until the run ends; returns where
-    to resume."""
+    ``skip`` bytes) up to ``until``, and with ``follow`` until the run ends;
+    returns where to resume."""
     streams = agent.logs.streams(run_id)
     await call.event("streams", streams=streams)
-    async for batch in agent.logs.follow(run_id, position, live=follow):
+    async for records in agent.logs.follow(run_id, position, live=follow):
+        batch = records if until is None else [r for r in records if r.position < until]
+        if not batch:
+            break
         if any(r.stream not in streams.values() for r in batch):
             streams = agent.logs.streams(run_id)
             await call.event("streams", streams=streams)
         await call.send(protocol.records_event(call.id, records_with_skip(batch, skip)))
         skip = 0
         position = batch[-1].end
+        if len(batch) < len(records):
+            break  # reached until
     return position
 
 
@@ -336,3 +354,80 @@ async def key_trust(agent: Agent, call: Call, *, host: str, port: int = 22,
     log.info("pinned host keys of %s port %d for %s", host, port, owner)
     return {"owner": owner, "host": host, "port": port, "fingerprints": fingerprints,
             "scanned": keys is None}
+
+
+# -- the web page (efci web is a client like efci; these are its logins) ------------
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _token(call: Call, argument: str, value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{20,100}", value):
+        raise Refused(f"the {argument} is not a token of ours")  # never echo it
+    return value
+
+
+@op
+async def web_login(agent: Agent, call: Call) -> object:
+    """A one-time login URL.  The token rides in the URL's fragment, which
+    browsers never send to a server or a proxy's access log: the login page
+    posts it."""
+    token = secrets.token_urlsafe(32)
+    expires = await agent.state.call(agent.state.add_web_token, "login", _digest(token),
+                                     call.requester.uid, agent.cfg.web_login_lifetime)
+    log.info("web login URL issued to uid %d", call.requester.uid)
+    return {"url": f"{agent.cfg.web_url}/login#{token}", "expires_at": expires,
+            "web_up": agent.web is not None}
+
+
+@op
+async def web_session_open(agent: Agent, call: Call, *, token: str) -> object:
+    """Trade a login token (once) for a session and its CSRF token."""
+    login = await agent.state.call(agent.state.web_token, "login",
+                                   _digest(_token(call, "token", token)), take=True)
+    if login is None:
+        raise Refused("this login link is unknown, used or expired; "
+                      "get a new one with `efci web-login`")
+    session, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    expires = await agent.state.call(agent.state.add_web_token, "session", _digest(session),
+                                     login["uid"], agent.cfg.web_session_lifetime, csrf)
+    log.info("web session opened for uid %d", login["uid"])
+    return {"session": session, "csrf": csrf, "uid": login["uid"], "expires_at": expires}
+
+
+@op
+async def web_session(agent: Agent, call: Call, *, session: str) -> object:
+    found = await agent.state.call(agent.state.web_token, "session",
+                                   _digest(_token(call, "session", session)))
+    if found is None:
+        raise Refused("not logged in, or the session expired or was revoked; "
+                      "get a login link with `efci web-login`")
+    return found
+
+
+@op
+async def web_logout(agent: Agent, call: Call, *, session: str | None = None,
+                     all: bool = False) -> object:  # noqa: A002 - the CLI's --all
+    if all == (session is not None):
+        raise RequestError("web_logout: give either a session or all")
+    digest = None if all else _digest(_token(call, "session", session or ""))
+    count = await agent.state.call(agent.state.drop_web_tokens, digest)
+    log.info("%d web session(s) and login(s) revoked by uid %d", count, call.requester.uid)
+    return {"revoked": count}
+
+
+@op
+async def web_hello(agent: Agent, call: Call, *, url: str) -> object:
+    """efci web announces itself and keeps this call open while it serves,
+    so efci status shows the page's URL exactly while it is up."""
+    agent.web = {"url": url, "pid": call.requester.pid, "since": time.time()}
+    log.info("web page up at %s (pid %d)", url, call.requester.pid)
+    try:
+        await call.event("hello", version=__version__)
+        while await call.receive_line() is not None:
+            pass
+    finally:
+        agent.web = None
+        log.info("web page at %s went away", url)
+    return None

@@ -215,8 +215,8 @@ class Runs:
         return dataclasses.replace(record, **{
             **end, "error": f"{end['error']} ({note})" if end.get("error") else note})
 
-    async def records(self, *, task: str | None, limit: int) -> list[RunRecord]:
-        found = await self.state.call(self.state.list_runs, task=task, limit=limit)
+    async def records(self, *, limit: int, **filters: str | None) -> list[RunRecord]:
+        found = await self.state.call(self.state.list_runs, limit=limit, **filters)
         return [self._with_unsaved_end(r) for r in found]
 
     async def _finished_record(self, run_id: int) -> RunRecord:

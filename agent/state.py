@@ -81,6 +81,18 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE runs ADD COLUMN progress REAL;
     ALTER TABLE runs ADD COLUMN progress_message TEXT;
     """,
+    """
+    CREATE TABLE web_tokens (
+        digest TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        uid INTEGER NOT NULL,
+        csrf TEXT,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE INDEX runs_by_owner ON runs (owner, id);
+    CREATE INDEX runs_by_status ON runs (status, id);
+    """,
 )
 
 
@@ -234,14 +246,46 @@ class StateStore:
                                (run_id,)).fetchone()
         return _record(row) if row else None
 
-    def list_runs(self, *, task: str | None = None, limit: int = 20) -> list[RunRecord]:
+    def list_runs(self, *, task: str | None = None, status: str | None = None,
+                  owner: str | None = None, limit: int = 20) -> list[RunRecord]:
+        filters = {"task": task, "status": status, "owner": owner}
+        wanted = {column: value for column, value in filters.items() if value is not None}
+        where = " AND ".join(f"{column} = ?" for column in wanted)
         query = f"SELECT {_RUN_COLUMNS} FROM runs"  # noqa: S608
-        args: tuple[Any, ...] = ()
-        if task is not None:
-            query += " WHERE task = ?"
-            args = (task,)
-        rows = self._db.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit))
+        rows = self._db.execute(query + (f" WHERE {where}" if where else "")
+                                + " ORDER BY id DESC LIMIT ?", (*wanted.values(), limit))
         return [_record(r) for r in rows]
+
+    # -- web logins (only digests: a stolen database opens no session) ----------------
+
+    def add_web_token(self, kind: str, digest: str, uid: int, lifetime: float,
+                      csrf: str | None = None) -> float:
+        now = time.time()
+        with self._transaction():
+            self._db.execute("DELETE FROM web_tokens WHERE expires_at < ?", (now,))
+            self._db.execute("INSERT INTO web_tokens VALUES (?, ?, ?, ?, ?, ?)",
+                             (digest, kind, uid, csrf, now, now + lifetime))
+        return now + lifetime
+
+    def web_token(self, kind: str, digest: str, *, take: bool = False) -> dict[str, Any] | None:
+        """The live token of ``kind`` with ``digest``; ``take`` uses it up."""
+        with self._transaction():
+            row = self._db.execute(
+                "SELECT uid, csrf, expires_at FROM web_tokens"
+                " WHERE digest = ? AND kind = ? AND expires_at >= ?",
+                (digest, kind, time.time())).fetchone()
+            if take:
+                self._db.execute("DELETE FROM web_tokens WHERE digest = ?", (digest,))
+        return dict(row) if row else None
+
+    def drop_web_tokens(self, digest: str | None = None) -> int:
+        """Revoke one token, or every one (``None``); returns how many."""
+        with self._transaction():
+            if digest is None:
+                cur = self._db.execute("DELETE FROM web_tokens")
+            else:
+                cur = self._db.execute("DELETE FROM web_tokens WHERE digest = ?", (digest,))
+        return cur.rowcount
 
     # -- worktrees ---------------------------------------------------------------
 

@@ -52,7 +52,8 @@ def test_example_is_complete_and_loads_to_the_defaults(tmp_path: Path) -> None:
         "runs.time_limit", "runs.stop_grace", "runs.max_parallel", "runs.log_limit",
         "runs.terminal_size", "limits.memory", "limits.pids", "network.name",
         "network.bridge", "network.subnet", "network.blocked", "network.checkout",
-        "network.git_endpoints"}
+        "network.git_endpoints", "web.listen", "web.public_url", "web.session_lifetime",
+        "web.login_lifetime"}
     loaded = config.load(layout, write(tmp_path, text))
     assert {**loaded.__dict__, "source": ""} == {**config.defaults(layout).__dict__, "source": ""}
 
