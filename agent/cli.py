@@ -8,6 +8,7 @@ answers as JSON for scripts (one object, or one per line while streaming).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -57,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("action", choices=["example", "check"],
                    help="example: print a complete commented agent.yml; check: validate it")
 
+    w = add("web", "serve the web page (the unprivileged efforting-ci-web service)")
+    w.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    add("web-login", "print a one-time URL that logs a browser in to the web page")
+    wo = add("web-logout", "end web sessions")
+    wo.add_argument("--all", action="store_true", required=True,
+                    help="end every session and unused login URL")
     add("status", "what the agent is doing and what it loaded")
     add("tasks", "list declared tasks")
     add("images", "list declared images, their tags and whether they are built")
@@ -133,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "agent":
             return _agent(args, layout)
+        if args.command == "web":
+            return _web(args, layout)
         if args.command == "config":
             return _config(args, layout)
         if args.command == "shell":
@@ -174,18 +183,35 @@ def _socket_path(args: argparse.Namespace, layout: agentconfig.Layout) -> Path:
     return _load_config(args, layout).socket_path
 
 
+def _log_to_stderr(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+        # journald stamps lines itself; elsewhere a time helps.
+        format=("%(levelname)s %(message)s" if os.environ.get("JOURNAL_STREAM")
+                else "%(asctime)s %(levelname)s %(message)s"))
+
+
 def _agent(args: argparse.Namespace, layout: agentconfig.Layout) -> int:
     import trio  # only the daemon needs it: keeps client start-up fast
 
     from . import daemon
 
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-        # journald stamps lines itself; elsewhere a time helps.
-        format=("%(levelname)s %(message)s" if os.environ.get("JOURNAL_STREAM")
-                else "%(asctime)s %(levelname)s %(message)s"))
+    _log_to_stderr(args.verbose)
     cfg = _load_config(args, layout)
     trio.run(daemon.serve, cfg, strict_exception_groups=True)
+    return 0
+
+
+def _web(args: argparse.Namespace, layout: agentconfig.Layout) -> int:
+    import trio
+
+    from .web import serve
+
+    _log_to_stderr(args.verbose)
+    cfg = _load_config(args, layout)
+    if args.socket:
+        cfg = dataclasses.replace(cfg, socket_path=Path(args.socket))
+    trio.run(serve.serve, cfg, strict_exception_groups=True)
     return 0
 
 
@@ -338,7 +364,16 @@ def _key(client: Client, args: argparse.Namespace) -> Shown:
     return Shown(client.call(f"key_{args.action}", request), view)
 
 
+def _web_login(client: Client, args: argparse.Namespace) -> Shown:
+    return Shown(client.call("web_login"), views.web_login)
+
+
+def _web_logout(client: Client, args: argparse.Namespace) -> Shown:
+    return Shown(client.call("web_logout", {"all": True}), views.web_logout)
+
+
 COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Shown | int]] = {
+    "web-login": _web_login, "web-logout": _web_logout,
     "status": _status, "tasks": _tasks, "reload": _reload, "run": _run, "runs": _runs,
     "show": _show, "logs": _logs, "cancel": _cancel, "key": _key, "images": _images,
     "image": _image, "restart": _restart, "rm": _rm, "firewall": _firewall,

@@ -166,9 +166,7 @@ class KeyStore:
         """Pin ``host``'s keys for ``owner``: the given known_hosts ``lines``
         (pasted from the server: the safe way), or what ssh-keyscan reads now.
         Returns their fingerprints; earlier pins of the host are replaced."""
-        if not names.is_host(host) or not 0 < port < 65536:
-            raise RequestError(f"{host!r} port {port} is not a host name or address and port")
-        label = known_hosts_name(host, port)
+        label = known_hosts_name(*_checked_host(host, port))
         if lines is None:
             lines = await ssh.scan_host_keys(host, port)
         wanted = []
@@ -192,8 +190,20 @@ class KeyStore:
         os.rename(tmp, path)
         return await ssh.fingerprints_of("\n".join(wanted) + "\n")
 
+    async def scan(self, host: str, port: int) -> dict[str, object]:
+        """What ssh-keyscan reads from ``host`` now, pinning nothing: shown
+        to a person who confirms the fingerprints, then passed to trust."""
+        lines = await ssh.scan_host_keys(*_checked_host(host, port))
+        return {"keys": lines, "fingerprints": await ssh.fingerprints_of(lines)}
+
     def is_trusted(self, owner: str, host: str, port: int) -> bool:
         path = self.owner_dir(owner) / "known_hosts"
         label = known_hosts_name(host, port)
         return path.exists() and any(line.split(" ", 1)[0] == label
                                      for line in self._read_public(path).splitlines())
+
+
+def _checked_host(host: str, port: int) -> tuple[str, int]:
+    if not names.is_host(host) or not 0 < port < 65536:
+        raise RequestError(f"{host!r} port {port} is not a host name or address and port")
+    return host, port

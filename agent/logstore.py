@@ -186,6 +186,11 @@ class LogStore:
         if event is not None:
             event.set()
 
+    def start(self, run_id: int) -> int:
+        """Where the first record kept of a run's log is (past any dropped part)."""
+        with self.reader(run_id) as reader:
+            return reader.start()
+
     def end(self, run_id: int) -> int:
         """The position just past the last record."""
         writer = self._writers.get(run_id)
@@ -556,6 +561,10 @@ class LogReader:
             if record.time_ns >= time_ns:
                 return record.position
         return self.end()
+
+    def start(self) -> int:
+        self._refresh()
+        return self._segments[0].first_record if self._segments else 0
 
     def end(self) -> int:
         self._refresh()

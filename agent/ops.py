@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[..., Awaitable[object]]
 
+# Log bytes read per batch for a follower: what a reader that stops reading
+# holds in the agent (each of 50 stalled web viewers included).
+STREAM_BATCH = 128 << 10
+
 
 @dataclass(frozen=True)
 class Op:
@@ -230,7 +234,8 @@ async def run_wire(agent: Agent, run_id: int) -> dict[str, Any]:
     if record is None:
         raise NotFound(f"no run {run_id}; see efci runs")
     worktrees = await agent.state.call(agent.state.run_worktrees, run_id)
-    return {**record.to_wire(), "log_size": agent.logs.end(run_id), "worktrees": worktrees}
+    return {**record.to_wire(), "log_start": agent.logs.start(run_id),
+            "log_size": agent.logs.end(run_id), "worktrees": worktrees}
 
 
 async def stream_log(agent: Agent, call: Call, run_id: int, position: int, skip: int, *,
@@ -240,14 +245,15 @@ async def stream_log(agent: Agent, call: Call, run_id: int, position: int, skip:
     returns where to resume."""
     streams = agent.logs.streams(run_id)
     await call.event("streams", streams=streams)
-    async for records in agent.logs.follow(run_id, position, live=follow):
+    async for records in agent.logs.follow(run_id, position, live=follow, max_bytes=STREAM_BATCH):
         batch = records if until is None else [r for r in records if r.position < until]
         if not batch:
             break
         if any(r.stream not in streams.values() for r in batch):
             streams = agent.logs.streams(run_id)
             await call.event("streams", streams=streams)
-        await call.send(protocol.records_event(call.id, records_with_skip(batch, skip)))
+        for piece in protocol.records_event(call.id, records_with_skip(batch, skip)):
+            await call.send(piece)
         skip = 0
         position = batch[-1].end
         if len(batch) < len(records):
@@ -347,6 +353,11 @@ async def key_delete(agent: Agent, call: Call, *, name: str, owner: str | None =
 
 
 @op
+async def key_scan(agent: Agent, call: Call, *, host: str, port: int = 22) -> object:
+    return {"host": host, "port": port, **await agent.keys.scan(host, port)}
+
+
+@op
 async def key_trust(agent: Agent, call: Call, *, host: str, port: int = 22,
                     owner: str | None = None, keys: str | None = None) -> object:
     owner = owner or agent.cfg.owner
@@ -408,7 +419,7 @@ async def web_session(agent: Agent, call: Call, *, session: str) -> object:
 
 @op
 async def web_logout(agent: Agent, call: Call, *, session: str | None = None,
-                     all: bool = False) -> object:  # noqa: A002 - the CLI's --all
+                     all: bool = False) -> object:
     if all == (session is not None):
         raise RequestError("web_logout: give either a session or all")
     digest = None if all else _digest(_token(call, "session", session or ""))

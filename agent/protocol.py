@@ -206,14 +206,15 @@ def event(rid: int | str | None, kind: str, **fields: Any) -> bytes:
     return encode({"id": rid, "event": kind, **fields})
 
 
-def records_event(rid: int | str | None, records: list[Record]) -> bytes:
-    """One binary frame: a line describing the records, then their payloads.
+def records_event(rid: int | str | None, records: list[Record]) -> tuple[bytes, bytes]:
+    """One binary frame, in two pieces sent one after the other (no third
+    copy of the bytes): a line describing the records, then their payloads.
 
     ``records`` lists ``[position, kind, stream, time_ns, length]``; ``next``
     is where to resume reading after them."""
     meta = [[r.position, r.kind.value, r.stream, r.time_ns, len(r.payload)] for r in records]
     blob = b"".join(r.payload for r in records)
-    return event(rid, "records", records=meta, next=records[-1].end, size=len(blob)) + blob
+    return event(rid, "records", records=meta, next=records[-1].end, size=len(blob)), blob
 
 
 def decode_records(message: dict[str, Any]) -> list[Record]:

@@ -73,11 +73,29 @@ def status(st: dict[str, Any]) -> int:
     for name, disk in st["disks"].items():
         print(f"  free space:   {size(disk['free'])} of {size(disk['total'])} for {name} "
               f"({disk['path']})")
+    web = st.get("web")
+    print(f"  web page:     {web['url']} (pid {web['pid']}); log in with efci web-login" if web
+          else "  web page:     not running (systemctl start efforting-ci-web, or efci web)")
     for message in d["errors"].values():
         print(f"  REFUSED: {printable(message)}")
     for message in d["warnings"]:
         print(f"  warning: {printable(message)}")
     return 2 if d["errors"] else 0
+
+
+def web_login(answer: dict[str, Any]) -> int:
+    print(answer["url"])
+    print(f"Open it in a browser before {when(answer['expires_at'])}; it works once. "
+          "Anyone with it can log in: do not paste it where others read.", file=sys.stderr)
+    if not answer["web_up"]:
+        print("note: the web page is not running (systemctl start efforting-ci-web)",
+              file=sys.stderr)
+    return 0
+
+
+def web_logout(answer: dict[str, Any]) -> int:
+    print(f"ended {answer['revoked']} web session(s) and login URL(s)")
+    return 0
 
 
 def tasks(found: list[dict[str, Any]]) -> int:

@@ -17,7 +17,7 @@ def test_an_ops_arguments_are_its_handlers_keyword_parameters() -> None:
     assert ops.OPS["run"].args == {"task": (str, True), "follow": (bool, False)}
     assert ops.OPS["logs"].args == {"run": (int, True), "follow": (bool, False),
                                     "position": (int, False), "since_ns": (int, False),
-                                    "tail": (int, False)}
+                                    "tail": (int, False), "until": (int, False)}
     assert ops.OPS["ping"].args == {}
     request = protocol.parse_request(b'{"op": "key_trust", "args": {"host": "h", "port": 22}}',
                                      ops.schemas())
@@ -67,6 +67,7 @@ COMMAND_LINES = [
     ["restart", "1"], ["rm", "1"], ["firewall", "status"], ["firewall", "probe"],
     ["firewall", "remove"], ["key", "create", "k"], ["key", "show", "k", "--owner", "o"],
     ["key", "delete", "k", "--force"], ["key", "list"], ["key", "trust", "h", "--port", "2222"],
+    ["web-login"], ["web-logout", "--all"],
 ]
 
 
@@ -77,6 +78,8 @@ def test_every_request_the_cli_sends_is_declared(monkeypatch: pytest.MonkeyPatch
     for argv in COMMAND_LINES:
         assert cli.main(["--root", str(tmp_path), *argv]) == 1, argv
     assert len(RecordingClient.sent) == len(COMMAND_LINES)
-    # Every op is reachable from efci, but ping (for scripts) and shell (efci
-    # shell speaks it from agent/terminal.py, tested end to end).
-    assert set(ops.OPS) - set(RecordingClient.sent) == {"ping", "shell"}
+    # Every op is reachable from efci, but ping (for scripts), shell (efci
+    # shell speaks it from agent/terminal.py, tested end to end) and the web
+    # page's own (agent/web, tested in a browser by tests/web).
+    assert set(ops.OPS) - set(RecordingClient.sent) == {
+        "ping", "shell", "web_session_open", "web_session", "web_hello", "key_scan"}

@@ -57,7 +57,7 @@ def test_records_travel_as_binary_frames() -> None:
     data = bytes(range(256)) * 3 + b"\xff\xfe\r\r\n\x00\n{"
     records = [Record(24, Kind.OUTPUT, 1, 5, data), Record(24 + 20 + len(data), Kind.AGENT, 0, 6,
                                                           b"done")]
-    frame = protocol.records_event(3, records)
+    frame = b"".join(protocol.records_event(3, records))
     line, _, blob = frame.partition(b"\n")
     message = json.loads(line)
     assert message["size"] == len(blob) == len(data) + 4 and message["next"] == records[1].end
@@ -98,7 +98,7 @@ def test_a_progress_report_cannot_nest_or_overflow() -> None:
 def test_frames_decode_whatever_the_pieces_they_arrive_in() -> None:
     records = [Record(24, Kind.OUTPUT, 1, 5, b"a\nb\n"), Record(56, Kind.OUTPUT, 1, 6, b"\n")]
     stream = (protocol.event(1, "streams", streams={"task": 1})
-              + protocol.records_event(1, records) + protocol.ok(1, {"done": True}))
+              + b"".join(protocol.records_event(1, records)) + protocol.ok(1, {"done": True}))
     for piece in (1, 7, len(stream)):
         decoder = protocol.FrameDecoder()
         messages = []

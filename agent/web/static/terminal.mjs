@@ -50,22 +50,24 @@ class Row {
     this.len = 0; // cells in use, trailing blanks included
     this.wrapped = false; // continues onto the next row (auto-wrap)
     this.time = 0; // time of the record that first wrote it
+    this.pos = -1; // and its position in the log: a line's link
     this.marks = null; // section markers seen on it
   }
 
   clear() {
     this.cp.fill(0, 0, this.len); this.st.fill(0, 0, this.len);
-    this.len = 0; this.wrapped = false; this.time = 0; this.marks = null;
+    this.len = 0; this.wrapped = false; this.time = 0; this.pos = -1; this.marks = null;
   }
 }
 
 /** A final line: text, and where each style starts in it. */
 export class Line {
-  constructor(text, spans, wrapped, time, marks) {
+  constructor(text, spans, wrapped, time, pos, marks) {
     this.text = text; // with `\xNN` tokens for bad bytes
     this.spans = spans; // [offset, style id, offset, style id, ...]
     this.wrapped = wrapped;
     this.time = time;
+    this.pos = pos;
     this.marks = marks;
   }
 }
@@ -78,7 +80,8 @@ export class Terminal {
     this.styles = [new Style()];
     this.styleIds = new Map([["-1,-1,0,0", 0]]);
     this.links = [""]; // link id -> URL (http and https only)
-    this.time = 0;
+    this.time = 0; // of the record being written (set by the caller)
+    this.position = -1; // and its position
     this.state = GROUND;
     this.utf8 = { need: 0, cp: 0, min: 0, bytes: [] };
     this.params = []; this.colon = []; this.cur = -1; this.private = 0; this.inter = 0;
@@ -132,6 +135,7 @@ export class Terminal {
   /** A section marker (the agent's steps, or in-band ones) on the cursor's line. */
   mark(marker) {
     const row = this.row();
+    if (row.pos < 0) { row.time = this.time; row.pos = this.position; }
     (row.marks || (row.marks = [])).push(marker);
   }
 
@@ -444,7 +448,7 @@ export class Terminal {
     const row = this.screen[this.y];
     row.cp[this.x] = cp;
     row.st[this.x] = this.pen;
-    if (row.time === 0) row.time = this.time;
+    if (row.pos < 0) { row.time = this.time; row.pos = this.position; }
     if (++this.x > row.len) row.len = this.x;
   }
 
@@ -600,12 +604,10 @@ export class Terminal {
 
   // -- output ----------------------------------------------------------------------------
 
-  /** Make every row of the screen up to the cursor's (or the last written) final. */
+  /** Make every row of the screen that holds anything final (a new screen follows). */
   flush() {
-    let last = this.y;
-    for (let y = this.rows - 1; y > last; y--) if (this.screen[y].len || this.screen[y].marks) { last = y; break; }
-    const hasContent = last > 0 || this.screen[0].len > 0 || this.screen[0].marks;
-    if (!hasContent) return;
+    let last = -1;
+    for (let y = this.rows - 1; y >= 0; y--) if (this.screen[y].len || this.screen[y].marks) { last = y; break; }
     for (let y = 0; y <= last; y++) { this.emit(this.screen[y]); this.screen[y].clear(); }
     this.x = 0; this.y = 0;
   }
@@ -636,7 +638,7 @@ export class Terminal {
       else if (cp < 0x10000) text += String.fromCharCode(cp);
       else text += String.fromCodePoint(cp);
     }
-    return new Line(text, spans, row.wrapped, row.time, row.marks ? row.marks.slice() : null);
+    return new Line(text, spans, row.wrapped, row.time, row.pos, row.marks ? row.marks.slice() : null);
   }
 
   /** The screen as pyte shows it: `rows` strings of `cols` characters. */

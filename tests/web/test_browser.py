@@ -1,0 +1,199 @@
+"""The pages in a real headless Chromium against a real agent running real tasks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from selenium.common.exceptions import NoAlertPresentException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+
+from tests.integration.conftest import BASE_IMAGE, AgentProcess
+
+from .conftest import Web, screenshot
+
+pytestmark = pytest.mark.integration
+
+
+def wait_for(what: Callable[[], Any], message: str, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            found = what()
+        except Exception:  # the DOM changes under us while we look
+            found = None
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {message}")
+
+
+def declare(agent: AgentProcess, tasks: dict[str, Any]) -> None:
+    agent.declare("tasks.yml", json.dumps({"owner": "alice", "tasks": tasks}))
+    agent.efci("reload")
+
+
+def log_lines(driver: WebDriver) -> list[str]:
+    """The text of the log's lines in view, without the fold buttons and line links."""
+    return driver.execute_script("""
+        return [...document.querySelectorAll('#log .line')].map(line =>
+          [...line.childNodes].filter(n => !n.matches || !n.matches('.fold, .ln'))
+            .map(n => n.textContent).join(''));
+    """)
+
+
+def log_in(driver: WebDriver, web: Web) -> None:
+    driver.get(web.login_url())
+    wait_for(lambda: driver.current_url.endswith("/runs"), "the login to land on /runs")
+
+
+# A task whose output shows colours, a \r progress bar and a second of life.
+SHOWCASE = ("printf '\\033[1;31mred bold\\033[0m plain '; "
+            "printf '\\033[38;2;10;200;30mtruecolour\\033[0m\\n'; "
+            "for i in $(seq 0 10 100); do printf '\\rprogress %3d%% [%-10s]' $i "
+            "$(head -c $((i/10)) /dev/zero | tr '\\0' '#'); sleep 0.05; done; echo; "
+            "echo '::group::details'; echo inside the group; echo '::endgroup::'; "
+            "sleep 2; echo finished")
+
+
+def test_log_in_run_a_task_and_watch_its_log_live(web: Web, browser: WebDriver) -> None:
+    agent = web.agent
+    declare(agent, {"showcase": {"image": BASE_IMAGE, "command": ["bash", "-c", SHOWCASE]}})
+    log_in(browser, web)
+    screenshot(browser, "runs-empty")
+    browser.get(web.url + "/tasks")
+    screenshot(browser, "tasks")
+    browser.find_element(By.CSS_SELECTOR, "tr[data-task=showcase] button.run-now").click()
+    wait_for(lambda: "/runs/" in browser.current_url, "the run page")
+    run_id = int(browser.current_url.rsplit("/", 1)[1])
+
+    # Live: the first line is there while the task still sleeps.
+    wait_for(lambda: any("red bold" in line for line in log_lines(browser)), "live output")
+    assert json.loads(agent.efci("--json", "show", str(run_id)).stdout)["status"] == "running"
+    red = browser.find_element(By.XPATH, "//div[@id='log']//span[text()='red bold']")
+    assert red.value_of_css_property("font-weight") == "700"
+    assert red.value_of_css_property("color") == "rgba(255, 123, 120, 1)"  # bold red: bright
+    true = browser.find_element(By.XPATH, "//div[@id='log']//span[text()='truecolour']")
+    assert true.value_of_css_property("color") == "rgba(10, 200, 30, 1)"
+    wait_for(lambda: any("finished" in line for line in log_lines(browser)), "the end")
+    wait_for(lambda: browser.find_element(By.ID, "run-status").text == "succeeded",
+             "success")
+    lines = log_lines(browser)
+    bars = [line for line in lines if "progress" in line]
+    assert bars == ["progress 100% [##########]"], lines  # the redraws collapsed into one
+    screenshot(browser, "run")
+
+    # The group folds.
+    fold = browser.find_element(By.CSS_SELECTOR, "#log .line.section .fold")
+    fold.click()
+    wait_for(lambda: not any("inside the group" in line for line in log_lines(browser)),
+             "the group to fold")
+
+    # Download raw: the very bytes efci logs --raw prints.
+    digest = browser.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        fetch(arguments[0]).then(r => r.arrayBuffer())
+          .then(b => crypto.subtle.digest('SHA-256', b))
+          .then(d => done([...new Uint8Array(d)]
+                          .map(x => x.toString(16).padStart(2, '0')).join('')));
+    """, f"/runs/{run_id}/raw")
+    raw = agent.efci("logs", "--raw", str(run_id)).stdout
+    assert digest == hashlib.sha256(raw).hexdigest()
+
+    browser.get(web.url + "/runs")
+    assert browser.find_element(By.CSS_SELECTOR, f"tr[data-run='{run_id}'] .badge").text == \
+        "succeeded"
+    screenshot(browser, "runs")
+    browser.get(web.url + "/images")
+    screenshot(browser, "images")
+
+
+def test_the_runs_page_updates_without_a_reload(web: Web, browser: WebDriver) -> None:
+    declare(web.agent, {"quick": {"image": BASE_IMAGE, "command": ["sleep", "1"]}})
+    log_in(browser, web)
+    run_id = json.loads(web.agent.efci("--json", "run", "quick").stdout)["id"]
+    badge = (By.CSS_SELECTOR, f"tr[data-run='{run_id}'] .badge")
+    wait_for(lambda: browser.find_element(*badge).text == "succeeded", "the row to turn green")
+
+
+def test_cancel_a_run_from_its_page(web: Web, browser: WebDriver) -> None:
+    declare(web.agent, {"long": {"image": BASE_IMAGE,
+                                 "command": ["bash", "-c", "echo started; sleep 300"]}})
+    log_in(browser, web)
+    run_id = json.loads(web.agent.efci("--json", "run", "long").stdout)["id"]
+    browser.get(f"{web.url}/runs/{run_id}")
+    wait_for(lambda: any("started" in line for line in log_lines(browser)), "the task to start")
+    browser.find_element(By.ID, "cancel-button").click()
+    wait_for(lambda: browser.find_element(By.ID, "run-status").text == "cancelled",
+             "the run to be cancelled")
+    shown = json.loads(web.agent.efci("--json", "show", str(run_id)).stdout)
+    assert shown["status"] == "cancelled"
+
+
+def test_keys_create_read_and_delete_with_a_warning(web: Web, browser: WebDriver) -> None:
+    agent = web.agent
+    log_in(browser, web)
+    browser.get(web.url + "/keys")
+    form = browser.find_element(By.ID, "key-create")
+    form.find_element(By.NAME, "name").send_keys("deploy")
+    form.find_element(By.NAME, "owner").send_keys("alice")
+    form.find_element(By.TAG_NAME, "button").click()
+    section = wait_for(lambda: browser.find_element(By.CSS_SELECTOR,
+                                                    "section[data-key='alice/deploy']"), "the key")
+    shown = json.loads(agent.efci("--json", "key", "show", "deploy", "--owner", "alice").stdout)
+    assert section.find_element(By.CSS_SELECTOR, "pre.public-key").text == shown["public_key"]
+    assert "PRIVATE" not in browser.page_source
+    screenshot(browser, "keys")
+
+    declare(agent, {"uses-key": {"image": BASE_IMAGE, "command": ["true"], "checkout": {
+        "repositories": [{"repo_url": "ssh://git@127.0.0.1:2222/site.git", "revision": "main",
+                          "mutable": True, "key": "deploy", "submodules": False}]}}})
+    browser.get(web.url + "/keys")
+    browser.find_element(By.CSS_SELECTOR, "section[data-key='alice/deploy'] .delete-key").click()
+    warning = wait_for(lambda: browser.find_element(By.ID, "delete-warning"), "the warning")
+    assert "uses-key" in warning.text
+    assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#key-users li")] == \
+        ["uses-key"]
+    screenshot(browser, "key-delete-warning")
+    browser.find_element(By.ID, "confirm-delete").click()
+    wait_for(lambda: browser.current_url.endswith("/keys"), "back to the keys")
+    assert not browser.find_elements(By.CSS_SELECTOR, "section[data-key='alice/deploy']")
+    assert agent.efci("key", "show", "deploy", "--owner", "alice", check=False).returncode != 0
+
+
+HOSTILE = (
+    "printf '<script>alert(1)</script>\\n'; "
+    "printf '\"><img src=x onerror=alert(1)>\\n'; "
+    "printf '\\033]8;;javascript:alert(1)\\033\\\\click me\\033]8;;\\033\\\\\\n'; "
+    "printf '\\033]8;;https://example.org/ok\\033\\\\safe link\\033]8;;\\033\\\\\\n'; "
+    "printf '\\033['; head -c 1048576 /dev/zero | tr '\\0' ';'; printf 'mafter the params\\n'"
+)
+
+
+def test_hostile_log_renders_as_inert_text(web: Web, browser: WebDriver) -> None:
+    agent = web.agent
+    declare(agent, {"hostile": {"image": BASE_IMAGE, "command": ["bash", "-c", HOSTILE]}})
+    run_id = json.loads(agent.efci("--json", "run", "hostile").stdout)["id"]
+    wait_for(lambda: json.loads(agent.efci("--json", "show", str(run_id)).stdout)["status"]
+             == "succeeded", "the run")
+    log_in(browser, web)
+    started = time.monotonic()
+    browser.get(f"{web.url}/runs/{run_id}")
+    wait_for(lambda: any("after the params" in line for line in log_lines(browser)),
+             "the whole log", timeout=30)
+    took = time.monotonic() - started
+    lines = log_lines(browser)
+    assert "<script>alert(1)</script>" in lines
+    assert "\"><img src=x onerror=alert(1)>" in lines
+    assert browser.find_elements(By.CSS_SELECTOR, "#log img, #log script") == []
+    links = browser.find_elements(By.CSS_SELECTOR, "#log a:not(.ln)")
+    assert [a.get_attribute("href") for a in links] == ["https://example.org/ok"]
+    with pytest.raises(NoAlertPresentException):
+        browser.switch_to.alert.text  # noqa: B018 - reading it raises when there is none
+    screenshot(browser, "hostile-log")
+    print(f"hostile log, 1 MiB of CSI parameters included, shown in {took:.2f} s")
