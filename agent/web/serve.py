@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import warnings
 
 import trio
 from hypercorn.config import Config
@@ -22,14 +23,19 @@ RETRY = 2.0  # seconds between attempts to reach an agent that is not up
 
 async def announce(link: AgentLink, url: str) -> None:
     """Keep a web_hello call open while serving; again after the agent restarts."""
+    said = False  # one warning per outage, not one per retry
     while True:
         try:
             async with link.open("web_hello", url=url) as exchange:
                 await exchange.next()  # the agent's hello: it has us
                 log.info("the agent at %s knows the page is up", link.socket_path)
+                said = False
                 await exchange.next()  # only when the agent goes away
         except EfciError as e:
-            log.warning("cannot tell the agent the page is up (%s); trying again", e)
+            if not said:
+                log.warning("the agent is not answering (%s); the page says so until it "
+                            "does, trying every %.0f s", e, RETRY)
+                said = True
         await trio.sleep(RETRY)
 
 
@@ -42,6 +48,8 @@ async def _stop_on_signal(done: trio.Event) -> None:
 
 
 async def serve(cfg: AgentConfig) -> None:
+    # Debian's hypercorn 0.13 still catches trio.MultiError: its warning, not ours.
+    warnings.filterwarnings("ignore", message=".*MultiError is deprecated", module="hypercorn")
     link = AgentLink(cfg.socket_path)
     host, port = cfg.web_listen
     config = Config()

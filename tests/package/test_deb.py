@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from tests.integration.gitserver import GitServer
 
 TREE = Path(__file__).parents[2]
 UNIT = Path("/lib/systemd/system/efforting-ci.service")
+WEB_UNIT = Path("/lib/systemd/system/efforting-ci-web.service")
 TESTER = "efci-tester"
 
 
@@ -78,10 +80,15 @@ def installed(deb: Path) -> Iterator[None]:
     sh("userdel", TESTER, check=False)
 
 
-def test_the_unit_verifies(installed: None) -> None:
-    result = sh("systemd-analyze", "verify", str(UNIT), check=False)
-    assert result.returncode == 0, result.stderr.decode()
-    assert b"efforting-ci.service" not in result.stderr, result.stderr.decode()
+def test_the_units_verify(installed: None) -> None:
+    for unit in (UNIT, WEB_UNIT):
+        result = sh("systemd-analyze", "verify", str(unit), check=False)
+        assert result.returncode == 0, result.stderr.decode()
+        assert unit.name.encode() not in result.stderr, result.stderr.decode()
+    # The web page's sandbox, as systemd rates it (lower is better).
+    rated = sh("systemd-analyze", "security", "--offline=yes", str(WEB_UNIT), check=False)
+    print(rated.stdout.decode().strip().splitlines()[-1])
+    assert b"CapabilityBoundingSet=" in WEB_UNIT.read_bytes()
 
 
 def efci_as_admin(*args: str, check: bool = True,
@@ -130,6 +137,7 @@ def test_the_service_runs_as_efci_and_serves_a_real_run(installed: None,
         # setpriv execs the agent in place: this is the agent's own process
         assert psutil.Process(agent.pid).uids().real == int(sh("id", "-u", "efci").stdout)
         assert "EFCI" in sh("iptables-legacy-save").stdout.decode()
+        check_the_web_page_as_efci_web(tmp_path)
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(timeout=90)
@@ -146,11 +154,44 @@ def test_the_service_runs_as_efci_and_serves_a_real_run(installed: None,
     assert not Path("/run/efforting-ci/agent.sock").exists()
 
 
+def check_the_web_page_as_efci_web(tmp_path: Path) -> None:
+    """efci web as its unit runs it: user efci-web, no capabilities at all."""
+    with open(tmp_path / "web.log", "wb") as log:
+        web = subprocess.Popen(
+            ["setpriv", "--reuid=efci-web", "--regid=efci-web", "--init-groups",
+             "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "/usr/bin/efci", "web"],
+            stderr=log, cwd="/")
+    try:
+        deadline = time.monotonic() + 30
+        while not json.loads(efci_as_admin("--json", "status").stdout)["web"]:
+            assert web.poll() is None, (tmp_path / "web.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "web.log").read_text()
+            time.sleep(0.2)
+        assert psutil.Process(web.pid).uids().real == int(sh("id", "-u", "efci-web").stdout)
+        assert "CapEff:\t0000000000000000" in Path(f"/proc/{web.pid}/status").read_text()
+        url = efci_as_admin("web-login").stdout.decode().strip()
+        origin, _, token = url.partition("/login#")
+        conn = http.client.HTTPConnection("127.0.0.1", 8470, timeout=30)
+        conn.request("POST", "/login", body=json.dumps({"token": token}),
+                     headers={"origin": origin, "content-type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+        cookie = response.getheader("set-cookie", "").split(";")[0]
+        conn.request("GET", "/api/runs", headers={"cookie": cookie})
+        runs = json.loads(conn.getresponse().read())
+        assert [r["task"] for r in runs] == ["site"]
+        conn.close()
+    finally:
+        web.terminate()
+        web.wait(timeout=30)
+
+
 def test_purge_leaves_only_what_it_should(installed: None) -> None:
     sh("apt-get", "purge", "-y", "-q", "efforting-ci",
        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     for gone in ("/usr/bin/efci", "/usr/share/efforting-ci", "/var/lib/efforting-ci",
-                 "/etc/efforting-ci", str(UNIT)):
+                 "/etc/efforting-ci", str(UNIT), str(WEB_UNIT)):
         assert not Path(gone).exists(), gone
     assert Path("/srv/ci-secrets").is_dir()  # deploy keys are never purged silently
     assert sh("id", "efci", check=False).returncode == 0  # users stay, as Debian does
