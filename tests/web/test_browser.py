@@ -47,6 +47,17 @@ def log_lines(driver: WebDriver) -> list[str]:
     """)
 
 
+def span_style(driver: WebDriver, text: str) -> list[str]:
+    """Font weight and colour of the log's span holding ``text``, read in one
+    go (the viewer redraws its lines as output arrives)."""
+    return driver.execute_script("""
+        const span = [...document.querySelectorAll('#log span')]
+          .find(s => s.textContent === arguments[0]);
+        const style = getComputedStyle(span);
+        return [style.fontWeight, style.color];
+    """, text)
+
+
 def log_in(driver: WebDriver, web: Web) -> None:
     driver.get(web.login_url())
     wait_for(lambda: driver.current_url.endswith("/runs"), "the login to land on /runs")
@@ -75,11 +86,8 @@ def test_log_in_run_a_task_and_watch_its_log_live(web: Web, browser: WebDriver) 
     # Live: the first line is there while the task still sleeps.
     wait_for(lambda: any("red bold" in line for line in log_lines(browser)), "live output")
     assert json.loads(agent.efci("--json", "show", str(run_id)).stdout)["status"] == "running"
-    red = browser.find_element(By.XPATH, "//div[@id='log']//span[text()='red bold']")
-    assert red.value_of_css_property("font-weight") == "700"
-    assert red.value_of_css_property("color") == "rgba(255, 123, 120, 1)"  # bold red: bright
-    true = browser.find_element(By.XPATH, "//div[@id='log']//span[text()='truecolour']")
-    assert true.value_of_css_property("color") == "rgba(10, 200, 30, 1)"
+    assert span_style(browser, "red bold") == ["700", "rgb(255, 123, 120)"]  # bold red: bright
+    assert span_style(browser, "truecolour") == ["400", "rgb(10, 200, 30)"]
     wait_for(lambda: any("finished" in line for line in log_lines(browser)), "the end")
     wait_for(lambda: browser.find_element(By.ID, "run-status").text == "succeeded",
              "success")

@@ -80,6 +80,7 @@ export class Terminal {
     this.styles = [new Style()];
     this.styleIds = new Map([["-1,-1,0,0", 0]]);
     this.links = [""]; // link id -> URL (http and https only)
+    this.linkIds = new Map();
     this.time = 0; // of the record being written (set by the caller)
     this.position = -1; // and its position
     this.state = GROUND;
@@ -422,8 +423,8 @@ export class Terminal {
   }
 
   linkId(url) {
-    let id = this.links.indexOf(url);
-    if (id < 0) { id = this.links.length; this.links.push(url); }
+    let id = this.linkIds.get(url);
+    if (id === undefined) { id = this.links.length; this.links.push(url); this.linkIds.set(url, id); }
     return id;
   }
 
@@ -431,8 +432,21 @@ export class Terminal {
 
   row() { return this.screen[this.y]; }
 
+  /** A run of printable ASCII: straight into the row while it fits, else put() wraps. */
   printAscii(bytes, from, to) {
-    for (let i = from; i < to; i++) this.put(bytes[i]);
+    let i = from;
+    while (i < to) {
+      if (this.x >= this.cols) { this.put(bytes[i++]); continue; }
+      const row = this.screen[this.y];
+      if (row.pos < 0) { row.time = this.time; row.pos = this.position; }
+      const n = Math.min(to - i, this.cols - this.x);
+      const x = this.x, pen = this.pen;
+      row.cp.set(bytes.subarray(i, i + n), x);
+      row.st.fill(pen, x, x + n);
+      this.x = x + n;
+      if (this.x > row.len) row.len = this.x;
+      i += n;
+    }
   }
 
   put(cp) {
@@ -466,10 +480,11 @@ export class Terminal {
 
   /** The margins' rows move up one; the top one leaves (final if it leaves the screen). */
   scrollUp() {
-    const gone = this.screen.splice(this.top, 1)[0];
+    const whole = this.top === 0 && this.bottom === this.rows - 1;
+    const gone = whole ? this.screen.shift() : this.screen.splice(this.top, 1)[0];
     if (this.top === 0) this.emit(gone);
     gone.clear();
-    this.screen.splice(this.bottom, 0, gone);
+    if (whole) this.screen.push(gone); else this.screen.splice(this.bottom, 0, gone);
   }
 
   scrollDown() {
@@ -625,20 +640,32 @@ export class Terminal {
 
   toLine(row) {
     let end = row.len;
-    while (end > 0 && (row.cp[end - 1] === 0 || row.cp[end - 1] === 0x20) && row.st[end - 1] === 0) end--;
-    let text = "";
+    const cp = row.cp, st = row.st;
+    while (end > 0 && (cp[end - 1] === 0 || cp[end - 1] === 0x20) && st[end - 1] === 0) end--;
+    // Whole runs of plain BMP characters become strings at once: building
+    // text one character at a time leaves the garbage collector most of the work.
+    const pieces = [];
     const spans = [];
-    let style = -1;
-    for (let x = 0; x < end; x++) {
-      const st = row.st[x];
-      if (st !== style) { spans.push(text.length, st); style = st; }
-      const cp = row.cp[x];
-      if (cp === 0) text += " ";
-      else if (cp > 0x10ffff) text += hex2(cp & 0xff);
-      else if (cp < 0x10000) text += String.fromCharCode(cp);
-      else text += String.fromCodePoint(cp);
+    let length = 0, style = -1, from = 0;
+    for (let x = 0; x <= end; x++) {
+      const c = x < end ? cp[x] : -1;
+      const plain = c > 0 && c < 0xd800;
+      if (x < end && plain && st[x] === style) continue;
+      if (x > from) {
+        const text = String.fromCharCode.apply(null, cp.subarray(from, x));
+        pieces.push(text); length += text.length;
+      }
+      if (x === end) break;
+      if (st[x] !== style) { style = st[x]; spans.push(length, style); }
+      from = x;
+      if (!plain) {
+        const text = c === 0 ? " " : c > 0x10ffff ? hex2(c & 0xff) : String.fromCodePoint(c);
+        pieces.push(text); length += text.length;
+        from = x + 1;
+      }
     }
-    return new Line(text, spans, row.wrapped, row.time, row.pos, row.marks ? row.marks.slice() : null);
+    return new Line(pieces.length === 1 ? pieces[0] : pieces.join(""), spans, row.wrapped,
+      row.time, row.pos, row.marks ? row.marks.slice() : null);
   }
 
   /** The screen as pyte shows it: `rows` strings of `cols` characters. */

@@ -234,6 +234,8 @@ export class LogView {
       nodes.push(this.lineNode(line(i), i));
     }
     this.body.replaceChildren(...nodes);
+    // When the first lines showed, for scripts/bench (relative to navigation start).
+    if (nodes.length && !window.efciFirstPaint) window.efciFirstPaint = performance.now();
   }
 
   lineNode(line, i) {
