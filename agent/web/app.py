@@ -31,7 +31,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from .. import __version__
+from .. import __version__, protocol
 from ..client import RemoteError
 from ..config import AgentConfig
 from ..errors import AgentUnreachable
@@ -375,9 +375,10 @@ class RawLog:
         at = 0
         async with web.link.open("logs", run=run) as exchange:
             while at < stop and "event" in (message := await exchange.next()):
-                for record, payload in _records(message):
-                    if record[1] != Kind.OUTPUT:
+                for record in protocol.decode_records(message) if "records" in message else []:
+                    if record.kind is not Kind.OUTPUT:
                         continue
+                    payload = record.payload
                     lo, hi = max(start - at, 0), min(stop - at, len(payload))
                     if lo < hi:
                         await send({"type": "http.response.body", "body": payload[lo:hi],
@@ -392,14 +393,6 @@ async def _output_size(web: Web, run: int) -> int:
         while "event" in (message := await exchange.next()):
             total += sum(r[4] for r in message.get("records", []) if r[1] == Kind.OUTPUT)
     return total
-
-
-def _records(message: dict[str, Any]) -> list[tuple[list[int], bytes]]:
-    out, at = [], 0
-    for meta in message.get("records", []):
-        out.append((meta, message["payload"][at:at + meta[4]]))
-        at += meta[4]
-    return out
 
 
 def _range(header: str, total: int) -> tuple[int, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import warnings
 
 import trio
@@ -47,9 +48,23 @@ async def _stop_on_signal(done: trio.Event) -> None:
             return
 
 
+def check_listen(cfg: AgentConfig) -> None:
+    """Say plainly when the address is taken, before hypercorn would (in a
+    traceback)."""
+    host, port = cfg.web_listen
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise EfciError(f"the web page cannot listen on {host}:{port}: {e.strerror}; "
+                            f"stop what uses it or set web.listen in {cfg.source}") from None
+
+
 async def serve(cfg: AgentConfig) -> None:
     # Debian's hypercorn 0.13 still catches trio.MultiError: its warning, not ours.
     warnings.filterwarnings("ignore", message=".*MultiError is deprecated", module="hypercorn")
+    check_listen(cfg)
     link = AgentLink(cfg.socket_path)
     host, port = cfg.web_listen
     config = Config()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from tests.integration.conftest import BASE_IMAGE, AgentProcess
+from tests.integration.gitserver import GitServer
 
 from .conftest import Web, screenshot
 
@@ -205,3 +208,48 @@ def test_hostile_log_renders_as_inert_text(web: Web, browser: WebDriver) -> None
         browser.switch_to.alert.text  # noqa: B018 - reading it raises when there is none
     screenshot(browser, "hostile-log")
     print(f"hostile log, 1 MiB of CSI parameters included, shown in {took:.2f} s")
+
+
+def test_trust_a_git_servers_host_key_after_seeing_its_fingerprint(
+        web: Web, browser: WebDriver, tmp_path: Path) -> None:
+    server = GitServer(tmp_path / "git")
+    server.start()
+    try:
+        log_in(browser, web)
+        browser.get(web.url + "/keys")
+        form = browser.find_element(By.CSS_SELECTOR, "form[action='/keys/scan']")
+        form.find_element(By.NAME, "host").send_keys(server.address)
+        port = form.find_element(By.NAME, "port")
+        port.clear()
+        port.send_keys(str(server.port))
+        form.find_element(By.NAME, "owner").send_keys("alice")
+        form.find_element(By.TAG_NAME, "button").click()
+        shown = wait_for(lambda: browser.find_element(By.ID, "fingerprints").text, "fingerprints")
+        expected = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f",
+                                   str(server.host_key) + ".pub"],
+                                  capture_output=True, check=True, text=True).stdout.split()[1]
+        assert expected in shown
+        known = web.agent.root / "secrets/git-ssh/alice/known_hosts"
+        assert not known.exists() or str(server.port) not in known.read_text()  # not yet
+        screenshot(browser, "key-trust")
+        browser.find_element(By.ID, "confirm-trust").click()
+        wait_for(lambda: browser.current_url.endswith("/keys"), "back to the keys")
+        assert f"[{server.address}]:{server.port}" in known.read_text()
+    finally:
+        server.stop()
+
+
+def test_build_an_image_from_its_page(web: Web, browser: WebDriver) -> None:
+    agent = web.agent
+    agent.declare("images.yml", json.dumps({"images": {"tiny": {
+        "inline": f"FROM {BASE_IMAGE}\nRUN echo built-by-the-page > /built\n"}}}))
+    agent.efci("reload")
+    log_in(browser, web)
+    browser.get(web.url + "/images")
+    browser.find_element(By.CSS_SELECTOR, "form[action='/images/tiny/build'] button").click()
+    wait_for(lambda: "/runs/" in browser.current_url, "the build's run page")
+    wait_for(lambda: browser.find_element(By.ID, "run-status").text == "succeeded",
+             "the build", timeout=180)
+    images = json.loads(agent.efci("--json", "images").stdout)
+    assert [(i["name"], i["built"]) for i in images] == [("tiny", True)]
+    subprocess.run(["docker", "rmi", "-f", images[0]["tag"]], capture_output=True, check=False)
