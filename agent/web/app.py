@@ -510,6 +510,10 @@ def make_app(cfg: AgentConfig, link: AgentLink) -> Starlette:
                 if isinstance(e, RemoteError | AgentUnreachable):
                     log.info("%s %s: %s", request.method, request.url.path, e)
                 response = _refused(web, request, e)
+            except Exception:
+                log.exception("%s %s failed", request.method, request.url.path)
+                response = web.refusal(request, 500, "the page failed to answer this (a bug); "
+                                       "the web page's log says why")
             response.headers.update(SECURITY_HEADERS)
             return response
         # Every page also under /api/, where the answer is JSON.
