@@ -13,6 +13,7 @@ read; anything else is a bug, answered as such by the server.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import logging
@@ -32,7 +33,7 @@ from .errors import Conflict, EfciError, NotFound, Refused, RequestError
 from .images import image_tag
 from .keys import KeyInfo
 from .logstore import records_with_skip
-from .model import Task
+from .model import Requester, Task
 from .protocol import Call
 from .runs import task_to_wire
 from .shell import serve_shell
@@ -150,13 +151,24 @@ async def reload(agent: Agent, call: Call) -> object:
 
 # -- runs -------------------------------------------------------------------------
 
+async def _who(agent: Agent, call: Call, session: str | None) -> Requester:
+    """Who asked: the socket's peer, or, for the web page, the person whose
+    session it passes on.  The agent looks the session up itself, so the
+    page cannot act for anyone who is not logged in."""
+    if session is None:
+        return call.requester
+    found = await _live_session(agent, session)
+    return dataclasses.replace(call.requester, uid=found["uid"])
+
+
 @op
-async def run(agent: Agent, call: Call, *, task: str, follow: bool = False) -> object:
+async def run(agent: Agent, call: Call, *, task: str, follow: bool = False,
+              session: str | None = None) -> object:
     found = agent.decls.tasks.get(task)
     if found is None:
         known = ", ".join(sorted(agent.decls.tasks)) or "none declared"
         raise NotFound(f"no task {task!r} (tasks: {known}); see efci tasks")
-    run_id = await agent.runs.start(found, call.requester,
+    run_id = await agent.runs.start(found, await _who(agent, call, session),
                                     image=agent.decls.images.get(found.image))
     return await _started(agent, call, run_id, 0, follow)
 
@@ -197,22 +209,26 @@ async def logs(agent: Agent, call: Call, *, run: int, follow: bool = False, posi
 
 
 @op
-async def cancel(agent: Agent, call: Call, *, run: int) -> object:
-    await agent.runs.cancel(run, f"cancelled by uid {call.requester.uid}")
+async def cancel(agent: Agent, call: Call, *, run: int, session: str | None = None) -> object:
+    who = await _who(agent, call, session)
+    await agent.runs.cancel(run, f"cancelled by uid {who.uid}")
     return await run_wire(agent, run)
 
 
 @op
-async def restart(agent: Agent, call: Call, *, run: int, follow: bool = False) -> object:
+async def restart(agent: Agent, call: Call, *, run: int, follow: bool = False,
+                  session: str | None = None) -> object:
+    who = await _who(agent, call, session)
     position = agent.logs.end(run)  # a follower reads from where the new attempt begins
-    await agent.runs.restart(run, call.requester)
+    await agent.runs.restart(run, who)
     return await _started(agent, call, run, position, follow)
 
 
 @op
-async def rm(agent: Agent, call: Call, *, run: int) -> object:
+async def rm(agent: Agent, call: Call, *, run: int, session: str | None = None) -> object:
+    who = await _who(agent, call, session)
     await agent.runs.remove(run)
-    log.info("run %d: container and mutations removed (uid %d)", run, call.requester.uid)
+    log.info("run %d: container and mutations removed (uid %d)", run, who.uid)
     return await run_wire(agent, run)
 
 
@@ -281,7 +297,8 @@ async def images(agent: Agent, call: Call) -> object:
 
 
 @op
-async def image_build(agent: Agent, call: Call, *, name: str, follow: bool = False) -> object:
+async def image_build(agent: Agent, call: Call, *, name: str, follow: bool = False,
+                      session: str | None = None) -> object:
     """A build is a run of its own (task ``image:NAME``), so its output is
     a log like any run's."""
     image = agent.decls.images.get(name)
@@ -289,7 +306,8 @@ async def image_build(agent: Agent, call: Call, *, name: str, follow: bool = Fal
         raise NotFound(f"no image {name!r} is declared; see efci images")
     task = Task(name=f"image:{name}", owner=agent.cfg.owner, source=image.source,
                 image=name, command=None)
-    run_id = await agent.runs.start(task, call.requester, image=image, build_only=True)
+    run_id = await agent.runs.start(task, await _who(agent, call, session), image=image,
+                                    build_only=True)
     return await _started(agent, call, run_id, 0, follow)
 
 
@@ -373,7 +391,7 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _token(call: Call, argument: str, value: str) -> str:
+def _token(argument: str, value: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_-]{20,100}", value):
         raise Refused(f"the {argument} is not a token of ours")  # never echo it
     return value
@@ -396,7 +414,7 @@ async def web_login(agent: Agent, call: Call) -> object:
 async def web_session_open(agent: Agent, call: Call, *, token: str) -> object:
     """Trade a login token (once) for a session and its CSRF token."""
     login = await agent.state.call(agent.state.web_token, "login",
-                                   _digest(_token(call, "token", token)), take=True)
+                                   _digest(_token("token", token)), take=True)
     if login is None:
         raise Refused("this login link is unknown, used or expired; "
                       "get a new one with `efci web-login`")
@@ -407,10 +425,9 @@ async def web_session_open(agent: Agent, call: Call, *, token: str) -> object:
     return {"session": session, "csrf": csrf, "uid": login["uid"], "expires_at": expires}
 
 
-@op
-async def web_session(agent: Agent, call: Call, *, session: str) -> object:
+async def _live_session(agent: Agent, session: str) -> dict[str, Any]:
     found = await agent.state.call(agent.state.web_token, "session",
-                                   _digest(_token(call, "session", session)))
+                                   _digest(_token("session", session)))
     if found is None:
         raise Refused("not logged in, or the session expired or was revoked; "
                       "get a login link with `efci web-login`")
@@ -418,11 +435,16 @@ async def web_session(agent: Agent, call: Call, *, session: str) -> object:
 
 
 @op
+async def web_session(agent: Agent, call: Call, *, session: str) -> object:
+    return await _live_session(agent, session)
+
+
+@op
 async def web_logout(agent: Agent, call: Call, *, session: str | None = None,
                      all: bool = False) -> object:
     if all == (session is not None):
         raise RequestError("web_logout: give either a session or all")
-    digest = None if all else _digest(_token(call, "session", session or ""))
+    digest = None if all else _digest(_token("session", session or ""))
     count = await agent.state.call(agent.state.drop_web_tokens, digest)
     log.info("%d web session(s) and login(s) revoked by uid %d", count, call.requester.uid)
     return {"revoked": count}

@@ -249,22 +249,24 @@ async def images_page(web: Web, request: Request) -> Response:
 
 
 async def run_start(web: Web, request: Request) -> Response:
-    _, fields = await web.changing(request)
-    found = await web.link.call("run", task=str(fields.get("task", "")))
+    session, fields = await web.changing(request)
+    found = await web.link.call("run", task=str(fields.get("task", "")), session=session.token)
     return web.done(request, found, f"/runs/{found['id']}")
 
 
 def run_action(op: str) -> Handler:
     async def act(web: Web, request: Request) -> Response:
-        await web.changing(request)
+        session, _ = await web.changing(request)
         run = _run_id(request)
-        return web.done(request, await web.link.call(op, run=run), f"/runs/{run}")
+        found = await web.link.call(op, run=run, session=session.token)
+        return web.done(request, found, f"/runs/{run}")
     return act
 
 
 async def image_build(web: Web, request: Request) -> Response:
-    await web.changing(request)
-    found = await web.link.call("image_build", name=request.path_params["name"])
+    session, _ = await web.changing(request)
+    found = await web.link.call("image_build", name=request.path_params["name"],
+                                session=session.token)
     return web.done(request, found, f"/runs/{found['id']}")
 
 

@@ -178,9 +178,19 @@ def check_the_web_page_as_efci_web(tmp_path: Path) -> None:
         response.read()
         assert response.status == 200
         cookie = response.getheader("set-cookie", "").split(";")[0]
+        conn.request("GET", "/runs", headers={"cookie": cookie})
+        page = conn.getresponse().read().decode()
+        csrf = page.split('name="csrf" content="')[1].split('"')[0]
+        # A run started on the page is recorded as the logged-in person's.
+        conn.request("POST", "/api/runs", body=json.dumps({"task": "site"}), headers={
+            "cookie": cookie, "origin": origin, "x-csrf-token": csrf,
+            "content-type": "application/json"})
+        started = json.loads(conn.getresponse().read())
+        assert started["requested_uid"] == int(sh("id", "-u", TESTER).stdout)
+        assert started["requested_pid"] == web.pid
         conn.request("GET", "/api/runs", headers={"cookie": cookie})
         runs = json.loads(conn.getresponse().read())
-        assert [r["task"] for r in runs] == ["site"]
+        assert [r["task"] for r in runs] == ["site", "site"]
         conn.close()
     finally:
         web.terminate()

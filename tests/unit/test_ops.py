@@ -14,7 +14,8 @@ from agent.errors import EfciError, RequestError
 
 
 def test_an_ops_arguments_are_its_handlers_keyword_parameters() -> None:
-    assert ops.OPS["run"].args == {"task": (str, True), "follow": (bool, False)}
+    assert ops.OPS["run"].args == {"task": (str, True), "follow": (bool, False),
+                                   "session": (str, False)}
     assert ops.OPS["logs"].args == {"run": (int, True), "follow": (bool, False),
                                     "position": (int, False), "since_ns": (int, False),
                                     "tail": (int, False), "until": (int, False)}

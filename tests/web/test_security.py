@@ -12,6 +12,7 @@ from typing import Any
 import psutil
 import pytest
 
+from agent.client import RemoteError
 from tests.integration.conftest import BASE_IMAGE
 
 from .conftest import Web
@@ -131,6 +132,14 @@ def test_changes_need_the_page_origin_and_the_csrf_token(http_: Http) -> None:
     assert json.loads(http_.web.agent.efci("--json", "runs").stdout) == []  # nothing started
     status, _, body = http_.post("/runs", {"task": "hello"})
     assert status == 200 and json.loads(body)["task"] == "hello"
+
+
+def test_the_page_acts_only_for_a_live_session(http_: Http) -> None:
+    """The agent itself checks the session the page passes on."""
+    with http_.web.agent.client() as client, pytest.raises(RemoteError) as refused:
+        client.call("run", {"task": "hello", "session": "A" * 43})
+    assert refused.value.code == "refused"
+    assert json.loads(http_.web.agent.efci("--json", "runs").stdout) == []
 
 
 def test_a_foreign_host_header_is_refused(http_: Http) -> None:
