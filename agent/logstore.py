@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -573,25 +573,24 @@ class LogReader:
         last = self._segments[-1]
         return last.start + last.path.stat().st_size
 
-    def position_of_tail(self, lines: int, until: int | None = None) -> tuple[int, int]:
+    def position_of_tail(self, lines: int, until: int | None = None,
+                         until_skip: int = 0) -> tuple[int, int]:
         """(record position, bytes to skip in it) where the last ``lines``
-        lines of output before ``until`` (default: the end) begin, scanning
-        only from a late enough index entry."""
-        entries = [e for e in self.index() if until is None or e.position < until]
+        lines of output before ``until`` (default: the end; see
+        :func:`bounded`) begin, scanning only from a late enough index entry."""
+        entries = [e for e in self.index() if until is None or e.position <= until]
         for entry in reversed([IndexEntry(0, 0, 0, 0), *entries]):
-            found = self._tail_from(entry, lines, until)
+            found = self._tail_from(entry, lines, until, until_skip)
             if found is not None:
                 return found
         return 0, 0
 
-    def _tail_from(self, entry: IndexEntry, lines: int,
-                   until: int | None) -> tuple[int, int] | None:
+    def _tail_from(self, entry: IndexEntry, lines: int, until: int | None,
+                   until_skip: int) -> tuple[int, int] | None:
         # Newline positions after the entry: (record position, offset after it).
         marks: list[tuple[int, int]] = []
         last_byte = b"\n"
-        for record in self.records_from(entry.position):
-            if until is not None and record.position >= until:
-                break
+        for record in bounded(self.records_from(entry.position), until, until_skip):
             if record.kind is not Kind.OUTPUT or not record.payload:
                 continue
             start = 0
@@ -607,6 +606,20 @@ class LogReader:
         if entry.position == 0:
             return 0, 0
         return None
+
+
+def bounded(records: Iterable[Record], until: int | None,
+            until_skip: int = 0) -> Iterator[Record]:
+    """``records`` up to byte ``until_skip`` of the record at ``until`` (the
+    records before it whole, then that one's first bytes): where a part of
+    the log that began there leaves off, to the byte."""
+    for record in records:
+        if until is not None and record.position >= until:
+            if record.position == until and until_skip:
+                yield Record(record.position, record.kind, record.stream, record.time_ns,
+                             record.payload[:until_skip])
+            return
+        yield record
 
 
 def records_with_skip(records: list[Record], skip: int) -> list[Record]:

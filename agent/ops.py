@@ -32,7 +32,7 @@ from . import __version__, protocol
 from .errors import Conflict, EfciError, NotFound, Refused, RequestError
 from .images import image_tag
 from .keys import KeyInfo
-from .logstore import records_with_skip
+from .logstore import bounded, records_with_skip
 from .model import Requester, Task
 from .protocol import Call
 from .runs import task_to_wire
@@ -189,22 +189,24 @@ async def show(agent: Agent, call: Call, *, run: int) -> object:
 @op
 async def logs(agent: Agent, call: Call, *, run: int, follow: bool = False, position: int = 0,
                since_ns: int | None = None, tail: int | None = None,
-               until: int | None = None) -> object:
+               until: int | None = None, until_skip: int = 0) -> object:
     """A run's log from ``position``, a time, or its last ``tail`` lines,
-    up to ``until`` (a record's position: the viewer reads backwards that
-    way); the index finds the start without reading the whole log."""
+    up to byte ``until_skip`` of the record at ``until`` (where an earlier
+    answer began: the viewer reads backwards that way, to the byte); the
+    index finds the start without reading the whole log."""
     await run_wire(agent, run)  # NotFound for an unknown run
     skip = 0
     with agent.logs.reader(run) as reader:
         if since_ns is not None:
             position = await trio.to_thread.run_sync(reader.position_at_time, since_ns)
         if tail is not None:
-            position, skip = await trio.to_thread.run_sync(reader.position_of_tail, tail, until)
+            position, skip = await trio.to_thread.run_sync(reader.position_of_tail, tail, until,
+                                                           until_skip)
         elif not await trio.to_thread.run_sync(reader.starts_record, position):
             raise RequestError(f"logs: position {position} is not where a record of run "
                                f"{run}'s log begins; resume from a 'next' the agent gave")
     end = await stream_log(agent, call, run, position, skip, follow=follow and until is None,
-                           until=until)
+                           until=until, until_skip=until_skip)
     return {"run": run, "next": end}
 
 
@@ -255,14 +257,16 @@ async def run_wire(agent: Agent, run_id: int) -> dict[str, Any]:
 
 
 async def stream_log(agent: Agent, call: Call, run_id: int, position: int, skip: int, *,
-                     follow: bool, until: int | None = None) -> int:
-    """Send the log's records from ``position`` (the first one shortened by
-    ``skip`` bytes) up to ``until``, and with ``follow`` until the run ends;
-    returns where to resume."""
+                     follow: bool, until: int | None = None, until_skip: int = 0) -> int:
+    """Send the log's records from byte ``skip`` of the record at
+    ``position`` (which the first event names as ``start``, so a reader can
+    go back from exactly there) up to ``until``/``until_skip`` (see
+    :func:`~agent.logstore.bounded`), and with ``follow`` until the run
+    ends; returns where to resume."""
     streams = agent.logs.streams(run_id)
-    await call.event("streams", streams=streams)
+    await call.event("streams", streams=streams, start=[position, skip])
     async for records in agent.logs.follow(run_id, position, live=follow, max_bytes=STREAM_BATCH):
-        batch = records if until is None else [r for r in records if r.position < until]
+        batch = list(bounded(records, until, until_skip))
         if not batch:
             break
         if any(r.stream not in streams.values() for r in batch):
@@ -272,8 +276,8 @@ async def stream_log(agent: Agent, call: Call, run_id: int, position: int, skip:
             await call.send(piece)
         skip = 0
         position = batch[-1].end
-        if len(batch) < len(records):
-            break  # reached until
+        if until is not None and (len(batch) < len(records) or batch[-1].position == until):
+            return until  # reached it
     return position
 
 

@@ -440,6 +440,7 @@ class LogStream:
             run = _run_id(request)
             args = {"run": run, "position": _int(request, "position", 0),
                     "tail": _int(request, "tail"), "until": _int(request, "until"),
+                    "until_skip": _int(request, "until_skip", 0),
                     "follow": request.query_params.get("follow") == "1"}
             opened = web.link.open("logs", **args)
             exchange = await opened.__aenter__()

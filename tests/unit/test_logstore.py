@@ -12,7 +12,7 @@ import trio
 
 from agent import logformat as fmt
 from agent import logstore
-from agent.logstore import LogStore, records_with_skip
+from agent.logstore import LogStore, bounded, records_with_skip
 
 NASTY = b"\x1b[31mred\x1b[0m\r\n\rprogress 50%\r\xff\xfe\x00 invalid utf-8 and NUL\n"
 
@@ -141,6 +141,32 @@ def test_index_finds_a_time_and_the_last_lines(tmp_path: Path,
         first = reader.read(reader.position_at_time(start))[0]
     assert tail.startswith(b"line 4998\nline 4999\npartial")
     assert first.time_ns == start and first.payload == b"line 2500\n"
+
+
+def test_reading_backwards_in_parts_gives_every_byte_once(tmp_path: Path) -> None:
+    """The web viewer's "earlier lines": each part is the last lines before
+    where the previous part began, to the byte, even inside one record."""
+    store = LogStore(tmp_path, limit=1 << 30)
+    w = store.open_writer(1)
+    text = b"".join(b"line %d\n" % k for k in range(3000))
+    for at in range(0, len(text), 37):  # records that hold some lines and split others
+        w.output(text[at:at + 37])
+    w.close()
+    with store.reader(1) as reader:
+        whole = b"".join(r.payload for r in reader.records_from(0)
+                         if r.kind is fmt.Kind.OUTPUT)
+        parts, until, until_skip = [], None, 0
+        while True:
+            pos, skip = reader.position_of_tail(100, until, until_skip)
+            part = b"".join(r.payload for r in records_with_skip(
+                list(bounded(reader.records_from(pos), until, until_skip)), skip)
+                if r.kind is fmt.Kind.OUTPUT)
+            parts.insert(0, part)
+            if (pos, skip) == (until, until_skip) or (pos <= reader.start() and not skip):
+                break
+            until, until_skip = pos, skip
+    assert whole == text and b"".join(parts) == text
+    assert len(parts) == 30 and all(p.startswith(b"line ") for p in parts)
 
 
 async def test_followers_get_every_byte_until_close(tmp_path: Path) -> None:

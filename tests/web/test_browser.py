@@ -253,3 +253,30 @@ def test_build_an_image_from_its_page(web: Web, browser: WebDriver) -> None:
     images = json.loads(agent.efci("--json", "images").stdout)
     assert [(i["name"], i["built"]) for i in images] == [("tiny", True)]
     subprocess.run(["docker", "rmi", "-f", images[0]["tag"]], capture_output=True, check=False)
+
+
+def test_a_long_followed_log_keeps_the_tab_bounded(web: Web, browser: WebDriver) -> None:
+    """260,000 lines followed live: the tab keeps at most 200,000, the end in
+    view, and gives the oldest back on request."""
+    agent = web.agent
+    declare(agent, {"long": {"image": BASE_IMAGE,
+                             "command": ["bash", "-c", "sleep 2; seq 1 260000"]}})
+    log_in(browser, web)
+    run_id = json.loads(agent.efci("--json", "run", "long").stdout)["id"]
+    browser.get(f"{web.url}/runs/{run_id}")
+    wait_for(lambda: browser.find_element(By.ID, "run-status").text == "succeeded",
+             "the run", timeout=120)
+    wait_for(lambda: "260000" in log_lines(browser), "the last line in view", timeout=60)
+    kept = browser.execute_script("return window.efciLog.lines.length")
+    assert 150_000 < kept <= 200_000
+    first = int(browser.execute_script("return window.efciLog.lines[0].text"))
+    assert first > 1
+    for _ in range(2):
+        browser.execute_script("window.efciLog.box.scrollTop = 0")
+        browser.find_element(By.CSS_SELECTOR, "button.log-earlier").click()
+        wait_for(lambda: int(browser.execute_script("return window.efciLog.lines[0].text"))
+                 < first, "earlier lines")  # noqa: B023 - read now, in this iteration
+        first = int(browser.execute_script("return window.efciLog.lines[0].text"))
+    texts = browser.execute_script("return window.efciLog.lines.slice(0, 30000).map(l => l.text)")
+    numbers = [int(t) for t in texts if t.isdigit()]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # none lost, none twice

@@ -51,23 +51,25 @@ class Row {
     this.wrapped = false; // continues onto the next row (auto-wrap)
     this.time = 0; // time of the record that first wrote it
     this.pos = -1; // and its position in the log: a line's link
+    this.off = 0; // and where in that record its first byte is
     this.marks = null; // section markers seen on it
   }
 
   clear() {
     this.cp.fill(0, 0, this.len); this.st.fill(0, 0, this.len);
-    this.len = 0; this.wrapped = false; this.time = 0; this.pos = -1; this.marks = null;
+    this.len = 0; this.wrapped = false; this.time = 0; this.pos = -1; this.off = 0; this.marks = null;
   }
 }
 
 /** A final line: text, and where each style starts in it. */
 export class Line {
-  constructor(text, spans, wrapped, time, pos, marks) {
+  constructor(text, spans, wrapped, time, pos, off, marks) {
     this.text = text; // with `\xNN` tokens for bad bytes
     this.spans = spans; // [offset, style id, offset, style id, ...]
     this.wrapped = wrapped;
     this.time = time;
-    this.pos = pos;
+    this.pos = pos; // the record that wrote its first byte (-1: none, an empty line)
+    this.off = off; // and where in that record
     this.marks = marks;
   }
 }
@@ -83,8 +85,9 @@ export class Terminal {
     this.linkIds = new Map();
     this.time = 0; // of the record being written (set by the caller)
     this.position = -1; // and its position
+    this.at = 0; // the offset in it of the byte being drawn
     this.state = GROUND;
-    this.utf8 = { need: 0, cp: 0, min: 0, bytes: [] };
+    this.utf8 = { need: 0, cp: 0, min: 0, bytes: [], position: -1, at: 0 };
     this.params = []; this.colon = []; this.cur = -1; this.private = 0; this.inter = 0;
     this.osc = []; this.oscDropped = false;
     this.size(cols, rows);
@@ -118,6 +121,7 @@ export class Terminal {
         i = j;
         continue;
       }
+      this.at = i;
       this.step(b);
       i++;
     }
@@ -125,6 +129,7 @@ export class Terminal {
 
   /** A line of the agent's own (UTF-8 text), on a line of its own. */
   writeNote(text, style) {
+    this.at = 0;
     if (this.x > 0 || this.row().len > 0) this.newline();
     const pen = this.pen;
     this.pen = this.styleId(style);
@@ -136,7 +141,7 @@ export class Terminal {
   /** A section marker (the agent's steps, or in-band ones) on the cursor's line. */
   mark(marker) {
     const row = this.row();
-    if (row.pos < 0) { row.time = this.time; row.pos = this.position; }
+    if (row.pos < 0) { row.time = this.time; row.pos = this.position; row.off = 0; }
     (row.marks || (row.marks = [])).push(marker);
   }
 
@@ -214,6 +219,7 @@ export class Terminal {
     else if (b >= 0xf0 && b <= 0xf4) { u.need = 3; u.cp = b & 0x07; u.min = 0x10000; }
     else { this.bad(b); return; }
     u.bytes.length = 0; u.bytes.push(b);
+    u.position = this.position; u.at = this.at; // where the character began, for its line
     this.state = UTF8;
   }
 
@@ -231,7 +237,10 @@ export class Terminal {
     if (--u.need === 0) {
       this.state = GROUND;
       if (u.cp >= 0x80 && u.cp < 0xa0) return; // C1 controls: nothing to draw
+      const position = this.position, at = this.at;
+      this.position = u.position; this.at = u.at;
       this.put(u.cp);
+      this.position = position; this.at = at;
     }
   }
 
@@ -436,9 +445,9 @@ export class Terminal {
   printAscii(bytes, from, to) {
     let i = from;
     while (i < to) {
-      if (this.x >= this.cols) { this.put(bytes[i++]); continue; }
+      if (this.x >= this.cols) { this.at = i; this.put(bytes[i++]); continue; }
       const row = this.screen[this.y];
-      if (row.pos < 0) { row.time = this.time; row.pos = this.position; }
+      if (row.pos < 0) { row.time = this.time; row.pos = this.position; row.off = i; }
       const n = Math.min(to - i, this.cols - this.x);
       const x = this.x, pen = this.pen;
       row.cp.set(bytes.subarray(i, i + n), x);
@@ -462,7 +471,7 @@ export class Terminal {
     const row = this.screen[this.y];
     row.cp[this.x] = cp;
     row.st[this.x] = this.pen;
-    if (row.pos < 0) { row.time = this.time; row.pos = this.position; }
+    if (row.pos < 0) { row.time = this.time; row.pos = this.position; row.off = this.at; }
     if (++this.x > row.len) row.len = this.x;
   }
 
@@ -665,7 +674,7 @@ export class Terminal {
       }
     }
     return new Line(pieces.length === 1 ? pieces[0] : pieces.join(""), spans, row.wrapped,
-      row.time, row.pos, row.marks ? row.marks.slice() : null);
+      row.time, row.pos, row.off, row.marks ? row.marks.slice() : null);
   }
 
   /** The screen as pyte shows it: `rows` strings of `cols` characters. */

@@ -9,6 +9,10 @@ import { Terminal, Style, BOLD, DIM, ITALIC, UNDERLINE, INVERSE, STRIKE, BAD, cs
 
 const OUTPUT = 1, AGENT = 2, STATUS = 3, RESIZE = 4, MARKER = 5, GAP = 7;
 const TAIL_LINES = 5000;
+// Lines a followed log keeps in the tab; past it the oldest go (and come
+// back with "Load earlier lines"), so a task printing for hours cannot
+// exhaust the browser's memory.
+const MAX_LINES = 200000;
 const LINE_HEIGHT = 18; // px, as in style.css
 const OVERSCAN = 20;
 const NOTE = new Style(-1, -1, DIM | ITALIC, 0);
@@ -66,9 +70,9 @@ export class LogView {
   constructor(box, runId, { start = 0, onStatus = null, tools = {} } = {}) {
     this.box = box; this.runId = runId; this.onStatus = onStatus; this.tools = tools;
     this.start = start; // the log's first record: nothing to load before it
+    this.first = null; // where the lines loaded begin
     this.lines = []; // final lines, oldest first
     this.term = this.newTerminal(this.lines);
-    this.first = null; // position of the first record loaded
     this.next = 0; // where to resume
     this.follow = true; // keep the end in view
     this.times = false;
@@ -116,8 +120,9 @@ export class LogView {
     }
   }
 
-  /** Read one log response into `term`; true when the agent ended it cleanly. */
-  async read(url, term, { earlier = false } = {}) {
+  /** Read one log response into `term`; true when the agent ended it cleanly.
+   * Returns where its bytes began, [record position, offset], in `began`. */
+  async read(url, term, { earlier = false, began = [] } = {}) {
     const response = await fetch(url, { credentials: "same-origin" });
     if (!response.ok) {
       const body = await response.json().catch(() => ({ error: response.statusText }));
@@ -131,39 +136,61 @@ export class LogView {
       if (done) return false; // cut off: resume
       for (const message of frames.feed(value)) {
         if (message.error) { this.state(message.error); return true; }
-        if (message.event === "records") {
-          if (!earlier && this.first === null) this.first = message.records[0][0];
+        if (message.event === "streams" && message.start) {
+          began.splice(0, 2, ...message.start);
+          if (!earlier && this.first === null) this.setFirst(message.start);
+        } else if (message.event === "records") {
           feedRecords(term, message, this.onStatus);
-          if (!earlier) this.next = message.next;
+          if (!earlier) { this.next = message.next; this.trim(); }
           this.schedule();
         } else if (message.ok) {
           if (!earlier) this.next = message.result.next;
-          if (!earlier) this.earlier.hidden = !(this.first > this.start);
           this.state(earlier ? "" : "end of log");
           return true;
         }
       }
-      if (!earlier) this.earlier.hidden = !(this.first > this.start);
     }
   }
 
-  /** The lines before the first one loaded, rendered on a terminal of their own. */
+  /** Where the lines loaded begin: [record position, offset in it]. */
+  setFirst(first) {
+    this.first = first;
+    this.earlier.hidden = !(first[0] > this.start || first[1] > 0);
+  }
+
+  /** The lines before the first one loaded, rendered on a terminal of their
+   * own; they end exactly where those begin, to the byte. */
   async loadEarlier() {
-    if (!(this.first > this.start)) return;
+    if (this.earlier.hidden || this.loadingEarlier) return;
+    this.loadingEarlier = true;
     const older = [];
     const term = this.newTerminal(older);
-    const until = this.first;
-    this.first = null;
-    await this.read(`/runs/${this.runId}/log?tail=${TAIL_LINES}&until=${until}`, term,
-      { earlier: true });
+    const [until, skip] = this.first;
+    const began = [];
+    await this.read(`/runs/${this.runId}/log?tail=${TAIL_LINES}&until=${until}&until_skip=${skip}`,
+      term, { earlier: true, began });
     term.flush();
-    const firstOf = older.length ? older[0].pos : 0;
-    this.first = firstOf >= 0 && firstOf < until ? firstOf : this.start;
-    this.earlier.hidden = !(this.first > this.start);
+    if (began.length) this.setFirst(began);
     this.lines.unshift(...older);
     this.collapsed = new Set([...this.collapsed].map((i) => i + older.length));
     this.sec = null; // indices moved: scan the sections again
+    this.loadingEarlier = false;
     this.schedule();
+  }
+
+  /** Drop the oldest lines past MAX_LINES, up to one whose first byte is
+   * known; loading earlier lines again gives them back from exactly there. */
+  trim() {
+    if (this.lines.length <= MAX_LINES) return;
+    let drop = this.lines.length - MAX_LINES + (MAX_LINES >> 3);
+    while (drop < this.lines.length - 1 && this.lines[drop].pos < 0) drop++;
+    const keep = this.lines[drop];
+    if (keep.pos < 0) return;
+    this.lines.splice(0, drop);
+    this.setFirst([keep.pos, keep.off]);
+    this.collapsed = new Set([...this.collapsed].map((i) => i - drop).filter((i) => i >= 0));
+    this.sec = null;
+    if (!this.follow) this.box.scrollTop = Math.max(0, this.box.scrollTop - drop * LINE_HEIGHT);
   }
 
   state(text) { if (this.tools.state) this.tools.state.textContent = text; }
