@@ -88,6 +88,7 @@ class AgentConfig:
     web_public_url: str
     web_session_lifetime: int
     web_login_lifetime: int
+    gitea_webhook_secret: Path
     deploy_targets: dict[str, DeployTarget] = field(default_factory=dict)
 
     @property
@@ -275,6 +276,9 @@ SETTINGS: tuple[Setting, ...] = (
             "12h", "How long a web login lasts."),
     Setting("web.login_lifetime", "web_login_lifetime", Node.duration, _const(600), "10m",
             "How long a one-time login URL from efci web-login stays usable."),
+    Setting("gitea.webhook_secret", "gitea_webhook_secret", _path,
+            lambda lay: lay.secrets / "gitea/webhook-secret", "{secrets}/gitea/webhook-secret",
+            "The Gitea webhooks' secret: a file only the web page's user reads (mode 0600)."),
 )
 
 _DEPLOY_HELP = """\

@@ -25,11 +25,11 @@ from pathlib import Path
 from . import names
 from .errors import ConfigError
 from .host.git import ssh_host
-from .model import CacheUse, Image, Network, Repository, Stage, Task
+from .model import CacheUse, Image, Network, PushTrigger, Repository, Stage, Task
 from .yamlconf import Node, load_file
 
 TASK_KEYS = {"image", "command", "env", "checkout", "secrets", "caches", "deploy_target",
-             "deploy_targets", "network", "time_limit", "stages"}
+             "deploy_targets", "network", "time_limit", "stages", "on"}
 REPO_KEYS = {"repo_url", "revision", "mutable", "key", "submodules", "name"}
 
 
@@ -207,7 +207,31 @@ def _task(name: str, owner: str, node: Node, fields: dict[str, Node],
         time_limit=fields["time_limit"].duration() if "time_limit" in fields else None,
         stages=_stages(fields["stages"]) if "stages" in fields else (),
         unchecked_host_keys=unchecked_host_keys,
+        on_push=_on(fields["on"], repositories) if "on" in fields else None,
     )
+
+
+def _on(node: Node, repositories: tuple[Repository, ...]) -> PushTrigger:
+    """``on: {push: {branches: [PATTERN...], tags: [PATTERN...]}}``."""
+    push = node.mapping(required={"push"})["push"]
+    f = push.mapping(optional={"branches", "tags"})
+    if not f:
+        raise push.error("needs branches: or tags: (a list of patterns such as main or v*)")
+    if not any(r.mutable for r in repositories) and "branches" in f:
+        raise f["branches"].error("a push to a branch can only start a task that checks out "
+                                  "a branch (an entry with mutable: true)")
+    patterns = {}
+    for key in ("branches", "tags"):
+        found = []
+        for item in f[key].sequence() if key in f else []:
+            text = item.string(max_len=255)
+            # A pattern is a ref name with * in it: check it with * as a letter.
+            problem = names.ref_format_problem(text.replace("*", "x"))
+            if problem:
+                raise item.error(f"{text!r} is not a ref pattern: it {problem}")
+            found.append(text)
+        patterns[key] = tuple(found)
+    return PushTrigger(branches=patterns["branches"], tags=patterns["tags"])
 
 
 def resolved_inside(base_dir: Path, path: Path) -> Path | None:

@@ -52,6 +52,15 @@ class Image:
     inline: str | None
 
 
+@dataclass(frozen=True)
+class PushTrigger:
+    """``on: {push: {branches: [...], tags: [...]}}``: glob patterns (``*``
+    within a path component, ``**`` across them) of the refs that start it."""
+
+    branches: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+
+
 class Network(enum.Enum):
     DEFAULT = "default"
     NONE = "none"
@@ -74,6 +83,7 @@ class Task:
     stages: tuple[Stage, ...] = ()
     # Only when the declaration asks: clone from hosts whose key is not pinned.
     unchecked_host_keys: bool = False
+    on_push: PushTrigger | None = None  # None: started by hand only
 
     @property
     def qualified_name(self) -> str:

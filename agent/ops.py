@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import trio
 
-from . import __version__, protocol
+from . import __version__, protocol, triggers
 from .errors import Conflict, EfciError, NotFound, Refused, RequestError
 from .images import image_tag
 from .keys import KeyInfo
@@ -387,6 +387,29 @@ async def key_trust(agent: Agent, call: Call, *, host: str, port: int = 22,
     log.info("pinned host keys of %s port %d for %s", host, port, owner)
     return {"owner": owner, "host": host, "port": port, "fingerprints": fingerprints,
             "scanned": keys is None}
+
+
+# -- Gitea ------------------------------------------------------------------------------
+
+@op
+async def push(agent: Agent, call: Call, *, delivery: str, repository: str, ssh_url: str,
+               clone_url: str, ref: str, before: str, after: str, pusher: str) -> object:
+    """A Gitea push whose webhook signature the web page verified: start
+    the tasks it concerns (see agent/triggers.py), once per delivery."""
+    event = triggers.checked(triggers.Push(
+        delivery, repository[:255], tuple(u for u in (ssh_url, clone_url) if u), ref,
+        before, after, pusher[:255]))
+    if not await agent.state.call(agent.state.first_delivery, delivery):
+        log.info("push delivery %s was seen before: it starts nothing again", delivery)
+        return {"duplicate": True, "runs": []}
+    started = []
+    for task in triggers.tasks_for(event, list(agent.decls.tasks.values())):
+        run_id = await agent.runs.start(task, call.requester, trigger=event.to_wire(),
+                                        image=agent.decls.images.get(task.image))
+        started.append({"run": run_id, "task": task.name, "owner": task.owner})
+    log.info("push %s of %s %s by %s: %s", delivery, event.repository, event.ref, event.pusher,
+             ", ".join(f"run {r['run']} ({r['task']})" for r in started) or "no task watches it")
+    return {"duplicate": False, "runs": started}
 
 
 # -- the web page (efci web is a client like efci; these are its logins) ------------

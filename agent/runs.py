@@ -42,7 +42,17 @@ from .host.engine import ContainerSpec, ContainerState, Engine, Mount
 from .images import Images
 from .logformat import TASK_STREAM, Kind
 from .logstore import LogStore, LogWriter
-from .model import CacheUse, Image, Network, Repository, Requester, RunStatus, Stage, Task
+from .model import (
+    CacheUse,
+    Image,
+    Network,
+    PushTrigger,
+    Repository,
+    Requester,
+    RunStatus,
+    Stage,
+    Task,
+)
 from .mutations import Mutations
 from .names import format_size
 from .network import TaskNetwork
@@ -81,6 +91,8 @@ def task_from_wire(data: dict[str, Any]) -> Task:
         "network": Network(data["network"]),
         "stages": tuple(Stage(**{**s, "command": tuple_or_none(s["command"])})
                         for s in data["stages"]),
+        "on_push": None if data.get("on_push") is None else PushTrigger(
+            branches=tuple(data["on_push"]["branches"]), tags=tuple(data["on_push"]["tags"])),
     })
 
 
@@ -232,12 +244,12 @@ class Runs:
     # -- starting and stopping runs ---------------------------------------------------
 
     async def start(self, task: Task, requester: Requester, *, image: Image | None = None,
-                    build_only: bool = False) -> int:
+                    build_only: bool = False, trigger: dict[str, Any] | None = None) -> int:
         assert self._nursery is not None, "Runs.serve must be running"
         if self._stopping:
             raise Conflict("the agent is stopping; no new runs are started")
         run_id = await self.state.call(self.state.create_run, task, requester,
-                                       task_to_wire(task))
+                                       task_to_wire(task), trigger)
         await self._launch(ActiveRun(run_id, task, image, build_only), requester)
         log.info("run %d of %s queued (uid %d)", run_id, task.qualified_name, requester.uid)
         return run_id

@@ -93,6 +93,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX runs_by_owner ON runs (owner, id);
     CREATE INDEX runs_by_status ON runs (status, id);
     """,
+    """
+    ALTER TABLE runs ADD COLUMN trigger TEXT;
+    CREATE TABLE deliveries (id TEXT PRIMARY KEY, received_at REAL NOT NULL);
+    """,
 )
 
 
@@ -133,9 +137,12 @@ class RunRecord:
     removed_at: float | None
     progress: float | None
     progress_message: str | None
+    trigger: str | None  # JSON: what started it (a push; None: by hand)
 
     def to_wire(self) -> dict[str, Any]:
-        return {**self.__dict__, "status": self.status.value}
+        return {**self.__dict__, "status": self.status.value,
+                "trigger": json.loads(self.trigger) if self.trigger else
+                {"kind": "manual", "uid": self.requested_uid}}
 
 
 _RUN_COLUMNS = ", ".join(RunRecord.__dataclass_fields__)
@@ -216,15 +223,24 @@ class StateStore:
 
     # -- runs ----------------------------------------------------------------
 
-    def create_run(self, task: Task, requester: Requester, declaration: dict[str, Any]) -> int:
+    def create_run(self, task: Task, requester: Requester, declaration: dict[str, Any],
+                   trigger: dict[str, Any] | None = None) -> int:
         with self._transaction():
             cur = self._db.execute(
                 "INSERT INTO runs (task, owner, status, created_at, requested_uid,"
-                " requested_gid, requested_pid, image, declaration)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " requested_gid, requested_pid, image, declaration, trigger)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (task.name, task.owner, RunStatus.QUEUED.value, time.time(), requester.uid,
-                 requester.gid, requester.pid, task.image, json.dumps(declaration)))
+                 requester.gid, requester.pid, task.image, json.dumps(declaration),
+                 json.dumps(trigger) if trigger else None))
             return int(cur.lastrowid)  # type: ignore[arg-type]
+
+    def first_delivery(self, delivery: str) -> bool:
+        """Record a webhook delivery; False if it was seen before (a replay)."""
+        with self._transaction():
+            cur = self._db.execute("INSERT OR IGNORE INTO deliveries VALUES (?, ?)",
+                                   (delivery, time.time()))
+        return cur.rowcount == 1
 
     def update_run(self, run_id: int, **fields: Any) -> None:
         for key in fields:

@@ -149,7 +149,15 @@ def show(run: dict[str, Any]) -> int:
         print(f"{'progress:':16}{progress(run)}")
     print(f"{'requested by:':16}uid {run['requested_uid']} gid {run['requested_gid']} "
           f"pid {run['requested_pid']}")
+    print(printable(f"{'trigger:':16}{trigger(run['trigger'])}"))
     return 0
+
+
+def trigger(t: dict[str, Any]) -> str:
+    if t.get("kind") == "push":
+        return (f"push of {t['ref']} to {t['repository']} by {t['pusher']}: "
+                f"{t['before'][:12]}..{t['after'][:12]} (delivery {t['delivery']})")
+    return f"by hand (uid {t.get('uid')})"
 
 
 def cancelled(run: dict[str, Any]) -> int:

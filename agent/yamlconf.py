@@ -142,6 +142,12 @@ class Node:
         out: dict[str, Node] = {}
         for key_node, value_node in self._node.value:
             key_at = Node(key_node, self.file, self.path)
+            # YAML 1.1 reads a bare `on:` as the boolean true; as a key of
+            # ours it is the word (as in GitHub's and Gitea's workflows).
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value == "on" \
+                    and not key_node.style:
+                key_node = yaml.ScalarNode(_STR_TAG, "on", key_node.start_mark,
+                                           key_node.end_mark)
             if not (isinstance(key_node, yaml.ScalarNode) and key_node.tag == _STR_TAG):
                 raise key_at.error(f"keys must be plain strings, not {_describe(key_node)}")
             key = key_node.value

@@ -37,6 +37,7 @@ from ..config import AgentConfig
 from ..errors import AgentUnreachable
 from ..logformat import Kind
 from ..views import size
+from .hooks import gitea_hook
 from .link import AgentLink
 
 log = logging.getLogger(__name__)
@@ -526,8 +527,12 @@ def make_app(cfg: AgentConfig, link: AgentLink) -> Starlette:
     async def home(request: Request) -> Response:
         return RedirectResponse("/runs", status_code=303)
 
+    async def hook(request: Request) -> Response:
+        return await gitea_hook(request, cfg.gitea_webhook_secret, link)
+
     routes = [
         Route("/", home),
+        Route("/hooks/gitea", hook, methods=["POST"]),
         *route("/login", login_page),
         *route("/login", login, ("POST",)),
         *route("/logout", logout, ("POST",)),

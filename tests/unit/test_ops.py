@@ -84,4 +84,4 @@ def test_every_request_the_cli_sends_is_declared(monkeypatch: pytest.MonkeyPatch
     # shell speaks it from agent/terminal.py, tested end to end) and the web
     # page's own (agent/web, tested in a browser by tests/web).
     assert set(ops.OPS) - set(RecordingClient.sent) == {
-        "ping", "shell", "web_session_open", "web_session", "web_hello", "key_scan"}
+        "ping", "shell", "web_session_open", "web_session", "web_hello", "key_scan", "push"}
