@@ -1,0 +1,221 @@
+"""Gitea pushes: a real `git push` to the test git server, whose post-receive
+hook sends a signed push webhook as Gitea would, starts the declared task.
+And what the webhook endpoint refuses."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import BASE_IMAGE
+from tests.integration.gitserver import GitServer, git
+
+from .conftest import Web
+
+pytestmark = pytest.mark.integration
+
+SECRET = b"s3cret-for-the-tests"
+
+# The hook Gitea would be: for each pushed ref, a signed push webhook.
+HOOK = """#!{python}
+import hashlib, hmac, json, sys, urllib.request, uuid
+for line in sys.stdin:
+    before, after, ref = line.split()
+    body = json.dumps({{"ref": ref, "before": before, "after": after,
+        "repository": {{"full_name": "alice/site", "ssh_url": {ssh_url!r},
+                        "clone_url": "http://gitea.invalid/alice/site.git"}},
+        "pusher": {{"login": "alice"}}}}).encode()
+    request = urllib.request.Request({url!r}, data=body, method="POST", headers={{
+        "X-Gitea-Event": "push", "X-Gitea-Delivery": str(uuid.uuid4()),
+        "X-Gitea-Signature": hmac.new({secret!r}, body, hashlib.sha256).hexdigest(),
+        "Content-Type": "application/json"}})
+    print(urllib.request.urlopen(request, timeout=30).read().decode(), file=sys.stderr)
+"""
+
+
+def write_secret(web: Web, secret: bytes = SECRET, mode: int = 0o600) -> Path:
+    path = web.agent.root / "secrets/gitea/webhook-secret"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(secret + b"\n")
+    os.chmod(path, mode)
+    return path
+
+
+def send(web: Web, body: bytes, *, event: str = "push", delivery: str | None = None,
+         signature: str | None = "sign", headers: dict[str, str] | None = None,
+         ) -> tuple[int, dict[str, Any]]:
+    sent = {"x-gitea-event": event, "x-gitea-delivery": delivery or str(uuid.uuid4()),
+            "content-type": "application/json", **(headers or {})}
+    if signature == "sign":
+        sent["x-gitea-signature"] = hmac.new(SECRET, body, hashlib.sha256).hexdigest()
+    elif signature is not None:
+        sent["x-gitea-signature"] = signature
+    conn = http.client.HTTPConnection("127.0.0.1", web.port, timeout=60)
+    conn.request("POST", "/hooks/gitea", body=body, headers=sent)
+    response = conn.getresponse()
+    answer = json.loads(response.read() or b"{}")
+    conn.close()
+    return response.status, answer
+
+
+def payload(ref: str = "refs/heads/main", after: str = "b" * 40,
+            ssh_url: str = "ssh://git@gitea.invalid/alice/site.git") -> bytes:
+    return json.dumps({"ref": ref, "before": "a" * 40, "after": after, "pusher": {"login": "x"},
+                       "repository": {"full_name": "alice/site", "ssh_url": ssh_url,
+                                      "clone_url": ""}}).encode()
+
+
+def runs(web: Web) -> list[dict[str, Any]]:
+    return json.loads(web.agent.efci("--json", "runs").stdout)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def site(web: Web, tmp_path: Path) -> Iterator[tuple[Web, GitServer]]:
+    """The git server with repository site (main), a task that a push to main
+    starts, and the hook that tells the web page of each push."""
+    server = GitServer(tmp_path / "git")
+    server.start()
+    volumes: list[str] = []
+    try:
+        agent = web.agent
+        server.create("site")
+        server.commit("site", {"index.html": b"first\n"}, "first")
+        public = json.loads(agent.efci("--json", "key", "create", "deploy", "--owner",
+                                       "alice").stdout)["public_key"]
+        server.authorize(public, "site")
+        keys = agent.root / "hostkey.pub"
+        keys.write_text(server.host_key_line)
+        agent.efci("key", "trust", server.address, "--port", str(server.port), "--owner",
+                   "alice", "--keys", str(keys))
+        entry = {"repo_url": server.url("site"), "revision": "main", "mutable": True,
+                 "key": "deploy", "submodules": False}
+        agent.declare("site.yml", json.dumps({"owner": "alice", "tasks": {"site": {
+            "image": BASE_IMAGE, "on": {"push": {"branches": ["main"]}},
+            "checkout": {"repositories": [entry]},
+            "command": ["cat", "/src/site/index.html"]}}}))
+        agent.efci("reload")
+        from agent.host.git import worktree_volume_name
+        volumes.append(worktree_volume_name("alice", entry))
+        write_secret(web)
+        hook = server.path("site") / "hooks/post-receive"
+        hook.write_text(HOOK.format(python=sys.executable, ssh_url=server.url("site"),
+                                    url=f"{web.url}/hooks/gitea", secret=SECRET))
+        hook.chmod(0o755)
+        yield web, server
+    finally:
+        server.stop()
+        if volumes:
+            subprocess.run(["docker", "volume", "rm", "--force", *volumes], capture_output=True,
+                           check=False)
+
+
+def wait_for_run(web: Web, count: int, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = runs(web)
+        if len(found) >= count and found[0]["status"] not in ("queued", "running"):
+            return json.loads(web.agent.efci("--json", "show", str(found[0]["id"])).stdout)
+        time.sleep(0.2)
+    raise AssertionError(f"no finished run {count} in time: {runs(web)}")
+
+
+def test_a_push_to_main_runs_the_task_on_exactly_that_commit(
+        site: tuple[Web, GitServer]) -> None:
+    web, server = site
+    pushed_at = time.monotonic()
+    sha = server.commit("site", {"index.html": b"second\n"}, "second")  # git push, hook fires
+    record = wait_for_run(web, 1)
+    took = time.monotonic() - pushed_at
+    assert record["status"] == "succeeded", record
+    trigger = record["trigger"]
+    assert (trigger["kind"], trigger["ref"], trigger["after"], trigger["pusher"]) == \
+        ("push", "refs/heads/main", sha, "alice")
+    assert [w["commit_sha"] for w in record["worktrees"]] == [sha]
+    output = web.agent.efci("logs", "--raw", str(record["id"])).stdout
+    assert b"second" in output
+    shown = web.agent.efci("show", str(record["id"])).stdout.decode()
+    assert "push of refs/heads/main to alice/site by alice:" in shown and f"..{sha[:12]}" in shown
+    print(f"git push returned -> run {record['id']} finished: {took:.2f} s")
+
+    # A branch no task watches starts nothing.
+    work = server.repos / "site.work"
+    git("checkout", "--quiet", "-b", "feature", cwd=work)
+    server.commit("site", {"index.html": b"feature\n"}, "feature", branch="feature")
+    time.sleep(2)
+    assert len(runs(web)) == 1
+
+
+@pytest.fixture
+def hooked(web: Web) -> Web:
+    web.agent.declare("site.yml", json.dumps({"owner": "alice", "tasks": {"site": {
+        "image": BASE_IMAGE, "on": {"push": {"branches": ["main"]}},
+        "checkout": {"repositories": [{
+            "repo_url": "ssh://git@gitea.invalid/alice/site.git", "revision": "main",
+            "mutable": True, "key": "deploy"}]},
+        "command": ["true"]}}}))
+    web.agent.efci("reload")
+    write_secret(web)
+    return web
+
+
+def test_the_webhook_refuses_what_it_must(hooked: Web) -> None:
+    web = hooked
+    body = payload(ssh_url="ssh://git@gitea.invalid/alice/elsewhere.git")  # nothing watches it
+    assert send(web, body, signature=None)[0] == 401
+    assert send(web, body, signature="0" * 64)[0] == 401
+    assert send(web, body, signature=hmac.new(b"other", body, hashlib.sha256).hexdigest())[0] \
+        == 401
+    status, answer = send(web, body, event="pull_request")
+    assert status == 202 and "start nothing" in answer["ignored"]
+    assert send(web, b"{not json", signature="sign")[0] == 400
+    assert send(web, b"[]")[0] == 400
+    for ref in ("refs/heads/a..b", "refs/heads/x\x01y", "refs/notes/x"):
+        status, answer = send(web, payload(ref=ref))
+        assert status == 400, (ref, answer)
+    status, answer = send(web, body)
+    assert (status, answer["runs"]) == (202, [])  # an unknown repository starts nothing
+    status, answer = send(web, payload(after="0" * 40))
+    assert (status, answer["runs"]) == (202, [])  # a branch deletion starts nothing
+    assert runs(web) == []
+
+
+def test_a_replayed_delivery_starts_nothing(hooked: Web) -> None:
+    delivery = str(uuid.uuid4())
+    status, first = send(hooked, payload(), delivery=delivery)
+    assert status == 202 and len(first["runs"]) == 1 and not first["duplicate"]
+    status, again = send(hooked, payload(), delivery=delivery)
+    assert status == 202 and again == {"duplicate": True, "runs": []}
+    assert len(runs(hooked)) == 1
+
+
+def test_a_huge_body_is_refused_unread(hooked: Web) -> None:
+    """100 MB announced: refused from its Content-Length, before any of it is read."""
+    conn = http.client.HTTPConnection("127.0.0.1", hooked.port, timeout=30)
+    conn.putrequest("POST", "/hooks/gitea")
+    conn.putheader("content-length", str(100_000_000))
+    conn.putheader("x-gitea-event", "push")
+    conn.endheaders()
+    conn.send(b"{" + b" " * 65536)
+    response = conn.getresponse()
+    assert response.status == 413
+    conn.close()
+
+
+def test_a_secret_others_can_read_is_not_used(hooked: Web) -> None:
+    write_secret(hooked, mode=0o644)
+    status, answer = send(hooked, payload())
+    assert status == 503 and "not set up" in answer["error"]
+    assert "mode 0600" in hooked.log.read_text()
+    assert runs(hooked) == []
