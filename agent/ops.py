@@ -406,7 +406,9 @@ async def push(agent: Agent, call: Call, *, delivery: str, repository: str, ssh_
     for task in triggers.tasks_for(event, list(agent.decls.tasks.values())):
         run_id = await agent.runs.start(task, call.requester, trigger=event.to_wire(),
                                         image=agent.decls.images.get(task.image))
-        started.append({"run": run_id, "task": task.name, "owner": task.owner})
+        replaced = await agent.runs.replace_queued(task, event.ref, run_id)
+        started.append({"run": run_id, "task": task.name, "owner": task.owner,
+                        "replaced": replaced})
     log.info("push %s of %s %s by %s: %s", delivery, event.repository, event.ref, event.pusher,
              ", ".join(f"run {r['run']} ({r['task']})" for r in started) or "no task watches it")
     return {"duplicate": False, "runs": started}

@@ -158,6 +158,8 @@ class ActiveRun:
     cancel_reason: str = ""
     queued_at: float = field(default_factory=time.monotonic)
     done: trio.Event = field(default_factory=trio.Event)
+    waiting: bool = True  # queued for a slot (max_parallel), nothing of it started yet
+    pushed_ref: str = ""  # the ref whose push started it, if one did
 
 
 class Runs:
@@ -250,7 +252,9 @@ class Runs:
             raise Conflict("the agent is stopping; no new runs are started")
         run_id = await self.state.call(self.state.create_run, task, requester,
                                        task_to_wire(task), trigger)
-        await self._launch(ActiveRun(run_id, task, image, build_only), requester)
+        pushed_ref = str(trigger.get("ref", "")) if trigger else ""
+        await self._launch(ActiveRun(run_id, task, image, build_only, pushed_ref=pushed_ref),
+                           requester)
         log.info("run %d of %s queued (uid %d)", run_id, task.qualified_name, requester.uid)
         return run_id
 
@@ -307,6 +311,17 @@ class Runs:
         run.cancel_reason = reason
         run.scope.cancel()
         await run.done.wait()
+
+    async def replace_queued(self, task: Task, ref: str, by: int) -> list[int]:
+        """Cancel the runs of ``task`` that a push of ``ref`` started and that
+        still wait for a slot: run ``by``, of a newer push, replaces them.
+        One that already runs is left to finish."""
+        replaced = [r for r in self.active.values()
+                    if r.id != by and r.waiting and r.pushed_ref == ref
+                    and r.task.qualified_name == task.qualified_name]
+        for run in replaced:
+            await self.cancel(run.id, f"replaced by run {by}, of a newer push of {ref}")
+        return [r.id for r in replaced]
 
     async def shutdown(self) -> None:
         """Cancel every active run and wait for each to record its end."""
@@ -382,6 +397,7 @@ class Runs:
             status, fields = RunStatus.ERROR, dict[str, Any]()
             with run.scope:
                 async with self._slots:
+                    run.waiting = False
                     status, fields = await self._run(run, writer)
             if run.scope.cancelled_caught:
                 status, fields = RunStatus.CANCELLED, {"error": run.cancel_reason}

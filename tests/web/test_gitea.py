@@ -219,3 +219,28 @@ def test_a_secret_others_can_read_is_not_used(hooked: Web) -> None:
     assert status == 503 and "not set up" in answer["error"]
     assert "mode 0600" in hooked.log.read_text()
     assert runs(hooked) == []
+
+
+def test_a_newer_push_replaces_a_run_still_queued(hooked: Web) -> None:
+    web = hooked
+    web.agent.stop()
+    web.configure("runs:\n  max_parallel: 1\n")
+    web.agent.start()
+    web.agent.declare("blocker.yml", json.dumps({"owner": "alice", "tasks": {"blocker": {
+        "image": BASE_IMAGE, "command": ["sleep", "300"]}}}))
+    web.agent.efci("reload")
+    blocker = json.loads(web.agent.efci("--json", "run", "blocker").stdout)["id"]
+    try:
+        _, first = send(web, payload(after="c" * 40))
+        (older,) = first["runs"]
+        _, second = send(web, payload(after="d" * 40))
+        (newer,) = second["runs"]
+        assert newer["replaced"] == [older["run"]]
+        record = json.loads(web.agent.efci("--json", "show", str(older["run"])).stdout)
+        assert record["status"] == "cancelled"
+        assert record["error"] == f"replaced by run {newer['run']}, of a newer push of " \
+                                  "refs/heads/main"
+        assert json.loads(web.agent.efci("--json", "show", str(newer["run"])).stdout)[
+            "status"] == "queued"
+    finally:
+        web.agent.efci("cancel", str(blocker), check=False)
