@@ -277,7 +277,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("web.login_lifetime", "web_login_lifetime", Node.duration, _const(600), "10m",
             "How long a one-time login URL from efci web-login stays usable."),
     Setting("gitea.webhook_secret", "gitea_webhook_secret", _path,
-            lambda lay: lay.secrets / "gitea/webhook-secret", "{secrets}/gitea/webhook-secret",
+            lambda lay: lay.secrets / "web/gitea-webhook-secret",
+            "{secrets}/web/gitea-webhook-secret",
             "The Gitea webhooks' secret: a file only the web page's user reads (mode 0600)."),
 )
 

@@ -101,8 +101,9 @@ class KeyStore:
             return f.read(1 << 20).strip()
 
     def _dirs(self, owner: str) -> None:
+        # An existing store keeps its mode: the package makes it 0710 so that
+        # the web page's user can reach its own web/ directory, and no more.
         self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.base, 0o700)
         owner_dir = self.owner_dir(owner)
         (owner_dir / "public").mkdir(mode=0o755, parents=True, exist_ok=True)
         (owner_dir / "private").mkdir(mode=0o700, exist_ok=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import http.client
 import json
 import os
@@ -99,8 +101,10 @@ def efci_as_admin(*args: str, check: bool = True,
 
 def test_the_service_runs_as_efci_and_serves_a_real_run(installed: None,
                                                          tmp_path: Path) -> None:
-    assert (sh("stat", "-c", "%U %a", "/srv/ci-secrets").stdout.decode().split()
-            == ["efci", "700"])
+    assert (sh("stat", "-c", "%U %G %a", "/srv/ci-secrets").stdout.decode().split()
+            == ["efci", "efci-web", "710"])
+    assert (sh("stat", "-c", "%U %a", "/srv/ci-secrets/web").stdout.decode().split()
+            == ["efci-web", "700"])
     sh("install", "-d", "-o", "efci", "-g", "efci", "-m", "0755", "/run/efforting-ci")
     caps = unit_capabilities()
     server = GitServer(tmp_path / "git")
@@ -191,6 +195,20 @@ def check_the_web_page_as_efci_web(tmp_path: Path) -> None:
         conn.request("GET", "/api/runs", headers={"cookie": cookie})
         runs = json.loads(conn.getresponse().read())
         assert [r["task"] for r in runs] == ["site", "site"]
+        # The webhooks' secret: efci-web reads it through the 0710 store, after
+        # the agent made a deploy key there.
+        secret = Path("/srv/ci-secrets/web/gitea-webhook-secret")
+        secret.write_bytes(b"hook-secret\n")
+        sh("chown", "efci-web:efci-web", str(secret))
+        secret.chmod(0o600)
+        assert sh("stat", "-c", "%a", "/srv/ci-secrets").stdout.decode().strip() == "710"
+        body = b'{"zen": "ping"}'
+        conn.request("POST", "/hooks/gitea", body=body, headers={
+            "x-gitea-event": "ping", "x-gitea-delivery": "d-1",
+            "x-gitea-signature": hmac.new(b"hook-secret", body, hashlib.sha256).hexdigest()})
+        hooked = conn.getresponse()
+        assert hooked.status == 202, hooked.read()
+        hooked.read()
         conn.close()
     finally:
         web.terminate()

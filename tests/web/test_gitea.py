@@ -46,7 +46,7 @@ for line in sys.stdin:
 
 
 def write_secret(web: Web, secret: bytes = SECRET, mode: int = 0o600) -> Path:
-    path = web.agent.root / "secrets/gitea/webhook-secret"
+    path = web.agent.root / "secrets/web/gitea-webhook-secret"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(secret + b"\n")
     os.chmod(path, mode)
