@@ -89,6 +89,8 @@ class AgentConfig:
     web_session_lifetime: int
     web_login_lifetime: int
     gitea_webhook_secret: Path
+    gitea_api: str
+    gitea_token: Path
     deploy_targets: dict[str, DeployTarget] = field(default_factory=dict)
 
     @property
@@ -181,15 +183,21 @@ def _listen(node: Node) -> tuple[str, int]:
     return endpoint
 
 
-def _public_url(node: Node) -> str:
+def _url(node: Node, *, path: bool = False) -> str:
+    """An http(s) URL, or empty; with a path only when ``path``."""
     text = node.string()
     if not text:
         return ""
     parts = urllib.parse.urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query \
-            or parts.fragment or parts.username or parts.path not in ("", "/"):
-        raise node.error(f"must be http(s)://HOST[:PORT] with no path, not {text!r}")
-    return f"{parts.scheme}://{parts.netloc}"
+            or parts.fragment or parts.username or (not path and parts.path not in ("", "/")):
+        raise node.error(f"must be http(s)://HOST[:PORT]{'/PATH' if path else ''} with no "
+                         f"{'query' if path else 'path'}, not {text!r}")
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/') if path else ''}"
+
+
+def _public_url(node: Node) -> str:
+    return _url(node)
 
 
 def _program(node: Node) -> str:
@@ -280,6 +288,11 @@ SETTINGS: tuple[Setting, ...] = (
             lambda lay: lay.secrets / "web/gitea-webhook-secret",
             "{secrets}/web/gitea-webhook-secret",
             "The Gitea webhooks' secret: a file only the web page's user reads (mode 0600)."),
+    Setting("gitea.api", "gitea_api", lambda n: _url(n, path=True), _const(""), '""',
+            "Gitea's API, e.g. https://gitea.example.org/api/v1; empty: no commit statuses."),
+    Setting("gitea.token", "gitea_token", _path, lambda lay: lay.secrets / "gitea/token",
+            "{secrets}/gitea/token",
+            "A Gitea token for commit statuses: a file only the agent's user reads (0600)."),
 )
 
 _DEPLOY_HELP = """\

@@ -17,15 +17,17 @@ from typing import Any
 
 import trio
 
-from . import __version__, declarations, ops, protocol
+from . import __version__, declarations, gitea, ops, protocol
 from .checkout import Checkouts
 from .config import AgentConfig
 from .control import ControlServer, bind_socket
 from .errors import CommandFailed, EfciError
+from .gitea import GiteaAPI, StatusSender
 from .host.docker import DockerCLI
 from .host.engine import Engine
 from .keys import KeyStore
 from .logstore import LogStore
+from .model import RunStatus, Task
 from .mutations import Mutations
 from .network import TaskNetwork
 from .runs import Runs
@@ -58,6 +60,36 @@ class Agent:
         self.docker_version = ""
         self.docker_root: Path | None = None
         self.web: dict[str, Any] | None = None  # efci web's announcement, while it is up
+        api = GiteaAPI(cfg.gitea_api, cfg.gitea_token) if cfg.gitea_api else None
+        self.statuses = StatusSender(state, api)
+        self.runs.on_end = self.run_ended
+
+    # -- Gitea commit statuses ---------------------------------------------------
+
+    async def commit_status(self, run_id: int, task: Task, trigger: dict[str, Any],
+                            state: str, description: str, sha: str | None = None) -> None:
+        """Queue the commit status of a run a push started (never fails the run)."""
+        try:
+            await self.statuses.add(
+                run_id, trigger["repository"], sha or trigger["after"], state,
+                f"efci/{task.owner}/{task.name}", f"{self.cfg.web_url}/runs/{run_id}",
+                description)
+        except EfciError as e:
+            log.error("run %d: its commit status %s could not be queued: %s", run_id, state,
+                      e.message)
+
+    async def run_ended(self, run_id: int, task: Task, status: RunStatus) -> None:
+        record = await self.state.call(self.state.get_run, run_id)
+        trigger = record.to_wire()["trigger"] if record else {}
+        if record is None or trigger.get("kind") != "push":
+            return
+        worktrees = await self.state.call(self.state.run_worktrees, run_id)
+        checked_out = [w["commit_sha"] for w in worktrees
+                       if w["mount_name"] in trigger.get("mounts", [])]
+        took = (record.finished_at or 0) - (record.started_at or record.created_at)
+        await self.commit_status(run_id, task, trigger, gitea.STATES[status],
+                                 f"{status.value.replace('_', ' ')} in {took:.1f}s",
+                                 sha=checked_out[0] if checked_out else None)
 
     # -- declarations ---------------------------------------------------------
 
@@ -135,6 +167,7 @@ async def _serve_until_signal(agent: Agent, sock: Any) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(agent.runs.serve)
+            await nursery.start(agent.statuses.serve)
             server = ControlServer(sock, agent.handle, ops.schemas())
             await nursery.start(server.serve)
             log.info("listening on %s", agent.cfg.socket_path)

@@ -252,8 +252,10 @@ async def run_wire(agent: Agent, run_id: int) -> dict[str, Any]:
     if record is None:
         raise NotFound(f"no run {run_id}; see efci runs")
     worktrees = await agent.state.call(agent.state.run_worktrees, run_id)
+    statuses = await agent.state.call(agent.state.run_statuses, run_id)
     return {**record.to_wire(), "log_start": agent.logs.start(run_id),
-            "log_size": agent.logs.end(run_id), "worktrees": worktrees}
+            "log_size": agent.logs.end(run_id), "worktrees": worktrees,
+            "commit_statuses": statuses}
 
 
 async def stream_log(agent: Agent, call: Call, run_id: int, position: int, skip: int, *,
@@ -404,8 +406,10 @@ async def push(agent: Agent, call: Call, *, delivery: str, repository: str, ssh_
         return {"duplicate": True, "runs": []}
     started = []
     for task in triggers.tasks_for(event, list(agent.decls.tasks.values())):
-        run_id = await agent.runs.start(task, call.requester, trigger=event.to_wire(),
+        trigger = {**event.to_wire(), "mounts": triggers.mounts_of(event, task)}
+        run_id = await agent.runs.start(task, call.requester, trigger=trigger,
                                         image=agent.decls.images.get(task.image))
+        await agent.commit_status(run_id, task, trigger, "pending", "queued")
         replaced = await agent.runs.replace_queued(task, event.ref, run_id)
         started.append({"run": run_id, "task": task.name, "owner": task.owner,
                         "replaced": replaced})

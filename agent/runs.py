@@ -187,6 +187,8 @@ class Runs:
         self.instance = instance
         self.active: dict[int, ActiveRun] = {}
         self._slots = trio.CapacityLimiter(cfg.max_parallel)
+        # Told of each run's end once it is recorded (the Gitea commit status).
+        self.on_end: Callable[[int, Task, RunStatus], Awaitable[None]] | None = None
         self._nursery: trio.Nursery | None = None
         self._stopping = False
         self._claimed: set[int] = set()  # finished runs with an efci shell open
@@ -438,6 +440,8 @@ class Runs:
             else:
                 log.info("run %d of %s: %s%s", run.id, run.task.qualified_name, status.value,
                          f" ({fields['error']})" if fields.get("error") else "")
+                if self.on_end is not None:
+                    await self.on_end(run.id, run.task, status)
         except Exception:
             log.exception("run %d: could not record its end (%s)", run.id, status.value)
         finally:

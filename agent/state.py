@@ -97,6 +97,25 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE runs ADD COLUMN trigger TEXT;
     CREATE TABLE deliveries (id TEXT PRIMARY KEY, received_at REAL NOT NULL);
     """,
+    """
+    CREATE TABLE statuses (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id INTEGER NOT NULL REFERENCES runs (id),
+        repo TEXT NOT NULL,
+        sha TEXT NOT NULL,
+        state TEXT NOT NULL,
+        context TEXT NOT NULL,
+        target_url TEXT NOT NULL,
+        description TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        next_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        delivered_at REAL,
+        superseded INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT
+    );
+    CREATE INDEX statuses_due ON statuses (next_at) WHERE delivered_at IS NULL AND superseded = 0;
+    """,
 )
 
 
@@ -234,6 +253,48 @@ class StateStore:
                  requester.gid, requester.pid, task.image, json.dumps(declaration),
                  json.dumps(trigger) if trigger else None))
             return int(cur.lastrowid)  # type: ignore[arg-type]
+
+    # -- commit statuses: the outbox -----------------------------------------------
+
+    def add_status(self, run_id: int, repo: str, sha: str, state: str, context: str,
+                   target_url: str, description: str) -> None:
+        """Queue a status; one not yet delivered of the same run and context
+        is superseded (Gitea shows the latest it got: never an old pending)."""
+        now = time.time()
+        with self._transaction():
+            self._db.execute("UPDATE statuses SET superseded = 1 WHERE run_id = ? AND context = ?"
+                             " AND delivered_at IS NULL", (run_id, context))
+            self._db.execute(
+                "INSERT INTO statuses (run_id, repo, sha, state, context, target_url,"
+                " description, created_at, next_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, repo, sha, state, context, target_url, description, now, now))
+
+    def due_statuses(self, now: float) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT * FROM statuses WHERE delivered_at IS NULL AND"
+                                " superseded = 0 AND next_at <= ? ORDER BY id", (now,))
+        return [dict(r) for r in rows]
+
+    def next_status_at(self) -> float | None:
+        row = self._db.execute("SELECT min(next_at) FROM statuses WHERE delivered_at IS NULL"
+                               " AND superseded = 0").fetchone()
+        return float(row[0]) if row[0] is not None else None
+
+    def status_delivered(self, status_id: int) -> None:
+        with self._transaction():
+            self._db.execute("UPDATE statuses SET delivered_at = ?, attempts = attempts + 1,"
+                             " last_error = NULL WHERE id = ?", (time.time(), status_id))
+
+    def status_failed(self, status_id: int, error: str, next_at: float) -> None:
+        with self._transaction():
+            self._db.execute("UPDATE statuses SET attempts = attempts + 1, last_error = ?,"
+                             " next_at = ? WHERE id = ?", (error, next_at, status_id))
+
+    def run_statuses(self, run_id: int) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT state, sha, context, target_url, description, created_at, delivered_at,"
+            " attempts, last_error, superseded FROM statuses WHERE run_id = ? ORDER BY id",
+            (run_id,))
+        return [{**dict(r), "superseded": bool(r["superseded"])} for r in rows]
 
     def first_delivery(self, delivery: str) -> bool:
         """Record a webhook delivery; False if it was seen before (a replay)."""

@@ -109,6 +109,12 @@ def tasks_for(push: Push, tasks: list[Task]) -> list[Task]:
     return started
 
 
+def mounts_of(push: Push, task: Task) -> list[str]:
+    """The task's worktrees (``/src/NAME``) that check the pushed repository out."""
+    pushed = {k for k in map(repo_key, push.urls) if k}
+    return [r.mount_name for r in task.repositories if repo_key(r.repo_url) in pushed]
+
+
 def _at(repo: Repository, sha: str) -> Repository:
     """The entry pinned to ``sha``: an immutable checkout of exactly that commit."""
     entry = {**repo.entry, "revision": sha, "mutable": False}

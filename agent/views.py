@@ -150,6 +150,14 @@ def show(run: dict[str, Any]) -> int:
     print(f"{'requested by:':16}uid {run['requested_uid']} gid {run['requested_gid']} "
           f"pid {run['requested_pid']}")
     print(printable(f"{'trigger:':16}{trigger(run['trigger'])}"))
+    for st in run.get("commit_statuses", []):
+        if st["superseded"]:
+            continue
+        fate = (f"delivered {when(st['delivered_at'])}" if st["delivered_at"] else
+                f"not delivered yet ({st['attempts']} tries; last: {st['last_error']})"
+                if st["attempts"] else "queued")
+        print(printable(f"{'commit status:':16}{st['state']} on {st['sha'][:12]} "
+                        f"({st['context']}): {fate}"))
     return 0
 
 

@@ -11,9 +11,11 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import pytest
 from tests.integration.conftest import BASE_IMAGE
 from tests.integration.gitserver import GitServer, git
 
-from .conftest import Web
+from .conftest import Web, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -249,3 +251,102 @@ def test_a_newer_push_replaces_a_run_still_queued(hooked: Web) -> None:
             "status"] == "queued"
     finally:
         web.agent.efci("cancel", str(blocker), check=False)
+
+
+class Recorder:
+    """Gitea's API as far as commit statuses go: records each POST."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.got: list[dict[str, Any]] = []
+        self.server: ThreadingHTTPServer | None = None
+
+    def start(self) -> None:
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                recorder.got.append({"path": self.path, "auth": self.headers["authorization"],
+                                     **body})
+                self.send_response(201)
+                self.send_header("content-type", "application/json")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+@pytest.fixture
+def gitea_api(site: tuple[Web, GitServer]) -> Iterator[tuple[Web, GitServer, Recorder]]:
+    web, server = site
+    recorder = Recorder(free_port())
+    token = web.agent.root / "secrets/gitea/token"
+    token.parent.mkdir(parents=True, exist_ok=True)
+    token.write_text("t0ken\n")
+    token.chmod(0o600)
+    web.agent.stop()
+    web.configure(f"gitea:\n  api: http://127.0.0.1:{recorder.port}/api/v1\n")
+    web.agent.start()
+    try:
+        yield web, server, recorder
+    finally:
+        recorder.stop()
+
+
+def wait_delivered(web: Web, run: int, states: list[str], timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        shown = json.loads(web.agent.efci("--json", "show", str(run)).stdout)
+        live = [s for s in shown["commit_statuses"] if not s["superseded"]]
+        if [s["state"] for s in live] == states and all(s["delivered_at"] for s in live):
+            return shown  # type: ignore[no-any-return]
+        time.sleep(0.2)
+    raise AssertionError(f"statuses of run {run}: {shown['commit_statuses']}")
+
+
+def test_a_pushed_run_reports_pending_then_success_on_its_commit(
+        gitea_api: tuple[Web, GitServer, Recorder]) -> None:
+    web, server, recorder = gitea_api
+    recorder.start()
+    sha = server.commit("site", {"index.html": b"third\n"}, "third")
+    record = wait_for_run(web, 1)
+    assert record["status"] == "succeeded"
+    wait_delivered(web, record["id"], ["pending", "success"])
+    assert [(g["path"], g["state"]) for g in recorder.got] == [
+        (f"/api/v1/repos/alice/site/statuses/{sha}", "pending"),
+        (f"/api/v1/repos/alice/site/statuses/{sha}", "success")]
+    final = recorder.got[-1]
+    assert final["auth"] == "token t0ken"
+    assert final["context"] == "efci/alice/site"
+    assert final["target_url"] == f"{web.url}/runs/{record['id']}"
+    assert final["description"].startswith("succeeded in ")
+    assert "commit status:  success on" in web.agent.efci("show", str(record["id"])).stdout.decode()
+
+
+def test_statuses_wait_for_an_api_that_is_down(gitea_api: tuple[Web, GitServer, Recorder]) -> None:
+    """The run is not delayed; its status is sent when Gitea answers again,
+    and the stale pending one is never sent after the result."""
+    web, server, recorder = gitea_api
+    sha = server.commit("site", {"index.html": b"fourth\n"}, "fourth")
+    record = wait_for_run(web, 1)
+    assert record["status"] == "succeeded"
+    deadline = time.monotonic() + 30
+    while not any(s["last_error"] for s in json.loads(
+            web.agent.efci("--json", "show", str(record["id"])).stdout)["commit_statuses"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert "not delivered yet" in web.agent.efci("show", str(record["id"])).stdout.decode()
+    recorder.start()
+    wait_delivered(web, record["id"], ["success"])
+    # The pending one was superseded while Gitea was away: only the result went.
+    assert [(g["state"], g["path"].rsplit("/", 1)[1]) for g in recorder.got] == [("success", sha)]

@@ -1,0 +1,144 @@
+"""Gitea's API, as the agent uses it: commit statuses, sent from an outbox.
+
+A status to send is written to the state store first (the outbox) and
+sent in the background, retried with growing pauses until Gitea takes it,
+across agent restarts: posting never delays or fails a run.  A run's final
+status supersedes its pending one if that was never delivered, so Gitea
+never ends up showing "pending" after the result.
+
+The token is a file in the secrets store that only the agent's user reads
+(mode 0600); it is read when a request is made, never logged, and never
+reaches a run.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import stat
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .errors import EfciError
+from .model import RunStatus
+from .state import StateStore
+
+log = logging.getLogger(__name__)
+
+TIMEOUT = 10.0
+MAX_PAUSE = 300.0  # seconds between two tries of one status, at most
+# Run status -> commit status state (Gitea's: pending, success, error, failure, warning).
+STATES = {RunStatus.SUCCEEDED: "success", RunStatus.FAILED: "failure",
+          RunStatus.TIMED_OUT: "failure", RunStatus.CANCELLED: "error",
+          RunStatus.ERROR: "error"}
+
+
+class GiteaError(EfciError):
+    code = "gitea"
+
+
+def read_token(path: Path) -> str:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise GiteaError(f"the Gitea token {path} cannot be read: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077 or st.st_uid != os.geteuid():
+            raise GiteaError(f"the Gitea token {path} must be a file of uid {os.geteuid()} "
+                             f"with mode 0600, not mode {stat.S_IMODE(st.st_mode):04o} of uid "
+                             f"{st.st_uid}")
+        token = os.read(fd, 4096).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+    if not token or any(c.isspace() or not c.isprintable() for c in token):
+        raise GiteaError(f"the Gitea token {path} is empty or not one token")
+    return token
+
+
+class GiteaAPI:
+    def __init__(self, base: str, token_file: Path) -> None:
+        self.base = base.rstrip("/")
+        self.token_file = token_file
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[int, bytes]:
+        url = urllib.parse.urlsplit(self.base + path)
+        conn_class = (http.client.HTTPSConnection if url.scheme == "https"
+                      else http.client.HTTPConnection)
+        conn = conn_class(url.netloc, timeout=TIMEOUT)
+        headers = {"Authorization": f"token {read_token(self.token_file)}",
+                   "Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        try:
+            conn.request(method, url.path, body=data, headers=headers)
+            response = conn.getresponse()
+            return response.status, response.read(1 << 20)
+        except OSError as e:
+            raise GiteaError(f"Gitea at {self.base} did not answer: {e}") from None
+        finally:
+            conn.close()
+
+    async def post_status(self, repo: str, sha: str, body: dict[str, Any]) -> None:
+        owner, _, name = repo.partition("/")
+        path = (f"/repos/{urllib.parse.quote(owner, safe='')}/"
+                f"{urllib.parse.quote(name, safe='')}/statuses/{sha}")
+        status, answer = await trio.to_thread.run_sync(self._request, "POST", path, body)
+        if status != 201:
+            raise GiteaError(f"Gitea answered {status} to a commit status: "
+                             f"{answer[:200].decode('utf-8', 'replace')}")
+
+
+class StatusSender:
+    """The outbox's sender: wakes when a status is added, else when the
+    next retry is due."""
+
+    def __init__(self, state: StateStore, api: GiteaAPI | None) -> None:
+        self.state = state
+        self.api = api
+        self._wake = trio.Event()
+
+    async def add(self, run_id: int, repo: str, sha: str, state: str, context: str,
+                  target_url: str, description: str) -> None:
+        if self.api is None:
+            return
+        await self.state.call(self.state.add_status, run_id, repo, sha, state, context,
+                              target_url, description[:140])
+        self._wake.set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        if self.api is None:
+            return
+        while True:
+            self._wake = trio.Event()
+            for item in await self.state.call(self.state.due_statuses, time.time()):
+                await self._send(item)
+            pause = await self.state.call(self.state.next_status_at)
+            with trio.move_on_after(min(max(pause - time.time(), 0.05), MAX_PAUSE)
+                                    if pause else MAX_PAUSE):
+                await self._wake.wait()
+
+    async def _send(self, item: dict[str, Any]) -> None:
+        assert self.api is not None
+        body = {k: item[k] for k in ("state", "context", "target_url", "description")}
+        try:
+            await self.api.post_status(item["repo"], item["sha"], body)
+        except EfciError as e:
+            pause = min(2.0 ** item["attempts"], MAX_PAUSE)
+            await self.state.call(self.state.status_failed, item["id"], e.message,
+                                  time.time() + pause)
+            log.warning("run %d: commit status %s for %s not delivered (%s); again in %.0fs",
+                        item["run_id"], item["state"], item["sha"][:12], e.message, pause)
+        else:
+            await self.state.call(self.state.status_delivered, item["id"])
+            log.info("run %d: commit status %s delivered for %s", item["run_id"], item["state"],
+                     item["sha"][:12])
