@@ -127,9 +127,17 @@ def queued(run: dict[str, Any]) -> int:
 def runs(found: list[dict[str, Any]]) -> int:
     table([[str(r["id"]), r["task"], r["status"],
             "-" if r["exit_code"] is None else str(r["exit_code"]),
-            when(r["created_at"]), duration(r), progress(r)] for r in found],
-          ["RUN", "TASK", "STATUS", "EXIT", "CREATED", "TOOK", "PROGRESS"])
+            when(r["created_at"]), duration(r), short_trigger(r["trigger"]), progress(r)]
+           for r in found],
+          ["RUN", "TASK", "STATUS", "EXIT", "CREATED", "TOOK", "BY", "PROGRESS"])
     return 0
+
+
+def short_trigger(t: dict[str, Any]) -> str:
+    """``push main 1a2b3c4d5e6f`` or ``uid 1000``, for a table."""
+    if t.get("kind") == "push":
+        return printable(f"push {t['ref'].removeprefix('refs/heads/')} {t['after'][:12]}")
+    return f"uid {t.get('uid')}"
 
 
 def show(run: dict[str, Any]) -> int:

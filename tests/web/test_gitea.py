@@ -350,3 +350,22 @@ def test_statuses_wait_for_an_api_that_is_down(gitea_api: tuple[Web, GitServer, 
     wait_delivered(web, record["id"], ["success"])
     # The pending one was superseded while Gitea was away: only the result went.
     assert [(g["state"], g["path"].rsplit("/", 1)[1]) for g in recorder.got] == [("success", sha)]
+
+
+def test_lists_say_what_started_each_run(site: tuple[Web, GitServer]) -> None:
+    web, server = site
+    sha = server.commit("site", {"index.html": b"listed\n"}, "listed")
+    wait_for_run(web, 1)
+    listed = web.agent.efci("runs").stdout.decode()
+    assert f"push main {sha[:12]}" in listed
+    token = web.token()
+    conn = http.client.HTTPConnection("127.0.0.1", web.port, timeout=30)
+    conn.request("POST", "/login", body=json.dumps({"token": token}),
+                 headers={"origin": web.url, "content-type": "application/json"})
+    response = conn.getresponse()
+    response.read()
+    cookie = response.getheader("set-cookie", "").split(";")[0]
+    conn.request("GET", "/runs", headers={"cookie": cookie})
+    page = conn.getresponse().read().decode()
+    assert f"push main <code>{sha[:12]}</code>" in page
+    conn.close()
