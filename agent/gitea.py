@@ -16,8 +16,6 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import os
-import stat
 import time
 import urllib.parse
 from pathlib import Path
@@ -27,6 +25,7 @@ import trio
 
 from .errors import EfciError
 from .model import RunStatus
+from .secretfile import read_own
 from .state import StateStore
 
 log = logging.getLogger(__name__)
@@ -45,20 +44,12 @@ class GiteaError(EfciError):
 
 def read_token(path: Path) -> str:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as e:
-        raise GiteaError(f"the Gitea token {path} cannot be read: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077 or st.st_uid != os.geteuid():
-            raise GiteaError(f"the Gitea token {path} must be a file of uid {os.geteuid()} "
-                             f"with mode 0600, not mode {stat.S_IMODE(st.st_mode):04o} of uid "
-                             f"{st.st_uid}")
-        token = os.read(fd, 4096).decode("ascii", "replace").strip()
-    finally:
-        os.close(fd)
-    if not token or any(c.isspace() or not c.isprintable() for c in token):
-        raise GiteaError(f"the Gitea token {path} is empty or not one token")
+        token = read_own(path).decode("ascii", "replace")
+    except OSError as e:  # PermissionError included: it says what is wrong
+        why = f"{path}: {e.strerror}" if e.strerror else str(e)
+        raise GiteaError(f"the Gitea token cannot be used: {why}") from None
+    if any(c.isspace() or not c.isprintable() for c in token):
+        raise GiteaError(f"the Gitea token {path} is not one token")
     return token
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from .. import protocol
 from ..client import RemoteError
 from ..errors import AgentUnreachable
+from ..secretfile import read_own
 from .link import AgentLink
 
 log = logging.getLogger(__name__)
@@ -35,24 +34,6 @@ def refuse(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def read_secret(path: Path) -> bytes:
-    """The secret, if only this user can read it; OSError or PermissionError
-    (with what to do) otherwise."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077 or st.st_uid != os.geteuid():
-            raise PermissionError(f"{path} must be a file of this user's (uid {os.geteuid()}) "
-                                  f"with mode 0600, not mode {stat.S_IMODE(st.st_mode):04o} "
-                                  f"of uid {st.st_uid}")
-        secret = os.read(fd, 4096).strip()
-    finally:
-        os.close(fd)
-    if not secret:
-        raise PermissionError(f"{path} is empty")
-    return secret
-
-
 async def gitea_hook(request: Request, secret_file: Path, link: AgentLink) -> Response:
     length = request.headers.get("content-length", "")
     if length and (not length.isdigit() or int(length) > MAX_BODY):
@@ -63,8 +44,8 @@ async def gitea_hook(request: Request, secret_file: Path, link: AgentLink) -> Re
         if len(body) > MAX_BODY:
             return refuse(413, f"a webhook body is at most {MAX_BODY} bytes")
     try:
-        secret = read_secret(secret_file)
-    except (OSError, PermissionError) as e:
+        secret = read_own(secret_file)
+    except OSError as e:  # PermissionError included
         log.error("a webhook came, but its secret cannot be used: %s", e)
         return refuse(503, "webhooks are not set up on this CI host; its log says why")
     given = request.headers.get("x-gitea-signature", "")
