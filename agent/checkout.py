@@ -23,7 +23,8 @@ from pathlib import Path
 import trio
 
 from .config import AgentConfig
-from .errors import RunFailed
+from .errors import EfciError, RunFailed
+from .gitea import GiteaAPI, repository_on
 from .host.engine import Engine
 from .host.git import (
     HEAD_LINE,
@@ -127,8 +128,9 @@ def checkout_image_tag(base_image: str) -> str:
 
 class Checkouts:
     def __init__(self, cfg: AgentConfig, engine: Engine, state: StateStore, keys: KeyStore,
-                 instance: str) -> None:
+                 instance: str, gitea: GiteaAPI | None = None) -> None:
         self.cfg = cfg
+        self.gitea = gitea
         self.engine = engine
         self.state = state
         self.keys = keys
@@ -172,6 +174,33 @@ class Checkouts:
                     f"the ssh host key of {host[0]} (port {host[1]}) is not pinned for owner "
                     f"{task.owner!r}; pin it with: efci key trust {host[0]} --port {host[1]} "
                     f"--owner {task.owner} (or set checkout.unchecked_host_keys: true)")
+
+    async def verify_commits(self, task: Task, writer: LogWriter) -> None:
+        """Before the first checkout of a literal sha on the agent's Gitea, ask
+        Gitea whether the commit exists, so that a mistyped or unpushed sha
+        fails the run before any container starts.  A Gitea that does not
+        answer only delays the verdict to the checkout itself."""
+        if self.gitea is None:
+            return
+        for repo in task.repositories:
+            on = repository_on(repo.repo_url, self.cfg.gitea_hosts)
+            if repo.mutable or on is None:
+                continue
+            volume = worktree_volume_name(task.owner, repo.entry)
+            if await self.state.call(self.state.worktree_commit, volume) is not None:
+                continue  # checked out before: reused as is
+            try:
+                found = await self.gitea.has_commit(on, repo.revision)
+            except EfciError as e:
+                writer.message(f"{repo.mount_name}: Gitea could not say whether {on} has "
+                               f"commit {repo.revision[:12]} ({e.message}); checking out")
+                continue
+            if not found:
+                raise CheckoutFailed(
+                    f"{repo.mount_name}: Gitea has no commit {repo.revision} in {on} (or "
+                    f"the token may not read it); correct the revision declared at "
+                    f"{task.source}, or push the commit")
+            writer.message(f"{repo.mount_name}: Gitea has commit {repo.revision[:12]} in {on}")
 
     async def prepare(self, run_id: int, task: Task, index: int, repo: Repository,
                       writer: LogWriter) -> Worktree:

@@ -122,6 +122,12 @@ def _parser() -> argparse.ArgumentParser:
         if action == "delete":
             ka.add_argument("--force", action="store_true",
                             help="delete even if declared tasks use it")
+    kr = ks.add_parser("register", help="add the public half to a Gitea repository as a "
+                       "read-only deploy key (needs gitea.api and its token)", parents=[common])
+    kr.add_argument("name")
+    kr.add_argument("--repo", required=True, metavar="OWNER/REPO",
+                    help="the repository as Gitea names it")
+    kr.add_argument("--owner", help=owner_help)
     kl = ks.add_parser("list", help="list key pairs", parents=[common])
     kl.add_argument("--owner", help="only this owner's")
     kt = ks.add_parser("trust", help="pin a git server's ssh host key", parents=[common])
@@ -131,6 +137,11 @@ def _parser() -> argparse.ArgumentParser:
     kt.add_argument("--keys", metavar="FILE", type=Path,
                     help="known_hosts lines to pin (- for stdin), e.g. from the server's "
                          "/etc/ssh/ssh_host_*_key.pub; without it, ssh-keyscan asks the host")
+
+    g = add("gitea", "the Gitea API the agent talks to (efci gitea check)")
+    gs = g.add_subparsers(dest="action", required=True, metavar="ACTION")
+    gs.add_parser("check", help="whether the API answers, whose token the agent holds, and "
+                  "what it may do in each declared repository", parents=[common])
     return p
 
 
@@ -357,11 +368,18 @@ def _key(client: Client, args: argparse.Namespace) -> Shown:
                                else args.keys.read_text())
         return Shown(client.call("key_trust", request), views.trusted)
     request = {"name": args.name, **owner}
+    if args.action == "register":
+        return Shown(client.call("key_register", {**request, "repo": args.repo}),
+                     views.key_registered)
     if args.action == "delete":
         return Shown(client.call("key_delete", {**request, "force": args.force}),
                      views.key_deleted)
     view = views.key_created if args.action == "create" else views.key
     return Shown(client.call(f"key_{args.action}", request), view)
+
+
+def _gitea(client: Client, args: argparse.Namespace) -> Shown:
+    return Shown(client.call("gitea_check"), views.gitea_check)
 
 
 def _web_login(client: Client, args: argparse.Namespace) -> Shown:
@@ -376,5 +394,5 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Shown | int]] = {
     "web-login": _web_login, "web-logout": _web_logout,
     "status": _status, "tasks": _tasks, "reload": _reload, "run": _run, "runs": _runs,
     "show": _show, "logs": _logs, "cancel": _cancel, "key": _key, "images": _images,
-    "image": _image, "restart": _restart, "rm": _rm, "firewall": _firewall,
+    "image": _image, "restart": _restart, "rm": _rm, "firewall": _firewall, "gitea": _gitea,
 }

@@ -91,6 +91,7 @@ class AgentConfig:
     gitea_webhook_secret: Path
     gitea_api: str
     gitea_token: Path
+    gitea_git_hosts: tuple[str, ...]
     deploy_targets: dict[str, DeployTarget] = field(default_factory=dict)
 
     @property
@@ -100,6 +101,14 @@ class AgentConfig:
             return self.web_public_url
         host, port = self.web_listen
         return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    @property
+    def gitea_hosts(self) -> frozenset[str]:
+        """The hosts in repo_urls whose repositories are on the Gitea of ``gitea_api``."""
+        if not self.gitea_api:
+            return frozenset()
+        return frozenset({urllib.parse.urlsplit(self.gitea_api).hostname or "",
+                          *self.gitea_git_hosts})
 
 
 # -- the settings table -------------------------------------------------------
@@ -194,6 +203,12 @@ def _url(node: Node, *, path: bool = False) -> str:
         raise node.error(f"must be http(s)://HOST[:PORT]{'/PATH' if path else ''} with no "
                          f"{'query' if path else 'path'}, not {text!r}")
     return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/') if path else ''}"
+
+
+def _hosts(node: Node) -> tuple[str, ...]:
+    return tuple(item.string(pattern=re.compile(r"[a-z0-9]([a-z0-9.-]{0,252}[a-z0-9])?"),
+                             what="a host name in lower case")
+                 for item in node.sequence())
 
 
 def _public_url(node: Node) -> str:
@@ -293,6 +308,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("gitea.token", "gitea_token", _path, lambda lay: lay.secrets / "gitea/token",
             "{secrets}/gitea/token",
             "A Gitea token for commit statuses: a file only the agent's user reads (0600)."),
+    Setting("gitea.git_hosts", "gitea_git_hosts", _hosts, _const(()), "[]",
+            "Other names of this Gitea in repo_url than the API's host (its ssh name, say)."),
 )
 
 _DEPLOY_HELP = """\

@@ -50,7 +50,8 @@ class Agent:
         self.logs = logs
         self.instance = state.instance()
         self.keys = KeyStore(cfg.secrets_base)
-        self.checkouts = Checkouts(cfg, engine, state, self.keys, self.instance)
+        self.gitea = GiteaAPI(cfg.gitea_api, cfg.gitea_token) if cfg.gitea_api else None
+        self.checkouts = Checkouts(cfg, engine, state, self.keys, self.instance, self.gitea)
         self.mutations = Mutations(cfg, engine, self.instance)
         self.network = TaskNetwork(cfg, engine)
         self.runs = Runs(cfg, engine, state, logs, self.checkouts, self.mutations, self.network,
@@ -60,8 +61,7 @@ class Agent:
         self.docker_version = ""
         self.docker_root: Path | None = None
         self.web: dict[str, Any] | None = None  # efci web's announcement, while it is up
-        api = GiteaAPI(cfg.gitea_api, cfg.gitea_token) if cfg.gitea_api else None
-        self.statuses = StatusSender(state, api)
+        self.statuses = StatusSender(state, self.gitea)
         self.runs.on_end = self.run_ended
 
     # -- Gitea commit statuses ---------------------------------------------------
@@ -97,7 +97,8 @@ class Agent:
         """Re-read conf.d; broken files keep their last good version."""
         parsed = declarations.parse_all(self.cfg.declarations_dir,
                                         default_owner=self.cfg.owner,
-                                        secrets_base=self.cfg.secrets_base)
+                                        secrets_base=self.cfg.secrets_base,
+                                        gitea_api=self.cfg.gitea_api)
         refs = declarations.image_refs(parsed, self.decls)
         present = await self.engine.present_images(refs)
         self.decls = declarations.assemble(parsed, existing_images=present, previous=self.decls)

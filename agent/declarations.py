@@ -268,7 +268,8 @@ def _image_decl(name: str, node: Node, base_dir: Path) -> Image:
 
 # -- files --------------------------------------------------------------------
 
-def parse_file(path: Path, *, default_owner: str, secrets_base: Path) -> FileDeclarations:
+def parse_file(path: Path, *, default_owner: str, secrets_base: Path,
+               gitea_api: str = "") -> FileDeclarations:
     """Parse one declaration file; raises ConfigError for the first problem."""
     root = load_file(path)
     out = FileDeclarations(str(path))
@@ -300,7 +301,7 @@ def parse_file(path: Path, *, default_owner: str, secrets_base: Path) -> FileDec
                     f"{path}:{top['secrets_base'].line}: secrets_base {declared} is ignored; "
                     f"the agent's secrets store is {secrets_base} (agent.yml paths.secrets)")
         if "gitea_api_base" in top:
-            top["gitea_api_base"].string()  # accepted for the experiment; not used yet
+            _gitea_api_base(top["gitea_api_base"], gitea_api, out)
         return out
 
     for key in ("checkout", "secrets_base", "gitea_api_base"):
@@ -318,6 +319,22 @@ def parse_file(path: Path, *, default_owner: str, secrets_base: Path) -> FileDec
             fields = node.mapping(required={"image"}, optional=TASK_KEYS)
             out.tasks[name] = _task(name, owner, node, fields, ((), False))
     return out
+
+
+def _gitea_api_base(node: Node, gitea_api: str, out: FileDeclarations) -> None:
+    """The experiment's ``gitea_api_base`` is agent.yml's ``gitea.api``: the
+    token goes only to the API the administrator configured, so a file that
+    names another one is refused rather than checked against the wrong server."""
+    declared = node.string().rstrip("/")
+    if not gitea_api:
+        out.warnings.append(
+            f"{node.file}:{node.line}: gitea_api_base {declared} is not used: this agent has "
+            f"no Gitea API; set gitea.api: {declared} in agent.yml (and the token) to verify "
+            "literal shas and send commit statuses")
+    elif declared != gitea_api:
+        raise node.error(f"gitea_api_base {declared!r} is not this agent's Gitea API "
+                         f"{gitea_api!r} (gitea.api in agent.yml); make them equal or remove "
+                         "the line")
 
 
 @dataclass
@@ -355,8 +372,8 @@ def _not_a_declaration(path: Path, directory: Path) -> FileDeclarations | Config
     return None
 
 
-def parse_all(directory: Path, *, default_owner: str,
-              secrets_base: Path) -> dict[str, FileDeclarations | ConfigError]:
+def parse_all(directory: Path, *, default_owner: str, secrets_base: Path,
+              gitea_api: str = "") -> dict[str, FileDeclarations | ConfigError]:
     """Every file's parse, or its error."""
     results: dict[str, FileDeclarations | ConfigError] = {}
     for path in declaration_files(directory):
@@ -366,7 +383,7 @@ def parse_all(directory: Path, *, default_owner: str,
             continue
         try:
             results[str(path)] = parse_file(path, default_owner=default_owner,
-                                            secrets_base=secrets_base)
+                                            secrets_base=secrets_base, gitea_api=gitea_api)
         except ConfigError as e:
             results[str(path)] = e
     return results

@@ -1,4 +1,6 @@
-"""Gitea's API, as the agent uses it: commit statuses, sent from an outbox.
+"""Gitea's API, as the agent uses it: commit statuses sent from an outbox,
+literal shas checked before their first checkout, deploy keys registered,
+and what ``efci gitea check`` asks.
 
 A status to send is written to the state store first (the outbox) and
 sent in the background, retried with growing pauses until Gitea takes it,
@@ -27,6 +29,7 @@ from .errors import EfciError
 from .model import RunStatus
 from .secretfile import read_own
 from .state import StateStore
+from .triggers import repo_key
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,20 @@ def read_token(path: Path) -> str:
     return token
 
 
+def repository_on(url: str, hosts: frozenset[str]) -> str | None:
+    """"owner/name" of a repository URL served by this Gitea (its host is
+    one of ``hosts``), else None."""
+    key = repo_key(url)
+    if key is None or key[0] not in hosts or key[1].count("/") != 1:
+        return None
+    return key[1]
+
+
+def _repo_path(repo: str) -> str:
+    owner, _, name = repo.partition("/")
+    return f"/repos/{urllib.parse.quote(owner, safe='')}/{urllib.parse.quote(name, safe='')}"
+
+
 class GiteaAPI:
     def __init__(self, base: str, token_file: Path) -> None:
         self.base = base.rstrip("/")
@@ -70,7 +87,8 @@ class GiteaAPI:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
         try:
-            conn.request(method, url.path, body=data, headers=headers)
+            conn.request(method, url.path + (f"?{url.query}" if url.query else ""), body=data,
+                         headers=headers)
             response = conn.getresponse()
             return response.status, response.read(1 << 20)
         except OSError as e:
@@ -78,14 +96,68 @@ class GiteaAPI:
         finally:
             conn.close()
 
+    async def call(self, method: str, path: str, body: dict[str, Any] | None = None, *,
+                   expect: tuple[int, ...] = (200,)) -> tuple[int, Any]:
+        """(status, JSON answer); GiteaError for a status not in ``expect``."""
+        status, answer = await trio.to_thread.run_sync(self._request, method, path, body)
+        if status not in expect:
+            raise GiteaError(f"Gitea answered {status} to {method} {path}: {_said(answer)}")
+        try:
+            return status, json.loads(answer) if answer else None
+        except ValueError:
+            raise GiteaError(f"Gitea's answer to {method} {path} is not JSON") from None
+
     async def post_status(self, repo: str, sha: str, body: dict[str, Any]) -> None:
-        owner, _, name = repo.partition("/")
-        path = (f"/repos/{urllib.parse.quote(owner, safe='')}/"
-                f"{urllib.parse.quote(name, safe='')}/statuses/{sha}")
-        status, answer = await trio.to_thread.run_sync(self._request, "POST", path, body)
-        if status != 201:
-            raise GiteaError(f"Gitea answered {status} to a commit status: "
-                             f"{answer[:200].decode('utf-8', 'replace')}")
+        await self.call("POST", f"{_repo_path(repo)}/statuses/{sha}", body, expect=(201,))
+
+    async def has_commit(self, repo: str, sha: str) -> bool:
+        """Whether ``repo`` has commit ``sha`` (as far as the token may see)."""
+        status, _ = await self.call(
+            "GET", f"{_repo_path(repo)}/git/commits/{sha}?stat=false&verification=false"
+            "&files=false", expect=(200, 404))
+        return status == 200
+
+    async def add_deploy_key(self, repo: str, title: str, public_key: str) -> dict[str, Any]:
+        _, key = await self.call("POST", f"{_repo_path(repo)}/keys",
+                                 {"title": title, "key": public_key, "read_only": True},
+                                 expect=(201,))
+        return key if isinstance(key, dict) else {}
+
+    async def deploy_keys(self, repo: str, fingerprint: str) -> list[dict[str, Any]]:
+        _, keys = await self.call("GET", f"{_repo_path(repo)}/keys?fingerprint="
+                                  + urllib.parse.quote(fingerprint, safe=""))
+        return [k for k in keys if isinstance(k, dict)] if isinstance(keys, list) else []
+
+    async def check(self, repos: list[str]) -> dict[str, Any]:
+        """What ``efci gitea check`` reports: whether the API answers, whose
+        token this is, and per repository what the token may do there."""
+        report: dict[str, Any] = {"api": self.base, "repositories": {}}
+        _, version = await self.call("GET", "/version")
+        report["version"] = (version or {}).get("version", "")
+        status, user = await self.call("GET", "/user", expect=(200, 401, 403))
+        if status == 401:
+            raise GiteaError(f"Gitea at {self.base} refuses the token {self.token_file} "
+                             f"(401: {_said(json.dumps(user).encode())})")
+        report["user"] = user.get("login", "") if status == 200 else None
+        for repo in repos:
+            status, found = await self.call("GET", _repo_path(repo), expect=(200, 403, 404))
+            permissions = found.get("permissions") or {} if status == 200 else {}
+            report["repositories"][repo] = {
+                "found": status == 200,
+                "read": bool(permissions.get("pull")),
+                "statuses": bool(permissions.get("push")),  # commit statuses need write
+                "deploy_keys": bool(permissions.get("admin")),
+            }
+        return report
+
+
+def _said(answer: bytes) -> str:
+    """Gitea's own message from an error answer, else its first bytes."""
+    try:
+        message = json.loads(answer).get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return str(message) if message else answer[:200].decode("utf-8", "replace")
 
 
 class StatusSender:

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import trio
 
 from . import __version__, protocol, triggers
 from .errors import Conflict, EfciError, NotFound, Refused, RequestError
+from .gitea import repository_on
 from .images import image_tag
 from .keys import KeyInfo
 from .logstore import bounded, records_with_skip
@@ -49,6 +51,9 @@ Handler = Callable[..., Awaitable[object]]
 # Log bytes read per batch for a follower: what a reader that stops reading
 # holds in the agent (each of 50 stalled web viewers included).
 STREAM_BATCH = 128 << 10
+
+# A repository as Gitea names it: OWNER/NAME of letters, digits, '-', '_', '.'.
+GITEA_REPO = re.compile(r"[A-Za-z0-9_.-]{1,100}/[A-Za-z0-9_.-]{1,100}")
 
 
 @dataclass(frozen=True)
@@ -339,27 +344,29 @@ async def firewall_remove(agent: Agent, call: Call) -> object:
 
 # -- deploy keys (the private half never crosses the socket) --------------------------
 
-def _key_wire(agent: Agent, key: KeyInfo) -> dict[str, Any]:
+async def _key_wire(agent: Agent, key: KeyInfo) -> dict[str, Any]:
     return {"owner": key.owner, "name": key.name, "public_key": key.public_key,
             "fingerprint": key.fingerprint, "created_at": key.created_at,
-            "used_by": agent.tasks_using_key(key.owner, key.name)}
+            "used_by": agent.tasks_using_key(key.owner, key.name),
+            "registered": await agent.state.call(agent.state.key_registrations, key.owner,
+                                                 key.name, key.fingerprint)}
 
 
 @op
 async def key_create(agent: Agent, call: Call, *, name: str, owner: str | None = None) -> object:
     key = await agent.keys.create(owner or agent.cfg.owner, name)
     log.info("created deploy key %s/%s (%s)", key.owner, key.name, key.fingerprint)
-    return _key_wire(agent, key)
+    return await _key_wire(agent, key)
 
 
 @op
 async def key_list(agent: Agent, call: Call, *, owner: str | None = None) -> object:
-    return [_key_wire(agent, k) for k in await agent.keys.all(owner)]
+    return [await _key_wire(agent, k) for k in await agent.keys.all(owner)]
 
 
 @op
 async def key_show(agent: Agent, call: Call, *, name: str, owner: str | None = None) -> object:
-    return _key_wire(agent, await agent.keys.info(owner or agent.cfg.owner, name))
+    return await _key_wire(agent, await agent.keys.info(owner or agent.cfg.owner, name))
 
 
 @op
@@ -372,8 +379,39 @@ async def key_delete(agent: Agent, call: Call, *, name: str, owner: str | None =
                        f"{'s' if len(users) > 1 else ''} {', '.join(users)}; "
                        "give --force to delete it anyway")
     agent.keys.delete(owner, name)
+    registered = await agent.state.call(agent.state.drop_key_registrations, owner, name)
     log.info("deleted deploy key %s/%s%s", owner, name, " (forced)" if users else "")
-    return {"owner": owner, "name": name, "was_used_by": users}
+    return {"owner": owner, "name": name, "was_used_by": users,
+            "still_on_gitea": registered}
+
+
+@op
+async def key_register(agent: Agent, call: Call, *, name: str, repo: str,
+                       owner: str | None = None) -> object:
+    """Add a key's public half to a Gitea repository as a read-only deploy
+    key, once: a key already there (same fingerprint) is only recorded."""
+    owner = owner or agent.cfg.owner
+    if agent.gitea is None:
+        raise Refused("this agent has no Gitea API: set gitea.api in agent.yml and put a "
+                      f"token in {agent.cfg.gitea_token} first")
+    if not GITEA_REPO.fullmatch(repo) or ".." in repo:
+        raise RequestError(f"repo: {repo[:200]!r} is not OWNER/REPOSITORY as Gitea names it")
+    key = await agent.keys.info(owner, name)
+    there = [k for k in await agent.gitea.deploy_keys(repo, key.fingerprint)
+             if k.get("fingerprint") == key.fingerprint]
+    if there:
+        found, added = there[0], False
+    else:
+        title = f"efci {owner}/{name} ({socket.gethostname()})"
+        found, added = await agent.gitea.add_deploy_key(repo, title, key.public_key), True
+    if not isinstance(found.get("id"), int):
+        raise EfciError(f"Gitea's answer names no deploy key id: {str(found)[:200]}")
+    await agent.state.call(agent.state.add_key_registration, owner, name, key.fingerprint,
+                           repo, found["id"])
+    log.info("deploy key %s/%s %s %s as key %d", owner, name,
+             "registered on" if added else "was already on", repo, found["id"])
+    return {"owner": owner, "name": name, "repo": repo, "gitea_id": found["id"],
+            "added": added, "read_only": found.get("read_only", True)}
 
 
 @op
@@ -392,6 +430,18 @@ async def key_trust(agent: Agent, call: Call, *, host: str, port: int = 22,
 
 
 # -- Gitea ------------------------------------------------------------------------------
+
+@op
+async def gitea_check(agent: Agent, call: Call) -> object:
+    """Whether Gitea's API answers, whose token the agent holds, and what it
+    may do in each declared repository on that Gitea."""
+    if agent.gitea is None:
+        raise Refused("this agent has no Gitea API: set gitea.api in agent.yml (see "
+                      "efci-agent.yml(5))")
+    repos = sorted({on for t in agent.decls.tasks.values() for r in t.repositories
+                    if (on := repository_on(r.repo_url, agent.cfg.gitea_hosts))})
+    return await agent.gitea.check(repos)
+
 
 @op
 async def push(agent: Agent, call: Call, *, delivery: str, repository: str, ssh_url: str,

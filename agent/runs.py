@@ -342,8 +342,9 @@ class Runs:
     # -- recovery ---------------------------------------------------------------------
 
     async def recover(self) -> None:
-        """Finish the records of runs a previous agent left unfinished, sweep
-        their deploy targets, and unmount what it left mounted."""
+        """Finish the records of runs a previous agent left unfinished (and
+        tell ``on_end``), sweep their deploy targets, and unmount what it
+        left mounted."""
         for record in await self.state.call(self.state.unfinished_runs):
             status, fields = await self._settle(record)
             fields["finished_at"] = time.time()
@@ -351,6 +352,8 @@ class Runs:
             self._close_log_of_recovered(record.id, status, fields)
             log.warning("recovered run %d: %s (%s)", record.id, status.value, fields["error"])
             task = task_from_wire(await self.state.call(self.state.run_declaration, record.id))
+            if self.on_end is not None:  # a pushed run's commit status, say
+                await self.on_end(record.id, task, status)
             try:
                 targets = deploy_targets(self.cfg, task)
             except EfciError:
@@ -494,6 +497,7 @@ class Runs:
         binds = []
         if run.attempt == 1:
             self.checkouts.check(run.task)
+            await self.checkouts.verify_commits(run.task, writer)
             binds = host_mounts(self.cfg, run.task)
         targets = [t.path for t in deploy_targets(self.cfg, run.task)]
         for path in targets:

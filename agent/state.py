@@ -116,6 +116,17 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX statuses_due ON statuses (next_at) WHERE delivered_at IS NULL AND superseded = 0;
     """,
+    """
+    CREATE TABLE key_registrations (
+        owner TEXT NOT NULL,
+        name TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        repo TEXT NOT NULL,
+        gitea_id INTEGER NOT NULL,
+        registered_at REAL NOT NULL,
+        PRIMARY KEY (owner, name, repo)
+    );
+    """,
 )
 
 
@@ -295,6 +306,28 @@ class StateStore:
             " attempts, last_error, superseded FROM statuses WHERE run_id = ? ORDER BY id",
             (run_id,))
         return [{**dict(r), "superseded": bool(r["superseded"])} for r in rows]
+
+    # -- deploy keys registered on Gitea ----------------------------------------------
+
+    def add_key_registration(self, owner: str, name: str, fingerprint: str, repo: str,
+                             gitea_id: int) -> None:
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO key_registrations VALUES (?, ?, ?, ?, ?, ?)",
+                             (owner, name, fingerprint, repo, gitea_id, time.time()))
+
+    def key_registrations(self, owner: str, name: str, fingerprint: str) -> list[dict[str, Any]]:
+        """Where this key (these very bytes: a key made again under the same
+        name is not registered anywhere yet) is a deploy key."""
+        rows = self._db.execute(
+            "SELECT repo, gitea_id, registered_at FROM key_registrations WHERE owner = ? AND"
+            " name = ? AND fingerprint = ? ORDER BY repo", (owner, name, fingerprint))
+        return [dict(r) for r in rows]
+
+    def drop_key_registrations(self, owner: str, name: str) -> list[str]:
+        with self._transaction():
+            rows = self._db.execute("DELETE FROM key_registrations WHERE owner = ? AND name = ?"
+                                    " RETURNING repo", (owner, name)).fetchall()
+        return sorted(r["repo"] for r in rows)
 
     def first_delivery(self, delivery: str) -> bool:
         """Record a webhook delivery; False if it was seen before (a replay)."""

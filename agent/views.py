@@ -229,8 +229,39 @@ def firewall_remove(result: dict[str, Any]) -> int:
 def key(found: dict[str, Any]) -> int:
     used = ", ".join(found["used_by"]) or "no declared task"
     print(f"# {found['owner']}/{found['name']}  {found['fingerprint']}  used by {used}")
+    for r in found["registered"]:
+        print(f"# a read-only deploy key of {r['repo']} on Gitea (key {r['gitea_id']}, "
+              f"since {when(r['registered_at'])})")
     print(found["public_key"])
     return 0
+
+
+def key_registered(result: dict[str, Any]) -> int:
+    what = "is now" if result["added"] else "already was"
+    access = "read-only" if result["read_only"] else "READ-WRITE (change it in Gitea)"
+    print(f"{result['owner']}/{result['name']} {what} a {access} deploy key of "
+          f"{result['repo']} on Gitea (key {result['gitea_id']})")
+    return 0
+
+
+def gitea_check(report: dict[str, Any]) -> int:
+    user = report["user"]
+    print(f"Gitea {report['version'] or '(version not said)'} answers at {report['api']}")
+    print(f"the token is {user}'s" if user else
+          "the token is accepted; whose it is needs the read:user scope")
+    if not report["repositories"]:
+        print("no declared task checks out a repository on this Gitea")
+    yes = {True: "yes", False: "no"}
+    rows = [[repo, yes[r["found"]], yes[r["read"]], yes[r["statuses"]], yes[r["deploy_keys"]]]
+            for repo, r in report["repositories"].items()]
+    if rows:
+        table(rows, ["REPOSITORY", "FOUND", "LITERAL SHAS", "COMMIT STATUSES", "DEPLOY KEYS"])
+    missing = [repo for repo, r in report["repositories"].items()
+               if not (r["read"] and r["statuses"])]
+    for repo in missing:
+        print(f"the token's user needs write access to {repo} for its commit statuses",
+              file=sys.stderr)
+    return 1 if missing else 0
 
 
 def key_created(found: dict[str, Any]) -> int:
@@ -248,6 +279,9 @@ def keys(found: list[dict[str, Any]]) -> int:
 
 def key_deleted(result: dict[str, Any]) -> int:
     print(f"deleted key {result['owner']}/{result['name']}")
+    for repo in result["still_on_gitea"]:
+        print(f"its public half is still a deploy key of {repo} on Gitea; remove it there "
+              "(Settings > Deploy Keys)", file=sys.stderr)
     return 0
 
 

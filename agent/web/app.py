@@ -292,6 +292,14 @@ async def key_delete(web: Web, request: Request) -> Response:
     return web.done(request, found, "/keys")
 
 
+async def key_register(web: Web, request: Request) -> Response:
+    _, fields = await web.changing(request)
+    found = await web.link.call("key_register", name=str(fields.get("name", "")),
+                                repo=str(fields.get("repo", "")),
+                                owner=str(fields.get("owner") or "") or None)
+    return web.done(request, found, "/keys")
+
+
 async def key_scan(web: Web, request: Request) -> Response:
     session, fields = await web.changing(request)
     found = await web.link.call("key_scan", host=str(fields.get("host", "")),
@@ -549,6 +557,7 @@ def make_app(cfg: AgentConfig, link: AgentLink) -> Starlette:
         *route("/keys", keys_page),
         *route("/keys", key_create, ("POST",)),
         *route("/keys/delete", key_delete, ("POST",)),
+        *route("/keys/register", key_register, ("POST",)),
         *route("/keys/scan", key_scan, ("POST",)),
         *route("/keys/trust", key_trust, ("POST",)),
         *route("/images", images_page),

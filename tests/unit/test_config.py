@@ -53,7 +53,8 @@ def test_example_is_complete_and_loads_to_the_defaults(tmp_path: Path) -> None:
         "runs.terminal_size", "limits.memory", "limits.pids", "network.name",
         "network.bridge", "network.subnet", "network.blocked", "network.checkout",
         "network.git_endpoints", "web.listen", "web.public_url", "web.session_lifetime",
-        "web.login_lifetime", "gitea.webhook_secret", "gitea.api", "gitea.token"}
+        "web.login_lifetime", "gitea.webhook_secret", "gitea.api", "gitea.token",
+        "gitea.git_hosts"}
     loaded = config.load(layout, write(tmp_path, text))
     assert {**loaded.__dict__, "source": ""} == {**config.defaults(layout).__dict__, "source": ""}
 
@@ -89,6 +90,8 @@ deploy_targets:
      "IP address"),
     ("network:\n  git_endpoints: ['10.0.0.1:99999']\n", 2, "network.git_endpoints[0]",
      "ADDRESS:PORT"),
+    ("gitea:\n  git_hosts: [Git.Example.org]\n", 2, "gitea.git_hosts[0]", "lower case"),
+    ("gitea:\n  api: gitea.example.org\n", 2, "gitea.api", "http(s)://"),
 ])
 def test_bad_agent_yml(tmp_path: Path, text: str, line: int, field: str, words: str) -> None:
     path = write(tmp_path, text)
@@ -103,3 +106,12 @@ def test_missing_default_file_means_defaults_but_named_file_must_exist(tmp_path:
     assert config.load(layout).source == "(defaults)"
     with pytest.raises(ConfigError, match="cannot read"):
         config.load(layout, tmp_path / "nope.yml")
+
+
+def test_the_gitea_hosts_are_the_apis_unless_named(tmp_path: Path) -> None:
+    layout = config.Layout.under(tmp_path)
+    assert config.defaults(layout).gitea_hosts == frozenset()
+    api = "gitea:\n  api: https://gitea.example.org/api/v1\n"
+    assert config.load(layout, write(tmp_path, api)).gitea_hosts == {"gitea.example.org"}
+    named = config.load(layout, write(tmp_path, api + "  git_hosts: [git.example.org]\n"))
+    assert named.gitea_hosts == {"gitea.example.org", "git.example.org"}

@@ -27,9 +27,12 @@ def test_our_copy_of_the_experiment_config_is_unchanged() -> None:
     assert (DATA / "experiment-01/rsync-publish.yml").read_bytes() == seed.read_bytes()
 
 
+EXPERIMENT_API = "https://gitea.efforting.tech/api/v1"
+
+
 def test_the_experiment_config_loads_as_a_task() -> None:
     decl = d.parse_file(DATA / "experiment-01/rsync-publish.yml", default_owner="local",
-                        secrets_base=SECRETS)
+                        secrets_base=SECRETS, gitea_api=EXPERIMENT_API)
     task = decl.tasks["rsync-publish"]
     assert task.owner == "mikael-lovqvist" and task.image == "ci-rsync"
     assert task.deploy_targets == ("/srv/sites.efforting.tech",)
@@ -40,6 +43,19 @@ def test_the_experiment_config_loads_as_a_task() -> None:
                           "revision": "main", "mutable": True, "key": "websperiments-deploy",
                           "submodules": False}
     assert decl.warnings == []
+
+
+def test_the_experiments_gitea_api_base_is_agent_yml_s_gitea_api() -> None:
+    """It maps onto gitea.api: unset there, a warning says what to set;
+    another API is refused at its line, since the token goes only to gitea.api."""
+    path = DATA / "experiment-01/rsync-publish.yml"
+    (warning,) = d.parse_file(path, default_owner="local", secrets_base=SECRETS).warnings
+    assert warning.startswith(f"{path}:7: gitea_api_base {EXPERIMENT_API} is not used")
+    assert f"set gitea.api: {EXPERIMENT_API} in agent.yml" in warning
+    with pytest.raises(ConfigError) as e:
+        d.parse_file(path, default_owner="local", secrets_base=SECRETS,
+                     gitea_api="https://elsewhere.example/api/v1")
+    assert e.value.line == 7 and "not this agent's Gitea API" in e.value.message
 
 
 def test_general_form(tmp_path: Path) -> None:

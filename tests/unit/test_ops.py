@@ -69,6 +69,7 @@ COMMAND_LINES = [
     ["restart", "1"], ["rm", "1"], ["firewall", "status"], ["firewall", "probe"],
     ["firewall", "remove"], ["key", "create", "k"], ["key", "show", "k", "--owner", "o"],
     ["key", "delete", "k", "--force"], ["key", "list"], ["key", "trust", "h", "--port", "2222"],
+    ["key", "register", "k", "--repo", "alice/site"], ["gitea", "check"],
     ["web-login"], ["web-logout", "--all"],
 ]
 

@@ -98,3 +98,13 @@ def test_on_is_validated(tmp_path: Path) -> None:
     errors = declarations.assemble(parsed, existing_images={"efci/base:bookworm"},
                                    previous=None).errors
     assert any("on.push.branches[0]" in e and "'..'" in e for e in errors.values()), errors
+
+
+def test_a_repository_is_giteas_when_its_host_is_one_of_giteas_names() -> None:
+    from agent.gitea import repository_on
+    hosts = frozenset({"gitea.example.org", "git.example.org"})
+    assert repository_on("git@git.example.org:Alice/Site.git", hosts) == "alice/site"
+    assert repository_on("ssh://git@gitea.example.org:2222/alice/site", hosts) == "alice/site"
+    assert repository_on("git@github.com:alice/site.git", hosts) is None
+    assert repository_on("ssh://git@git.example.org/alice/group/site.git", hosts) is None
+    assert repository_on("git@git.example.org:alice/site.git", frozenset()) is None
