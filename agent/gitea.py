@@ -58,11 +58,12 @@ def read_token(path: Path) -> str:
 
 def repository_on(url: str, hosts: frozenset[str]) -> str | None:
     """"owner/name" of a repository URL served by this Gitea (its host is
-    one of ``hosts``), else None."""
+    one of ``hosts``), else None: the URL's last two path components, since
+    Gitea's URLs end in owner/name(.git), after its sub-path if it has one."""
     key = repo_key(url)
-    if key is None or key[0] not in hosts or key[1].count("/") != 1:
+    if key is None or key[0] not in hosts or "/" not in key[1]:
         return None
-    return key[1]
+    return "/".join(key[1].split("/")[-2:])
 
 
 def _repo_path(repo: str) -> str:

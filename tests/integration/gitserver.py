@@ -43,12 +43,14 @@ def git(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) 
 
 
 class GitServer:
-    def __init__(self, root: Path, address: str = "127.0.0.1") -> None:
+    def __init__(self, root: Path, address: str = "127.0.0.1", owner: str = "repos") -> None:
+        """Repositories live in ROOT/OWNER, so that URLs end in OWNER/NAME.git
+        as Gitea's do."""
         self.root = root
         self.address = address
         self.port = free_port(address)
         self.sshd_dir = root / "sshd"
-        self.repos = root / "repos"
+        self.repos = root / owner
         self.sshd_dir.mkdir(parents=True)
         self.repos.mkdir()
         self.host_key = self.sshd_dir / "host_key"

@@ -106,5 +106,6 @@ def test_a_repository_is_giteas_when_its_host_is_one_of_giteas_names() -> None:
     assert repository_on("git@git.example.org:Alice/Site.git", hosts) == "alice/site"
     assert repository_on("ssh://git@gitea.example.org:2222/alice/site", hosts) == "alice/site"
     assert repository_on("git@github.com:alice/site.git", hosts) is None
-    assert repository_on("ssh://git@git.example.org/alice/group/site.git", hosts) is None
+    assert repository_on("https://gitea.example.org/sub/alice/site.git", hosts) == "alice/site"
+    assert repository_on("ssh://git@git.example.org/site.git", hosts) is None
     assert repository_on("git@git.example.org:alice/site.git", frozenset()) is None

@@ -9,13 +9,14 @@ import hmac
 import http.client
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
-import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ import pytest
 from tests.integration.conftest import BASE_IMAGE
 from tests.integration.gitserver import GitServer, git
 
-from .conftest import Web, free_port
+from .conftest import Web
+from .fake_gitea import FakeGitea
 
 pytestmark = pytest.mark.integration
 
@@ -79,6 +81,17 @@ def payload(ref: str = "refs/heads/main", after: str = "b" * 40,
                                       "clone_url": ""}}).encode()
 
 
+def login(web: Web) -> str:
+    """A session cookie, as a browser gets it from a one-time login URL."""
+    conn = http.client.HTTPConnection("127.0.0.1", web.port, timeout=30)
+    conn.request("POST", "/login", body=json.dumps({"token": web.token()}),
+                 headers={"origin": web.url, "content-type": "application/json"})
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    return response.getheader("set-cookie", "").split(";")[0]
+
+
 def runs(web: Web) -> list[dict[str, Any]]:
     return json.loads(web.agent.efci("--json", "runs").stdout)  # type: ignore[no-any-return]
 
@@ -87,7 +100,7 @@ def runs(web: Web) -> list[dict[str, Any]]:
 def site(web: Web, tmp_path: Path) -> Iterator[tuple[Web, GitServer]]:
     """The git server with repository site (main), a task that a push to main
     starts, and the hook that tells the web page of each push."""
-    server = GitServer(tmp_path / "git")
+    server = GitServer(tmp_path / "git", owner="alice")
     server.start()
     volumes: list[str] = []
     try:
@@ -253,54 +266,25 @@ def test_a_newer_push_replaces_a_run_still_queued(hooked: Web) -> None:
         web.agent.efci("cancel", str(blocker), check=False)
 
 
-class Recorder:
-    """Gitea's API as far as commit statuses go: records each POST."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.got: list[dict[str, Any]] = []
-        self.server: ThreadingHTTPServer | None = None
-
-    def start(self) -> None:
-        recorder = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                recorder.got.append({"path": self.path, "auth": self.headers["authorization"],
-                                     **body})
-                self.send_response(201)
-                self.send_header("content-type", "application/json")
-                self.end_headers()
-                self.wfile.write(b"{}")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-
-
 @pytest.fixture
-def gitea_api(site: tuple[Web, GitServer]) -> Iterator[tuple[Web, GitServer, Recorder]]:
+def gitea_api(site: tuple[Web, GitServer]) -> Iterator[tuple[Web, GitServer, FakeGitea]]:
+    """The agent set up with a token and an API: Prism in front of a fake
+    Gitea, not yet started (the tests start it, or leave it down)."""
     web, server = site
-    recorder = Recorder(free_port())
+    fake = FakeGitea(web.agent.root / "prism.log")
     token = web.agent.root / "secrets/gitea/token"
     token.parent.mkdir(parents=True, exist_ok=True)
     token.write_text("t0ken\n")
     token.chmod(0o600)
     web.agent.stop()
-    web.configure(f"gitea:\n  api: http://127.0.0.1:{recorder.port}/api/v1\n")
+    web.configure(f"gitea:\n  api: {fake.url}\n")
     web.agent.start()
     try:
-        yield web, server, recorder
+        yield web, server, fake
     finally:
-        recorder.stop()
+        fake.stop()
+    assert fake.violations() == [], "Prism found requests or answers off the spec"
+    assert all(g["auth"] == "token t0ken" for g in fake.got)
 
 
 def wait_delivered(web: Web, run: int, states: list[str], timeout: float = 60) -> dict[str, Any]:
@@ -315,28 +299,28 @@ def wait_delivered(web: Web, run: int, states: list[str], timeout: float = 60) -
 
 
 def test_a_pushed_run_reports_pending_then_success_on_its_commit(
-        gitea_api: tuple[Web, GitServer, Recorder]) -> None:
-    web, server, recorder = gitea_api
-    recorder.start()
+        gitea_api: tuple[Web, GitServer, FakeGitea]) -> None:
+    web, server, fake = gitea_api
+    fake.start()
     sha = server.commit("site", {"index.html": b"third\n"}, "third")
     record = wait_for_run(web, 1)
     assert record["status"] == "succeeded"
     wait_delivered(web, record["id"], ["pending", "success"])
-    assert [(g["path"], g["state"]) for g in recorder.got] == [
-        (f"/api/v1/repos/alice/site/statuses/{sha}", "pending"),
-        (f"/api/v1/repos/alice/site/statuses/{sha}", "success")]
-    final = recorder.got[-1]
-    assert final["auth"] == "token t0ken"
+    assert [(g["path"], g["body"]["state"]) for g in fake.statuses()] == [
+        (f"/repos/alice/site/statuses/{sha}", "pending"),
+        (f"/repos/alice/site/statuses/{sha}", "success")]
+    final = fake.statuses()[-1]["body"]
     assert final["context"] == "efci/alice/site"
     assert final["target_url"] == f"{web.url}/runs/{record['id']}"
     assert final["description"].startswith("succeeded in ")
     assert "commit status:  success on" in web.agent.efci("show", str(record["id"])).stdout.decode()
 
 
-def test_statuses_wait_for_an_api_that_is_down(gitea_api: tuple[Web, GitServer, Recorder]) -> None:
+def test_statuses_wait_for_an_api_that_is_down(
+        gitea_api: tuple[Web, GitServer, FakeGitea]) -> None:
     """The run is not delayed; its status is sent when Gitea answers again,
     and the stale pending one is never sent after the result."""
-    web, server, recorder = gitea_api
+    web, server, fake = gitea_api
     sha = server.commit("site", {"index.html": b"fourth\n"}, "fourth")
     record = wait_for_run(web, 1)
     assert record["status"] == "succeeded"
@@ -346,10 +330,11 @@ def test_statuses_wait_for_an_api_that_is_down(gitea_api: tuple[Web, GitServer, 
         assert time.monotonic() < deadline
         time.sleep(0.2)
     assert "not delivered yet" in web.agent.efci("show", str(record["id"])).stdout.decode()
-    recorder.start()
+    fake.start()
     wait_delivered(web, record["id"], ["success"])
     # The pending one was superseded while Gitea was away: only the result went.
-    assert [(g["state"], g["path"].rsplit("/", 1)[1]) for g in recorder.got] == [("success", sha)]
+    assert [(g["body"]["state"], g["path"].rsplit("/", 1)[1]) for g in fake.statuses()] == [
+        ("success", sha)]
 
 
 def test_lists_say_what_started_each_run(site: tuple[Web, GitServer]) -> None:
@@ -358,14 +343,153 @@ def test_lists_say_what_started_each_run(site: tuple[Web, GitServer]) -> None:
     wait_for_run(web, 1)
     listed = web.agent.efci("runs").stdout.decode()
     assert f"push main {sha[:12]}" in listed
-    token = web.token()
     conn = http.client.HTTPConnection("127.0.0.1", web.port, timeout=30)
-    conn.request("POST", "/login", body=json.dumps({"token": token}),
-                 headers={"origin": web.url, "content-type": "application/json"})
-    response = conn.getresponse()
-    response.read()
-    cookie = response.getheader("set-cookie", "").split(";")[0]
-    conn.request("GET", "/runs", headers={"cookie": cookie})
+    conn.request("GET", "/runs", headers={"cookie": login(web)})
     page = conn.getresponse().read().decode()
     assert f"push main <code>{sha[:12]}</code>" in page
     conn.close()
+
+
+def test_the_contract_validator_refuses_what_the_spec_does(tmp_path: Path) -> None:
+    """Prism itself: a status whose state Gitea does not know, or one sent
+    without a token, never reaches the fake, and is reported."""
+    fake = FakeGitea(tmp_path / "prism.log")
+    fake.start()
+    try:
+        for headers in ({"authorization": "token t"}, {}):
+            conn = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=30)
+            conn.request("POST", f"/repos/alice/site/statuses/{'a' * 40}",
+                         body=json.dumps({"state": "bogus", "context": "c"}),
+                         headers={"content-type": "application/json", **headers})
+            assert conn.getresponse().status in (401, 422)
+            conn.close()
+    finally:
+        fake.stop()
+    assert fake.got == [] and len(fake.violations()) == 2
+
+
+def pinned_task(web: Web, server: GitServer, sha: str) -> None:
+    entry = {"repo_url": server.url("site"), "revision": sha, "mutable": False,
+             "key": "deploy", "submodules": False}
+    web.agent.declare("pinned.yml", json.dumps({"owner": "alice", "tasks": {"pinned": {
+        "image": BASE_IMAGE, "checkout": {"repositories": [entry]},
+        "command": ["cat", "/src/site/index.html"]}}}))
+    web.agent.efci("reload")
+
+
+def test_a_literal_sha_gitea_lacks_fails_the_run_before_any_container(
+        gitea_api: tuple[Web, GitServer, FakeGitea]) -> None:
+    web, server, fake = gitea_api
+    fake.start()
+    missing = "c0ffee" * 6 + "c0ff"
+    pinned_task(web, server, missing)
+    before = set(web.agent.containers())
+    run = json.loads(web.agent.efci("--json", "run", "pinned").stdout)["id"]
+    record = wait_for_run(web, 1)
+    assert record["id"] == run and record["status"] == "failed", record
+    assert f"Gitea has no commit {missing} in alice/site" in record["error"]
+    assert "pinned.yml" in record["error"]  # where to correct it
+    assert record["worktrees"] == [] and set(web.agent.containers()) == before
+    assert len(fake.requests("GET", f"/repos/alice/site/git/commits/{missing}")) == 1
+
+    # A commit Gitea has: checked once, before its first checkout only.
+    sha = server.commit("site", {"index.html": b"pinned\n"}, "pinned")
+    fake.commits.add(sha)
+    pinned_task(web, server, sha)
+    for count in (2, 3):
+        web.agent.efci("run", "pinned")
+        record = wait_for_run(web, count)
+        assert record["status"] == "succeeded" and b"pinned" in web.agent.efci(
+            "logs", "--raw", str(record["id"])).stdout
+    assert len(fake.requests("GET", f"/repos/alice/site/git/commits/{sha}")) == 1
+    assert fake.requests("GET", "/repos/alice/site/git/commits/.*")[-1]["query"] == \
+        "stat=false&verification=false&files=false"
+
+
+def test_key_register_adds_a_read_only_deploy_key_once(
+        gitea_api: tuple[Web, GitServer, FakeGitea]) -> None:
+    web, _, fake = gitea_api
+    fake.start()
+    first = json.loads(web.agent.efci("--json", "key", "register", "deploy", "--owner", "alice",
+                                      "--repo", "alice/site").stdout)
+    assert first["added"] and first["read_only"]
+    (posted,) = fake.requests("POST", "/repos/alice/site/keys")
+    shown = json.loads(web.agent.efci("--json", "key", "show", "deploy", "--owner",
+                                      "alice").stdout)
+    assert posted["body"] == {"title": posted["body"]["title"], "key": shown["public_key"],
+                              "read_only": True}
+    assert [(r["repo"], r["gitea_id"]) for r in shown["registered"]] == \
+        [("alice/site", first["gitea_id"])]
+    # Again: found by its fingerprint, recorded, not added twice.
+    again = web.agent.efci("key", "register", "deploy", "--owner", "alice", "--repo",
+                           "alice/site").stdout.decode()
+    assert "already was a read-only deploy key of alice/site" in again
+    assert len(fake.requests("POST", "/repos/alice/site/keys")) == 1
+    assert "a read-only deploy key of alice/site on Gitea" in web.agent.efci(
+        "key", "show", "deploy", "--owner", "alice").stdout.decode()
+    # The keys page says so too, and registers on another repository.
+    session = login(web)
+    conn = http.client.HTTPConnection("127.0.0.1", web.port, timeout=30)
+    conn.request("GET", "/keys", headers={"cookie": session})
+    page = conn.getresponse().read().decode()
+    assert "A read-only deploy key on Gitea of <code>alice/site</code>" in page
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert csrf is not None
+    conn.request("POST", "/keys/register", body=urllib.parse.urlencode(
+        {"csrf": csrf[1], "name": "deploy", "owner": "alice", "repo": "alice/other"}),
+        headers={"cookie": session, "origin": web.url,
+                 "content-type": "application/x-www-form-urlencoded"})
+    response = conn.getresponse()
+    response.read()
+    assert (response.status, response.getheader("location")) == (303, "/keys")
+    conn.close()
+    assert fake.keys["alice/other"][0]["key"] == shown["public_key"]
+    refused = web.agent.efci("key", "register", "deploy", "--owner", "alice", "--repo",
+                             "../etc", check=False)
+    assert refused.returncode != 0 and b"not OWNER/REPOSITORY" in refused.stderr
+    # Deleting the key says where it still is.
+    deleted = web.agent.efci("key", "delete", "deploy", "--owner", "alice", "--force")
+    assert b"still a deploy key of alice/site" in deleted.stderr
+
+
+def test_gitea_check_says_what_the_token_may_do(
+        gitea_api: tuple[Web, GitServer, FakeGitea]) -> None:
+    web, _, fake = gitea_api
+    fake.start()
+    report = json.loads(web.agent.efci("--json", "gitea", "check").stdout)
+    assert (report["version"], report["user"]) == ("1.27.1", "ci-bot")
+    assert report["repositories"] == {"alice/site": {
+        "found": True, "read": True, "statuses": True, "deploy_keys": True}}
+    text = web.agent.efci("gitea", "check").stdout.decode()
+    assert "the token is ci-bot's" in text and "alice/site" in text
+    # A token file others may read is not used, and the check says why.
+    (web.agent.root / "secrets/gitea/token").chmod(0o644)
+    refused = web.agent.efci("gitea", "check", check=False)
+    assert refused.returncode != 0 and b"mode 0600" in refused.stderr
+    (web.agent.root / "secrets/gitea/token").chmod(0o600)
+
+
+def test_a_pushed_run_the_agent_lost_gets_its_final_status(
+        gitea_api: tuple[Web, GitServer, FakeGitea]) -> None:
+    """kill -9 while a pushed run runs: recovery settles it, and Gitea hears
+    the verdict rather than a pending that never ends."""
+    web, server, fake = gitea_api
+    fake.start()
+    site_yml = web.agent.conf_d / "site.yml"
+    declared = json.loads(site_yml.read_text())
+    declared["tasks"]["site"]["command"] = ["sleep", "600"]
+    web.agent.declare("site.yml", json.dumps(declared))
+    web.agent.efci("reload")
+    sha = server.commit("site", {"index.html": b"lost\n"}, "lost")
+    deadline = time.monotonic() + 120
+    while not (found := runs(web)) or found[0]["status"] != "running":
+        assert time.monotonic() < deadline, found
+        time.sleep(0.2)
+    run = found[0]["id"]
+    wait_delivered(web, run, ["pending"])
+    web.agent.stop(signal.SIGKILL)
+    web.agent.start()
+    shown = wait_delivered(web, run, ["pending", "error"])
+    assert shown["status"] == "cancelled"
+    assert [(g["body"]["state"], g["path"].rsplit("/", 1)[1]) for g in fake.statuses()] == [
+        ("pending", sha), ("error", sha)]
