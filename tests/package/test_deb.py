@@ -105,6 +105,8 @@ def test_the_service_runs_as_efci_and_serves_a_real_run(installed: None,
             == ["efci", "efci-web", "710"])
     assert (sh("stat", "-c", "%U %a", "/srv/ci-secrets/web").stdout.decode().split()
             == ["efci-web", "700"])
+    assert (sh("stat", "-c", "%U %a", "/srv/ci-secrets/gitea").stdout.decode().split()
+            == ["efci", "700"])
     sh("install", "-d", "-o", "efci", "-g", "efci", "-m", "0755", "/run/efforting-ci")
     caps = unit_capabilities()
     server = GitServer(tmp_path / "git")
