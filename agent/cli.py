@@ -138,6 +138,32 @@ def _parser() -> argparse.ArgumentParser:
                     help="known_hosts lines to pin (- for stdin), e.g. from the server's "
                          "/etc/ssh/ssh_host_*_key.pub; without it, ssh-keyscan asks the host")
 
+    c = add("cache", "caches: btrfs subvolumes with quotas (efci cache ACTION --help)")
+    cs = c.add_subparsers(dest="action", required=True, metavar="ACTION")
+    cache_owner = "whose cache (default: agent.yml's owner)"
+    cs.add_parser("ls", help="every cache: owners, quota, usage from the kernel, runs using it",
+                  parents=[common])
+    cq = cs.add_parser("set-quota", help="change a cache's quota (over its declaration's)",
+                       parents=[common])
+    cq.add_argument("name")
+    cq.add_argument("size", help="such as 512MiB or 20GiB")
+    cq.add_argument("--owner", help=cache_owner)
+    cr = cs.add_parser("rm", help="remove a cache and its data", parents=[common])
+    cr.add_argument("name")
+    cr.add_argument("--owner", help=cache_owner)
+    cr.add_argument("--force", action="store_true",
+                    help="even while declared tasks claim it (their next run starts empty)")
+    cl = cs.add_parser("release", help="end a task's claim on a cache its declaration no longer "
+                       "makes, now rather than after caches.release_grace", parents=[common])
+    cl.add_argument("name")
+    cl.add_argument("--project", required=True, metavar="TASK",
+                    help="the task whose claim ends")
+    cl.add_argument("--owner", help=cache_owner)
+    cp = cs.add_parser("promote", help="make a run's view of a layered cache its next snapshot",
+                       parents=[common])
+    cp.add_argument("run", type=int)
+    cp.add_argument("name")
+
     g = add("gitea", "the Gitea API the agent talks to (efci gitea check)")
     gs = g.add_subparsers(dest="action", required=True, metavar="ACTION")
     gs.add_parser("check", help="whether the API answers, whose token the agent holds, and "
@@ -378,6 +404,22 @@ def _key(client: Client, args: argparse.Namespace) -> Shown:
     return Shown(client.call(f"key_{args.action}", request), view)
 
 
+def _cache(client: Client, args: argparse.Namespace) -> Shown:
+    if args.action == "ls":
+        return Shown(client.call("cache_ls"), views.caches)
+    if args.action == "promote":
+        return Shown(client.call("cache_promote", {"run": args.run, "name": args.name}),
+                     views.cache_promoted)
+    request: dict[str, Any] = {"name": args.name, **({"owner": args.owner} if args.owner else {})}
+    if args.action == "set-quota":
+        return Shown(client.call("cache_set_quota", {**request, "quota": args.size}),
+                     views.cache_quota)
+    if args.action == "release":
+        return Shown(client.call("cache_release", {**request, "task": args.project}),
+                     views.cache_released)
+    return Shown(client.call("cache_rm", {**request, "force": args.force}), views.cache_removed)
+
+
 def _gitea(client: Client, args: argparse.Namespace) -> Shown:
     return Shown(client.call("gitea_check"), views.gitea_check)
 
@@ -395,4 +437,5 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Shown | int]] = {
     "status": _status, "tasks": _tasks, "reload": _reload, "run": _run, "runs": _runs,
     "show": _show, "logs": _logs, "cancel": _cancel, "key": _key, "images": _images,
     "image": _image, "restart": _restart, "rm": _rm, "firewall": _firewall, "gitea": _gitea,
+    "cache": _cache,
 }

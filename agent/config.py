@@ -92,6 +92,9 @@ class AgentConfig:
     gitea_api: str
     gitea_token: Path
     gitea_git_hosts: tuple[str, ...]
+    caches_enable_quota: bool
+    caches_default_quota: int
+    caches_release_grace: int
     deploy_targets: dict[str, DeployTarget] = field(default_factory=dict)
 
     @property
@@ -310,6 +313,13 @@ SETTINGS: tuple[Setting, ...] = (
             "A Gitea token for commit statuses: a file only the agent's user reads (0600)."),
     Setting("gitea.git_hosts", "gitea_git_hosts", _hosts, _const(()), "[]",
             "Other names of this Gitea in repo_url than the API's host (its ssh name, say)."),
+    Setting("caches.enable_quota", "caches_enable_quota", Node.boolean, _const(True), "true",
+            "Turn btrfs quotas on at paths.caches if they are off (a dedicated filesystem)."),
+    Setting("caches.default_quota", "caches_default_quota", Node.size, _const(4 << 30), "4GiB",
+            "The quota of a cache whose declaration gives none."),
+    Setting("caches.release_grace", "caches_release_grace", Node.duration,
+            _const(7 * 86400), "7d",
+            "How long a cache no declaration claims any more is kept before it is removed."),
 )
 
 _DEPLOY_HELP = """\

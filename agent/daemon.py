@@ -18,6 +18,7 @@ from typing import Any
 import trio
 
 from . import __version__, declarations, gitea, ops, protocol
+from .caches import Caches
 from .checkout import Checkouts
 from .config import AgentConfig
 from .control import ControlServer, bind_socket
@@ -54,8 +55,9 @@ class Agent:
         self.checkouts = Checkouts(cfg, engine, state, self.keys, self.instance, self.gitea)
         self.mutations = Mutations(cfg, engine, self.instance)
         self.network = TaskNetwork(cfg, engine)
+        self.caches = Caches(cfg, state)
         self.runs = Runs(cfg, engine, state, logs, self.checkouts, self.mutations, self.network,
-                         self.instance)
+                         self.caches, self.instance)
         self.decls = declarations.DeclarationSet()
         self.started_at = time.time()
         self.docker_version = ""
@@ -102,6 +104,8 @@ class Agent:
         refs = declarations.image_refs(parsed, self.decls)
         present = await self.engine.present_images(refs)
         self.decls = declarations.assemble(parsed, existing_images=present, previous=self.decls)
+        await self.caches.claim(list(self.decls.tasks.values()))
+        await self.caches.sweep()  # claims just released may be past their grace
         for file, message in self.decls.errors.items():
             kept = " (its last good version stays in force)" if file in self.decls.by_file else ""
             log.error("declaration refused%s: %s", kept, message)
@@ -142,6 +146,7 @@ async def serve(cfg: AgentConfig) -> None:
         log.info("efforting-ci %s starting: config %s, state %s, docker %s", __version__,
                  cfg.source, cfg.state_dir, version)
         await agent.runs.recover()
+        await agent.caches.check(agent.docker_root)
         await agent.network.ensure()
         try:
             await agent.reload()
@@ -169,6 +174,7 @@ async def _serve_until_signal(agent: Agent, sock: Any) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(agent.runs.serve)
             await nursery.start(agent.statuses.serve)
+            await nursery.start(agent.caches.serve)
             server = ControlServer(sock, agent.handle, ops.schemas())
             await nursery.start(server.serve)
             log.info("listening on %s", agent.cfg.socket_path)

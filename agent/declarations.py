@@ -130,19 +130,42 @@ def _checkout(node: Node) -> tuple[tuple[Repository, ...], bool]:
     return repos, unchecked
 
 
+# Where the agent mounts its own things in a task container: a cache there
+# (or above it) would shadow them.
+RESERVED_PATHS = ("/src", "/deploy", "/run/secrets", "/run/efci")
+
+
 def _caches(node: Node) -> tuple[CacheUse, ...]:
-    caches = []
+    caches: list[CacheUse] = []
     for item in node.sequence():
-        f = item.mapping(required={"name", "path"}, optional={"quota", "shared"})
+        f = item.mapping(required={"name", "path"},
+                         optional={"quota", "shared", "layered", "promote"})
+        name = f["name"].name()
         path = f["path"].string()
         if not path.startswith("/") or posixpath.normpath(path) != path or path == "/":
             raise f["path"].error(f"must be a normalised absolute path in the container, "
                                   f"not {path!r}")
-        quota = None
-        if "quota" in f:
-            quota = f["quota"].size()
-        caches.append(CacheUse(f["name"].name(), path, quota,
-                               f["shared"].boolean() if "shared" in f else False))
+        for reserved in RESERVED_PATHS:
+            if path == reserved or path.startswith(reserved + "/") or \
+                    reserved.startswith(path + "/"):
+                raise f["path"].error(f"{path} would shadow {reserved}, where the agent mounts "
+                                      "its own; choose another path")
+        for other in caches:
+            if other.name == name:
+                raise f["name"].error(f"cache {name!r} is already used by this task, at "
+                                      f"{other.path}")
+            if other.path == path:
+                raise f["path"].error(f"cache {other.name!r} is already mounted at {path}")
+        layered = f["layered"].boolean() if "layered" in f else False
+        promote = f["promote"].string() if "promote" in f else "never"
+        if promote not in ("never", "on-success"):
+            raise f["promote"].error(f"must be never or on-success, not {promote!r}")
+        if promote == "on-success" and not layered:
+            raise f["promote"].error("only a layered cache is promoted (layered: true); a "
+                                     "plain cache takes every write at once")
+        caches.append(CacheUse(name, path, f["quota"].size() if "quota" in f else None,
+                               f["shared"].boolean() if "shared" in f else False,
+                               layered, promote == "on-success", f"{item.file}:{item.line}"))
     return tuple(caches)
 
 
@@ -441,6 +464,33 @@ def assemble(parsed: dict[str, FileDeclarations | ConfigError], *,
     return result
 
 
+def _check_cache(file: str, name: str, task: Task, use: CacheUse,
+                 so_far: DeclarationSet) -> None:
+    """One cache, declared by several tasks of its owner, must be declared
+    alike: shared by all of them, with the same quota and layering."""
+    for other in so_far.tasks.values():
+        if other.owner != task.owner:
+            continue
+        for theirs in other.caches:
+            if theirs.name != use.name:
+                continue
+            if not (use.shared and theirs.shared):
+                private = theirs if not theirs.shared else use
+                raise ConfigError(file, int(use.source.rsplit(":", 1)[1]),
+                                  f"tasks.{name}.caches",
+                                  f"cache {use.name!r} of {task.owner} is declared by task "
+                                  f"{other.name} ({theirs.source}) and here ({use.source}), but "
+                                  f"{private.source} makes it private; give shared: true in "
+                                  "both, or another name")
+            for what in ("quota", "layered"):
+                if getattr(use, what) != getattr(theirs, what):
+                    raise ConfigError(
+                        file, int(use.source.rsplit(":", 1)[1]), f"tasks.{name}.caches",
+                        f"cache {use.name!r} of {task.owner} has {what} {getattr(use, what)} "
+                        f"here ({use.source}) but {getattr(theirs, what)} in task {other.name} "
+                        f"({theirs.source}); declare it alike in both")
+
+
 def _check_against(file: str, decl: FileDeclarations, so_far: DeclarationSet,
                    declared_images: dict[str, str], existing_images: set[str]) -> None:
     for name, task in decl.tasks.items():
@@ -454,6 +504,8 @@ def _check_against(file: str, decl: FileDeclarations, so_far: DeclarationSet,
                 raise ConfigError(file, line, f"tasks.{name}.{where}",
                                   f"image {ref!r} is neither declared under images: nor present "
                                   "in Docker (docker image ls)")
+        for use in task.caches:
+            _check_cache(file, name, task, use, so_far)
     for name in decl.images:
         if name in so_far.images:
             raise ConfigError(file, 0, f"images.{name}",

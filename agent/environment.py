@@ -1,6 +1,6 @@
 """A run's environment on the host: the worktrees it uses, its overlay
-views of them, its progress channel, and what it may leave in its deploy
-targets.  Opened by one async context manager, for a run's container and
+views of them, its caches, its progress channel, and what it may leave in
+its deploy targets.  Opened by one async context manager, for a run's container and
 for ``efci shell`` alike, and torn down step by step in reverse, each step
 shielded from cancellation with a deadline of its own: one step that fails
 or runs late never skips the next (an AsyncExitStack runs them all).
@@ -18,7 +18,10 @@ from typing import Any
 import trio
 
 from .access import sweep_target
+from .caches import Caches
 from .checkout import Checkouts, Worktree
+from .host.engine import Mount
+from .model import Task
 from .mutations import Mutations
 from .progress import ProgressChannels, Update
 
@@ -36,6 +39,7 @@ Take = Callable[[list[Worktree]], Awaitable[None]]
 class Environment:
     views: list[tuple[Path, str]]  # (host path of the overlay view, its name under /src)
     progress_dir: Path | None  # to mount at /run/efci, if a progress channel was asked for
+    caches: list[Mount]  # the task's caches, bound at their paths
 
 
 def shielded(what: str, step: Callable[..., Awaitable[Any]], *args: Any,
@@ -55,19 +59,21 @@ def shielded(what: str, step: Callable[..., Awaitable[Any]], *args: Any,
 
 class Environments:
     def __init__(self, checkouts: Checkouts, mutations: Mutations,
-                 progress: ProgressChannels) -> None:
+                 progress: ProgressChannels, caches: Caches) -> None:
         self.checkouts = checkouts
         self.mutations = mutations
         self.progress = progress
+        self.caches = caches
 
     @asynccontextmanager
     async def open(self, run_id: int, take: Take, *, targets: Sequence[Path] = (),
-                   report: Update | None = None,
+                   report: Update | None = None, task: Task | None = None,
                    say: Callable[[str], object] = log.info) -> AsyncIterator[Environment]:
-        """Worktrees, views and (with ``report``) the progress channel, for
-        the block.  Afterwards, in this order: the channel is closed, the
-        views unmounted, the worktrees given back, and the deploy
-        ``targets`` swept of setuid bits and devices (``say`` tells what)."""
+        """Worktrees, views, (with ``task``) its caches and (with ``report``)
+        the progress channel, for the block.  Afterwards, in this order: the
+        channel is closed, the caches given back, the views unmounted, the
+        worktrees given back, and the deploy ``targets`` swept of setuid
+        bits and devices (``say`` tells what)."""
         async with AsyncExitStack() as stack:
             for path in targets:  # last: after the container can no longer write
                 stack.push_async_callback(shielded(f"the sweep of {path}", sweep_target,
@@ -79,10 +85,15 @@ class Environments:
                                                self.mutations.unmount, run_id))
             views = [(await self.mutations.mount(run_id, i, w.volume, w.mount_name),
                       w.mount_name) for i, w in enumerate(worktrees)]
+            caches: list[Mount] = []
+            if task is not None and task.caches:
+                stack.push_async_callback(shielded(f"giving back run {run_id}'s caches",
+                                                   self.caches.unmount, run_id))
+                caches = await self.caches.mount(run_id, task, say)
             progress_dir = None
             if report is not None:
                 progress_dir = await stack.enter_async_context(self.progress.open(run_id, report))
-            yield Environment(views, progress_dir)
+            yield Environment(views, progress_dir, caches)
 
     def _release(self, worktrees: list[Worktree]) -> None:
         for worktree in worktrees:

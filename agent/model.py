@@ -26,10 +26,15 @@ class Repository:
 
 @dataclass(frozen=True)
 class CacheUse:
+    """One entry of a task's ``caches``: the owner's cache NAME at PATH."""
+
     name: str
     path: str  # inside the container
-    quota: int | None
-    shared: bool
+    quota: int | None  # bytes; None: agent.yml's caches.default_quota
+    shared: bool  # several tasks of the owner may declare it
+    layered: bool = False  # a read-only snapshot under a per-run upper layer
+    promote_on_success: bool = False  # layered: a succeeded run's view becomes the next snapshot
+    source: str = ""  # file:line of the entry, for messages
 
 
 @dataclass(frozen=True)

@@ -76,18 +76,18 @@ def ref_format_problem(ref: str) -> str | None:
     return None
 
 
-_DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 
 
 def parse_duration(text: str) -> int | None:
-    """Seconds in '90', '90s', '15m', '1h30m'; None if it is not one."""
+    """Seconds in '90', '90s', '15m', '1h30m', '7d'; None if it is not one."""
     if text.isdigit():
         return int(text)
     m = _DURATION.fullmatch(text)
     if not text or not m:
         return None
-    h, mi, s = (int(g) if g else 0 for g in m.groups())
-    return h * 3600 + mi * 60 + s
+    d, h, mi, s = (int(g) if g else 0 for g in m.groups())
+    return d * 86400 + h * 3600 + mi * 60 + s
 
 
 _SIZE = re.compile(r"(\d+)\s*([KMGT]i?B?|B)?", re.IGNORECASE)

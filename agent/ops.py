@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import trio
 
-from . import __version__, protocol, triggers
+from . import __version__, names, protocol, triggers
 from .errors import Conflict, EfciError, NotFound, Refused, RequestError
 from .gitea import repository_on
 from .images import image_tag
@@ -122,6 +122,7 @@ async def status(agent: Agent, call: Call) -> object:
                     if agent.network.last_probe else None},
         "declarations": agent.declarations_summary(),
         "web": agent.web,
+        "caches": {"root": str(agent.cfg.caches_root), "problem": agent.caches.problem},
         **_resources(agent),
     }
 
@@ -427,6 +428,46 @@ async def key_trust(agent: Agent, call: Call, *, host: str, port: int = 22,
     log.info("pinned host keys of %s port %d for %s", host, port, owner)
     return {"owner": owner, "host": host, "port": port, "fingerprints": fingerprints,
             "scanned": keys is None}
+
+
+# -- caches ------------------------------------------------------------------------------
+
+@op
+async def cache_ls(agent: Agent, call: Call) -> object:
+    return await agent.caches.listing()
+
+
+@op
+async def cache_set_quota(agent: Agent, call: Call, *, name: str, quota: str,
+                          owner: str | None = None) -> object:
+    size = names.parse_size(quota)
+    if size is None or size <= 0:
+        raise RequestError(f"quota: {quota[:50]!r} is not a size such as 512MiB or 2GiB")
+    return await agent.caches.set_quota(owner or agent.cfg.owner, name, size)
+
+
+@op
+async def cache_rm(agent: Agent, call: Call, *, name: str, owner: str | None = None,
+                   force: bool = False) -> object:
+    return await agent.caches.remove(owner or agent.cfg.owner, name, force=force)
+
+
+@op
+async def cache_release(agent: Agent, call: Call, *, name: str, task: str,
+                        owner: str | None = None) -> object:
+    owner = owner or agent.cfg.owner
+    declared = any(t.owner == owner and t.name == task and any(c.name == name for c in t.caches)
+                   for t in agent.decls.tasks.values())
+    return await agent.caches.release_claim(owner, name, task, declared, call.requester.uid)
+
+
+@op
+async def cache_promote(agent: Agent, call: Call, *, run: int, name: str) -> object:
+    record = await agent.runs.record(run)
+    if record is None:
+        raise NotFound(f"no run {run}")
+    generation = await agent.caches.promote(run, name, owner=record.owner)
+    return {"run": run, "owner": record.owner, "name": name, "generation": generation}
 
 
 # -- Gitea ------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from typing import Any
 import trio
 
 from .access import deploy_targets, host_mounts, sweep_target
+from .caches import Caches
 from .checkout import Checkouts, Worktree
 from .config import AgentConfig
 from .environment import Environment, Environments, shielded
@@ -173,7 +174,7 @@ class Runs:
 
     def __init__(self, cfg: AgentConfig, engine: Engine, state: StateStore, logs: LogStore,
                  checkouts: Checkouts, mutations: Mutations, network: TaskNetwork,
-                 instance: str) -> None:
+                 caches: Caches, instance: str) -> None:
         self.cfg = cfg
         self.engine = engine
         self.state = state
@@ -182,7 +183,9 @@ class Runs:
         self.mutations = mutations
         self.network = network
         self.images = Images(engine)
-        self.environments = Environments(checkouts, mutations, ProgressChannels(cfg.state_dir))
+        self.caches = caches
+        self.environments = Environments(checkouts, mutations, ProgressChannels(cfg.state_dir),
+                                         caches)
         self.guards = mounts.Guards()
         self.instance = instance
         self.active: dict[int, ActiveRun] = {}
@@ -295,11 +298,12 @@ class Runs:
         self._nursery.start_soon(self._execute, run, writer, name=f"run {run.id}")
 
     async def remove(self, run_id: int) -> None:
-        """Remove a finished run's container and mutations; its record and
-        log stay.  Idempotent."""
+        """Remove a finished run's container, mutations and layers of layered
+        caches; its record and log stay.  Idempotent."""
         record = await self._finished_record(run_id)
         await self.engine.remove(task_container_name(self.instance, run_id))
         await self.mutations.remove(run_id)
+        await self.caches.remove_run(run_id)
         if record.removed_at is None:
             await self.state.call(self.state.update_run, run_id, removed_at=time.time())
 
@@ -449,6 +453,7 @@ class Runs:
             log.exception("run %d: could not record its end (%s)", run.id, status.value)
         finally:
             writer.close()
+            self.caches.forget(run.id)
             del self.active[run.id]
             run.done.set()
 
@@ -464,7 +469,7 @@ class Runs:
         container = ""
         with trio.move_on_after(limit) as timer:
             take = self._check_out(run, writer) if first else self._worktrees_of(run.id)
-            async with self.environments.open(run.id, take, targets=targets,
+            async with self.environments.open(run.id, take, targets=targets, task=run.task,
                                               report=self._progress_reporter(run, writer),
                                               say=writer.message) as env:
                 try:
@@ -483,9 +488,12 @@ class Runs:
             return RunStatus.ERROR, {"error": f"container {container[:12]} disappeared"}
         status, fields = ended(state)
         limits = self._limits_reached(run, state)
-        if timed_out or limits:
-            fields["error"] = "; ".join([*timed_out.values(), *limits])
-        return (RunStatus.TIMED_OUT if timed_out else status), fields
+        status = RunStatus.TIMED_OUT if timed_out else status
+        full = await self.caches.after_run(run.id, succeeded=status is RunStatus.SUCCEEDED,
+                                           say=writer.message)
+        if timed_out or limits or full:
+            fields["error"] = "; ".join([*timed_out.values(), *limits, *full])
+        return status, fields
 
     async def _prepare(self, run: ActiveRun,
                        writer: LogWriter) -> tuple[list[Mount], list[Path]]:
@@ -541,8 +549,8 @@ class Runs:
                       writer: LogWriter) -> str:
         assert env.progress_dir is not None
         spec = container_spec(self.cfg, self.instance, run.id, run.task, env.views,
-                              [*binds, Mount("bind", str(env.progress_dir), MOUNT_POINT,
-                                             readonly=True)])
+                              [*binds, *env.caches, Mount("bind", str(env.progress_dir),
+                                                          MOUNT_POINT, readonly=True)])
         await self.state.call(self.state.update_run, run.id, container_name=spec.name)
         run.container_id = await self.engine.create(spec)
         await self.state.call(self.state.update_run, run.id, container_id=run.container_id)

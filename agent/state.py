@@ -127,6 +127,37 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (owner, name, repo)
     );
     """,
+    """
+    CREATE TABLE caches (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        owner TEXT NOT NULL,
+        name TEXT NOT NULL,
+        shared INTEGER NOT NULL,
+        layered INTEGER NOT NULL,
+        declared_quota INTEGER,
+        quota INTEGER,
+        generation INTEGER NOT NULL DEFAULT 0,
+        made INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        last_used_at REAL,
+        UNIQUE (owner, name)
+    );
+    CREATE TABLE cache_claims (
+        cache_id INTEGER NOT NULL REFERENCES caches (id) ON DELETE CASCADE,
+        task TEXT NOT NULL,
+        source TEXT NOT NULL,
+        claimed_at REAL NOT NULL,
+        released_at REAL,
+        released_how TEXT,
+        PRIMARY KEY (cache_id, task)
+    );
+    CREATE TABLE run_caches (
+        run_id INTEGER NOT NULL REFERENCES runs (id),
+        cache_id INTEGER NOT NULL,
+        generation INTEGER NOT NULL,
+        PRIMARY KEY (run_id, cache_id)
+    );
+    """,
 )
 
 
@@ -328,6 +359,91 @@ class StateStore:
             rows = self._db.execute("DELETE FROM key_registrations WHERE owner = ? AND name = ?"
                                     " RETURNING repo", (owner, name)).fetchall()
         return sorted(r["repo"] for r in rows)
+
+    # -- caches -------------------------------------------------------------------------
+
+    def claim_caches(self, claims: list[dict[str, Any]]) -> list[str]:
+        """Record what the declarations claim now: each cache (created, or its
+        declared settings updated) and each (cache, task) claim, taken again
+        if it was released.  A claim no declaration makes any more is released
+        (pending removal).  Returns what changed, in words, for the log."""
+        now, said = time.time(), []
+        with self._transaction():
+            wanted = set()
+            for c in claims:
+                self._db.execute(
+                    "INSERT INTO caches (owner, name, shared, layered, declared_quota, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (owner, name) DO UPDATE SET"
+                    " shared = excluded.shared, layered = excluded.layered,"
+                    " declared_quota = excluded.declared_quota",
+                    (c["owner"], c["name"], c["shared"], c["layered"], c["quota"], now))
+                cache_id = self._db.execute("SELECT id FROM caches WHERE owner = ? AND name = ?",
+                                            (c["owner"], c["name"])).fetchone()[0]
+                wanted.add((cache_id, c["task"]))
+                cur = self._db.execute(
+                    "INSERT INTO cache_claims (cache_id, task, source, claimed_at) VALUES"
+                    " (?, ?, ?, ?) ON CONFLICT (cache_id, task) DO UPDATE SET source ="
+                    " excluded.source, released_at = NULL, released_how = NULL"
+                    " WHERE released_at IS NOT NULL OR source != excluded.source",
+                    (cache_id, c["task"], c["source"], now))
+                if cur.rowcount:
+                    said.append(f"cache {c['owner']}/{c['name']} claimed by {c['task']} "
+                                f"({c['source']})")
+            for row in self._db.execute("SELECT c.owner, c.name, k.cache_id, k.task FROM"
+                                        " cache_claims k JOIN caches c ON c.id = k.cache_id"
+                                        " WHERE k.released_at IS NULL").fetchall():
+                if (row["cache_id"], row["task"]) not in wanted:
+                    self._db.execute(
+                        "UPDATE cache_claims SET released_at = ?, released_how = ? WHERE"
+                        " cache_id = ? AND task = ?", (now, "no declaration claims it",
+                                                       row["cache_id"], row["task"]))
+                    said.append(f"cache {row['owner']}/{row['name']}: task {row['task']} no "
+                                "longer declares it; released, removal pending")
+        return said
+
+    def caches(self) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT * FROM caches ORDER BY owner, name").fetchall()
+        claims = self._db.execute("SELECT * FROM cache_claims ORDER BY task").fetchall()
+        out = []
+        for r in rows:
+            out.append({**dict(r), "shared": bool(r["shared"]), "layered": bool(r["layered"]),
+                        "made": bool(r["made"]),
+                        "claims": [dict(k) for k in claims if k["cache_id"] == r["id"]]})
+        return out
+
+    def update_cache(self, cache_id: int, **fields: Any) -> None:
+        for key in fields:  # the keys are ours; only these may be set
+            if key not in ("quota", "generation", "made", "last_used_at"):
+                raise KeyError(key)
+        assignments = ", ".join(f"{k} = ?" for k in fields)
+        with self._transaction():
+            self._db.execute(f"UPDATE caches SET {assignments} WHERE id = ?",  # noqa: S608
+                             (*fields.values(), cache_id))
+
+    def release_cache_claim(self, cache_id: int, task: str, how: str) -> None:
+        with self._transaction():
+            self._db.execute("UPDATE cache_claims SET released_at = coalesce(released_at, ?),"
+                             " released_how = ? WHERE cache_id = ? AND task = ?",
+                             (time.time(), how, cache_id, task))
+
+    def forget_cache_claim(self, cache_id: int, task: str) -> None:
+        with self._transaction():
+            self._db.execute("DELETE FROM cache_claims WHERE cache_id = ? AND task = ?",
+                             (cache_id, task))
+
+    def drop_cache(self, cache_id: int) -> None:
+        with self._transaction():
+            self._db.execute("DELETE FROM cache_claims WHERE cache_id = ?", (cache_id,))
+            self._db.execute("DELETE FROM caches WHERE id = ?", (cache_id,))
+
+    def add_run_cache(self, run_id: int, cache_id: int, generation: int) -> None:
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO run_caches VALUES (?, ?, ?)",
+                             (run_id, cache_id, generation))
+
+    def run_caches(self, run_id: int) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT * FROM run_caches WHERE run_id = ?", (run_id,))
+        return [dict(r) for r in rows]
 
     def first_delivery(self, delivery: str) -> bool:
         """Record a webhook delivery; False if it was seen before (a replay)."""

@@ -244,6 +244,57 @@ def key_registered(result: dict[str, Any]) -> int:
     return 0
 
 
+def caches(listing: dict[str, Any]) -> int:
+    if listing["problem"]:
+        print(f"caches are not available: {listing['problem']}", file=sys.stderr)
+    if listing["usage_inconsistent"]:
+        print("the kernel marked the usage figures inconsistent; a rescan is under way, ask "
+              "again in a moment", file=sys.stderr)
+    rows = []
+    for c in listing["caches"]:
+        claims = ", ".join(
+            k["task"] + ("" if k["released_at"] is None else " (released)") for k in c["claims"])
+        kind = ("shared" if c["shared"] else "private") + (
+            f", layered gen {c['generation']}" if c["layered"] else "")
+        state = ("in use by run " + ", ".join(map(str, c["used_by_runs"]))
+                 if c["used_by_runs"] else
+                 f"removal {'due' if c['removal_due'] else 'after ' + when(c['removal_at'])}"
+                 if c["removal_at"] else "")
+        rows.append([f"{c['owner']}/{c['name']}", kind, claims or "-", size(c["quota"]),
+                     size(c["referenced"]), size(c["exclusive"]),
+                     ", ".join(f"{t} {size(b)}" for t, b in c["apportioned"].items()) or "-",
+                     when(c["last_used_at"]) if c["last_used_at"] else "never", state])
+    table(rows, ["CACHE", "KIND", "CLAIMED BY", "QUOTA", "REFERENCED", "EXCLUSIVE",
+                 "APPORTIONED", "LAST USED", "NOW"])
+    return 0
+
+
+def cache_quota(result: dict[str, Any]) -> int:
+    print(f"cache {result['owner']}/{result['name']}: quota {size(result['quota'])}")
+    return 0
+
+
+def cache_removed(result: dict[str, Any]) -> int:
+    print(f"removed cache {result['owner']}/{result['name']}")
+    return 0
+
+
+def cache_released(result: dict[str, Any]) -> int:
+    if result["removed"]:
+        print(f"cache {result['owner']}/{result['name']} released by {result['task']}, its "
+              "last claim: removed")
+    else:
+        print(f"cache {result['owner']}/{result['name']} released by {result['task']}; still "
+              f"claimed by {', '.join(result['still_claimed_by'])}")
+    return 0
+
+
+def cache_promoted(result: dict[str, Any]) -> int:
+    print(f"cache {result['owner']}/{result['name']}: run {result['run']}'s view is now "
+          f"generation {result['generation']}")
+    return 0
+
+
 def gitea_check(report: dict[str, Any]) -> int:
     user = report["user"]
     print(f"Gitea {report['version'] or '(version not said)'} answers at {report['api']}")

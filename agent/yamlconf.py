@@ -243,7 +243,7 @@ class Node:
         text = self.raw_scalar()
         seconds = names.parse_duration(text)
         if seconds is None or seconds <= 0:
-            raise self.error(f"must be a duration such as 90s, 15m or 1h30m, not {text!r}")
+            raise self.error(f"must be a duration such as 90s, 15m, 1h30m or 7d, not {text!r}")
         return seconds
 
     def size(self) -> int:

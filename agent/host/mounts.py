@@ -57,6 +57,8 @@ def _umount(target: Path, flags: int) -> int:
 class MountEntry:
     point: Path
     options: frozenset[str]  # the per-mount options (rw, nosuid, ...)
+    fstype: str = ""
+    source: str = ""  # the device (or what stands for it): one per filesystem
 
 
 def _unescape(field: str) -> str:
@@ -79,7 +81,10 @@ def mount_table(mountinfo: str | None = None) -> list[MountEntry]:
     entries = []
     for line in mountinfo.splitlines():
         fields = line.split(" ")
-        entries.append(MountEntry(Path(_unescape(fields[4])), frozenset(fields[5].split(","))))
+        # Optional fields end with "-"; the filesystem type and source follow.
+        rest = fields[fields.index("-", 6) + 1:]
+        entries.append(MountEntry(Path(_unescape(fields[4])), frozenset(fields[5].split(",")),
+                                  rest[0], _unescape(rest[1])))
     return entries
 
 
@@ -94,6 +99,17 @@ def top_mount(target: Path, mountinfo: str | None = None) -> MountEntry | None:
     """The mount on top at exactly ``target``, if it is a mount point."""
     found = [e for e in mount_table(mountinfo) if e.point == target]
     return found[-1] if found else None
+
+
+def mount_of(path: Path, mountinfo: str | None = None) -> MountEntry | None:
+    """The mount that ``path`` (absolute, resolved) is on: the deepest mount
+    point at or above it, the top one there."""
+    best = None
+    for entry in mount_table(mountinfo):  # a later mount at a point is on top
+        if (entry.point == path or entry.point in path.parents) and (
+                best is None or len(entry.point.parts) >= len(best.point.parts)):
+            best = entry
+    return best
 
 
 def is_mounted(target: Path) -> bool:

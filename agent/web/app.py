@@ -249,6 +249,19 @@ async def images_page(web: Web, request: Request) -> Response:
     return web.page(request, "images.html", await web.link.call("images"), session)
 
 
+async def caches_page(web: Web, request: Request) -> Response:
+    session = await web.session(request)
+    return web.page(request, "caches.html", await web.link.call("cache_ls"), session)
+
+
+async def cache_quota(web: Web, request: Request) -> Response:
+    _, fields = await web.changing(request)
+    found = await web.link.call("cache_set_quota", name=str(fields.get("name", "")),
+                                quota=str(fields.get("quota", "")),
+                                owner=str(fields.get("owner") or "") or None)
+    return web.done(request, found, "/caches")
+
+
 async def run_start(web: Web, request: Request) -> Response:
     session, fields = await web.changing(request)
     found = await web.link.call("run", task=str(fields.get("task", "")), session=session.token)
@@ -561,6 +574,8 @@ def make_app(cfg: AgentConfig, link: AgentLink) -> Starlette:
         *route("/keys/scan", key_scan, ("POST",)),
         *route("/keys/trust", key_trust, ("POST",)),
         *route("/images", images_page),
+        *route("/caches", caches_page),
+        *route("/caches/quota", cache_quota, ("POST",)),
         *route("/images/{name}/build", image_build, ("POST",)),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]

@@ -54,7 +54,8 @@ def test_example_is_complete_and_loads_to_the_defaults(tmp_path: Path) -> None:
         "network.bridge", "network.subnet", "network.blocked", "network.checkout",
         "network.git_endpoints", "web.listen", "web.public_url", "web.session_lifetime",
         "web.login_lifetime", "gitea.webhook_secret", "gitea.api", "gitea.token",
-        "gitea.git_hosts"}
+        "gitea.git_hosts", "caches.enable_quota", "caches.default_quota",
+        "caches.release_grace"}
     loaded = config.load(layout, write(tmp_path, text))
     assert {**loaded.__dict__, "source": ""} == {**config.defaults(layout).__dict__, "source": ""}
 

@@ -125,6 +125,19 @@ tasks:
     ("images:\n  i: {context: .}\n", "images.i", "exactly one"),
     ("task: {image: x}\ntasks: {}\n", "task", "one task"),
     ("owner: a\nuser: b\n", "user", "not both"),
+    *((f"tasks:\n  t:\n    image: x\n    caches: [{{name: {name!r}, path: /c}}]\n",
+       "tasks.t.caches[0].name", "not a name") for name in ("a/b", "..", "a\x00b", "-rf")),
+    *((f"tasks:\n  t:\n    image: x\n    caches: [{{name: c, path: {path}}}]\n",
+       "tasks.t.caches[0].path", "would shadow")
+      for path in ("/src", "/src/x", "/deploy", "/run/secrets", "/run/efci/p", "/run")),
+    *((f"tasks:\n  t:\n    image: x\n    caches: [{{name: c, path: /c, quota: {q}}}]\n",
+       "tasks.t.caches[0].quota", "size") for q in ("0", "-1GiB", "lots", "1.5GiB")),
+    ("tasks:\n  t:\n    image: x\n    caches: [{name: c, path: /c, promote: on-success}]\n",
+     "tasks.t.caches[0].promote", "layered"),
+    ("tasks:\n  t:\n    image: x\n    caches: [{name: c, path: /c}, {name: c, path: /d}]\n",
+     "tasks.t.caches[1].name", "already used"),
+    ("tasks:\n  t:\n    image: x\n    caches: [{name: c, path: /c}, {name: d, path: /c}]\n",
+     "tasks.t.caches[1].path", "already mounted"),
 ])
 def test_bad_declarations(tmp_path: Path, body: str, field: str, words: str) -> None:
     with pytest.raises(ConfigError) as e:
@@ -229,3 +242,32 @@ def test_an_image_path_through_a_symlink_out_of_the_directory_is_refused(
         with pytest.raises(ConfigError) as e:
             parse(conf, f"images:\n  i: {body}\n")
         assert e.value.field == field and "symlinks resolved" in e.value.message
+
+
+@pytest.mark.parametrize(("a", "b", "words"), [
+    ("{name: c, path: /c}", "{name: c, path: /c}", "makes it private"),
+    ("{name: c, path: /c, shared: true}", "{name: c, path: /c}", "makes it private"),
+    ("{name: c, path: /c, shared: true, quota: 1GiB}",
+     "{name: c, path: /d, shared: true, quota: 2GiB}", "quota"),
+    ("{name: c, path: /c, shared: true}", "{name: c, path: /c, shared: true, layered: true}",
+     "layered"),
+])
+def test_one_cache_declared_differently_is_refused_naming_both_files(
+        tmp_path: Path, a: str, b: str, words: str) -> None:
+    (tmp_path / "a.yml").write_text(f"tasks:\n  one:\n    image: x\n    caches: [{a}]\n")
+    (tmp_path / "b.yml").write_text(f"tasks:\n  two:\n    image: x\n    caches: [{b}]\n")
+    result = d.assemble(_parsed(tmp_path), existing_images={"x"}, previous=None)
+    assert set(result.tasks) == {"one"}
+    error = result.errors[str(tmp_path / "b.yml")]
+    assert words in error and "a.yml:4" in error and "b.yml:4" in error
+
+
+def test_a_shared_cache_declared_alike_by_two_tasks(tmp_path: Path) -> None:
+    for name in ("one", "two"):
+        (tmp_path / f"{name}.yml").write_text(
+            f"tasks:\n  {name}:\n    image: x\n    caches: [{{name: c, path: /c, shared: true, "
+            "layered: true, promote: on-success}]\n")
+    result = d.assemble(_parsed(tmp_path), existing_images={"x"}, previous=None)
+    assert not result.errors
+    use = result.tasks["two"].caches[0]
+    assert use.layered and use.promote_on_success and use.source.endswith("two.yml:4")

@@ -18,6 +18,7 @@ import trio
 import trio.testing
 
 from agent import config, protocol
+from agent.caches import Caches
 from agent.checkout import Checkouts
 from agent.errors import CommandFailed
 from agent.host.engine import ContainerSpec
@@ -86,7 +87,8 @@ class World:
         self.checkouts = Checkouts(self.cfg, self.engine, self.state, keys, instance)
         self.runs = Runs(self.cfg, self.engine, self.state, self.logs, self.checkouts,
                          Mutations(self.cfg, self.engine, instance, self.mounts),
-                         FakeNetwork(), instance)  # type: ignore[arg-type]
+                         FakeNetwork(), Caches(self.cfg, self.state),  # type: ignore[arg-type]
+                         instance)
         self.instance = instance
 
     def program(self, command: tuple[str, ...], program: Callable[..., Awaitable[int]]) -> None:

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.host.mounts import mounted_under, overlay_options
+from agent.host.btrfs import parse_usage
+from agent.host.mounts import mount_of, mounted_under, overlay_options
 
 MOUNTINFO = """\
 22 1 254:0 / / rw,relatime - ext4 /dev/vda rw
@@ -12,6 +13,8 @@ MOUNTINFO = """\
 91 22 0:51 / /var/lib/efforting-ci/mounts/7/with\\040space rw - overlay overlay rw
 92 90 0:52 / /var/lib/efforting-ci/mounts/7/lib/deeper rw - tmpfs tmpfs rw
 93 22 0:53 / /var/lib/efforting-ci/mountsX rw - tmpfs tmpfs rw
+94 22 0:54 / /srv/caches rw shared:7 - btrfs /dev/loop3 rw,space_cache=v2
+95 22 0:54 / /srv/caches rw shared:8 master:7 - btrfs /dev/loop4 rw
 """
 
 
@@ -56,3 +59,27 @@ def test_the_pids_cgroup_is_found_under_both_hierarchies(tmp_path: Path) -> None
     (v2 / "system.slice/docker-abc.scope/pids.events").write_text("max 0\n")
     only_v2 = f"41 31 0:38 / {v2} rw,relatime - cgroup2 cgroup2 rw\n"
     assert limit_reached(pids_events("abc", only_v2)) == 0  # type: ignore[arg-type]
+
+
+def test_mount_of_is_the_deepest_top_mount_above_a_path() -> None:
+    assert mount_of(Path("/srv/caches/alice/cargo"), MOUNTINFO).source == "/dev/loop4"
+    root = mount_of(Path("/var/lib/docker"), MOUNTINFO)
+    assert (root.fstype, root.source, root.point) == ("ext4", "/dev/vda", Path("/"))
+    assert mount_of(Path("/var/lib/efforting-ci/mountsX/a"), MOUNTINFO).fstype == "tmpfs"
+
+
+def test_qgroup_table_and_its_inconsistency_warning() -> None:
+    table = """\
+Qgroupid    Referenced    Exclusive  Max referenced  Max exclusive   Path
+--------    ----------    ---------  --------------  -------------   ----
+0/5              16384        16384            none           none   <toplevel>
+0/256         10469376     10469376        10485760           none   <stale>
+0/257            16384        16384         5242880           none   alice/cargo
+1/3              16384        16384         5242880           none   <1 member qgroup>
+"""
+    usages = parse_usage(table, "")
+    assert usages.by_group["0/257"].referenced == 16384
+    assert usages.by_group["1/3"].limit == 5242880
+    assert usages.by_group["0/5"].limit is None and not usages.inconsistent
+    assert parse_usage(table, "WARNING: qgroup data inconsistent, rescan recommended\n"
+                       ).inconsistent

@@ -70,6 +70,8 @@ COMMAND_LINES = [
     ["firewall", "remove"], ["key", "create", "k"], ["key", "show", "k", "--owner", "o"],
     ["key", "delete", "k", "--force"], ["key", "list"], ["key", "trust", "h", "--port", "2222"],
     ["key", "register", "k", "--repo", "alice/site"], ["gitea", "check"],
+    ["cache", "ls"], ["cache", "set-quota", "c", "1GiB"], ["cache", "rm", "c", "--force"],
+    ["cache", "release", "c", "--project", "t"], ["cache", "promote", "1", "c"],
     ["web-login"], ["web-logout", "--all"],
 ]
 

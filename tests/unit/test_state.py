@@ -49,3 +49,34 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(statemod.SchemaTooNew, match="newer than this efci"):
         statemod.StateStore(tmp_path / "s.db")
+
+
+def claim(task: str, source: str = "t.yml:3") -> dict[str, object]:
+    return {"owner": "alice", "name": "cargo", "task": task, "shared": True,
+            "layered": False, "quota": 1 << 30, "source": source}
+
+
+def test_cache_claims_follow_the_declarations(tmp_path: Path) -> None:
+    st = statemod.StateStore(tmp_path / "s.db")
+    said = st.claim_caches([claim("a"), claim("b")])
+    assert said == ["cache alice/cargo claimed by a (t.yml:3)",
+                    "cache alice/cargo claimed by b (t.yml:3)"]
+    assert st.claim_caches([claim("a"), claim("b")]) == []  # nothing new: nothing said
+    (cache,) = st.caches()
+    assert [(k["task"], k["released_at"]) for k in cache["claims"]] == [("a", None), ("b", None)]
+    # b's declaration is gone: its claim is released (removal pending), not dropped.
+    assert st.claim_caches([claim("a")]) == [
+        "cache alice/cargo: task b no longer declares it; released, removal pending"]
+    claims = {k["task"]: k for k in st.caches()[0]["claims"]}
+    assert claims["a"]["released_at"] is None and claims["b"]["released_at"] is not None
+    assert claims["b"]["released_how"] == "no declaration claims it"
+    # Declared again within its grace: claimed again, with its data.
+    st.claim_caches([claim("a"), claim("b", "u.yml:9")])
+    claims = {k["task"]: k for k in st.caches()[0]["claims"]}
+    assert claims["b"]["released_at"] is None and claims["b"]["source"] == "u.yml:9"
+    st.forget_cache_claim(cache["id"], "b")
+    assert [k["task"] for k in st.caches()[0]["claims"]] == ["a"]
+    with pytest.raises(KeyError):
+        st.update_cache(cache["id"], owner="mallory")
+    st.drop_cache(cache["id"])
+    assert st.caches() == []
