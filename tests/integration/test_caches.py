@@ -136,6 +136,11 @@ def test_releasing_a_private_cache_removes_it(caches: CacheAgent) -> None:
     assert "removal after" in caches.agent.efci("cache", "ls").stdout.decode()
     caches.agent.efci("cache", "release", "mine", "--project", "build", "--owner", OWNER)
     assert "alice/mine" not in caches.ls() and not path.exists()
+    # The deleted subvolume's qgroup is cleared once btrfs has cleaned it up.
+    caches.agent.efci("reload")
+    shown = subprocess.run(["btrfs", "qgroup", "show", str(caches.root)], capture_output=True,
+                           text=True, check=True).stdout
+    assert "<stale>" not in shown
 
 
 def test_a_released_claim_is_removed_after_its_grace(caches: CacheAgent) -> None:
@@ -244,3 +249,74 @@ def test_a_task_with_caches_is_refused_without_a_btrfs(agent: AgentProcess) -> N
     assert "paths.caches" in error and "not btrfs" in error and "make-cache-fs" in error
     status = json.loads(agent.efci("--json", "status").stdout)
     assert "not btrfs" in status["caches"]["problem"]
+
+
+def test_two_runs_at_once_share_a_plain_cache(caches: CacheAgent) -> None:
+    """Both see the same directory; the bookkeeping says both use it."""
+    shared = {"name": "both", "path": "/c", "shared": True}
+    caches.declare({name: cache_task(f"sleep 2; echo {name} > /c/{name}; ls /c", shared)
+                    for name in ("one", "two")})
+    ids = [json.loads(caches.agent.efci("--json", "run", name).stdout)["id"]
+           for name in ("one", "two")]
+    deadline = time.monotonic() + 30
+    while caches.ls()["alice/both"]["used_by_runs"] != ids:
+        assert time.monotonic() < deadline, caches.ls()
+        time.sleep(0.1)
+    for run_id in ids:
+        while (run := json.loads(caches.agent.efci("--json", "show", str(run_id)).stdout))[
+                "status"] in ("queued", "running"):
+            time.sleep(0.2)
+        assert run["status"] == "succeeded"
+    listed = caches.ls()["alice/both"]
+    assert listed["used_by_runs"] == [] and listed["last_used_at"]
+    assert sorted(p.name for p in (Path(listed["path"]) / "data").iterdir()) == ["one", "two"]
+
+
+def test_quotas_off_are_refused_unless_the_agent_may_turn_them_on(
+        agent: AgentProcess, tmp_path: Path) -> None:
+    root = tmp_path / "cachefs/caches"
+    subprocess.run([str(SCRIPTS / "make-cache-fs"), "256M", str(root)], check=True,
+                   capture_output=True)
+    try:
+        subprocess.run(["btrfs", "quota", "disable", str(root)], check=True)
+        agent.configure(f"paths:\n  caches: {root}\ncaches:\n  enable_quota: false\n")
+        agent.start()
+        problem = json.loads(agent.efci("--json", "status").stdout)["caches"]["problem"]
+        assert "quotas are off" in problem and "btrfs quota enable" in problem
+        agent.stop()
+        agent.configure(f"paths:\n  caches: {root}\n")  # enable_quota: true, the default
+        agent.start()
+        assert json.loads(agent.efci("--json", "status").stdout)["caches"]["problem"] is None
+        assert subprocess.run(["btrfs", "qgroup", "show", str(root)],
+                              capture_output=True).returncode == 0
+    finally:
+        agent.cleanup()
+        subprocess.run([str(SCRIPTS / "make-cache-fs"), "--remove", str(root)], check=False,
+                       capture_output=True)
+
+
+def test_inconsistent_figures_are_said_and_rescanned(caches: CacheAgent) -> None:
+    caches.declare({"fill": cache_task("head -c 5000000 /dev/urandom > /c/f",
+                                       {"name": "c", "path": "/c"})})
+    assert caches.run("fill")["status"] == "succeeded"
+    data = Path(caches.ls()["alice/c"]["path"]) / "data"
+    # Assigning a subvolume that shares extents to a group without a rescan
+    # is what leaves the kernel's figures inconsistent.
+    snapshot = caches.root / "elsewhere"
+    subprocess.run(["btrfs", "subvolume", "snapshot", str(data), str(snapshot)], check=True,
+                   capture_output=True)
+    subvolume = subprocess.run(["btrfs", "inspect-internal", "rootid", str(snapshot)],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    subprocess.run(["sync"], check=True)
+    subprocess.run(["btrfs", "qgroup", "create", "1/999", str(caches.root)], check=True)
+    subprocess.run(["btrfs", "qgroup", "assign", "--no-rescan", f"0/{subvolume}", "1/999",
+                    str(caches.root)], check=True, capture_output=True)
+    shown = caches.agent.efci("cache", "ls")
+    assert b"inconsistent" in shown.stderr and b"rescan" in shown.stderr
+    deadline = time.monotonic() + 60
+    while json.loads(caches.agent.efci("--json", "cache", "ls").stdout)["usage_inconsistent"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    listed = caches.ls()["alice/c"]
+    assert (listed["referenced"], listed["exclusive"]) == caches.qgroups()[listed["qgroup"]]
+    assert listed["referenced"] >= 5_000_000

@@ -280,3 +280,37 @@ def test_a_long_followed_log_keeps_the_tab_bounded(web: Web, browser: WebDriver)
     texts = browser.execute_script("return window.efciLog.lines.slice(0, 30000).map(l => l.text)")
     numbers = [int(t) for t in texts if t.isdigit()]
     assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # none lost, none twice
+
+
+def test_the_caches_page_shows_usage_and_sets_a_quota(web: Web, browser: WebDriver,
+                                                      tmp_path: Path) -> None:
+    make_cache_fs = Path(__file__).resolve().parents[2] / "scripts/make-cache-fs"
+    root = tmp_path / "cachefs/caches"
+    subprocess.run([str(make_cache_fs), "512M", str(root)], check=True, capture_output=True)
+    agent = web.agent
+    try:
+        agent.stop()
+        web.configure(f"paths:\n  caches: {root}\n")
+        agent.start()
+        agent.declare("cached.yml", json.dumps({"owner": "alice", "tasks": {"cached": {
+            "image": BASE_IMAGE, "network": "none", "command": [
+                "sh", "-c", "head -c 3000000 /dev/urandom > /c/blob"],
+            "caches": [{"name": "deps", "path": "/c", "quota": "64MiB"}]}}}))
+        agent.efci("reload")
+        agent.efci("run", "--follow", "cached")
+        log_in(browser, web)
+        browser.get(web.url + "/caches")
+        row = browser.find_element(By.CSS_SELECTOR, "tr[data-cache='alice/deps']")
+        assert "64.0 MiB" in row.text and "2.9 MiB" in row.text and "cached" in row.text
+        screenshot(browser, "caches")
+        row.find_element(By.NAME, "quota").send_keys("128MiB")
+        row.find_element(By.CSS_SELECTOR, "button").click()
+        wait_for(lambda: "128.0 MiB" in browser.find_element(
+            By.CSS_SELECTOR, "tr[data-cache='alice/deps']").text, "the new quota")
+        listed = json.loads(agent.efci("--json", "cache", "ls").stdout)["caches"]
+        assert listed[0]["quota"] == 128 << 20 and listed[0]["quota_from"] == \
+            "efci cache set-quota"
+    finally:
+        agent.cleanup()
+        subprocess.run([str(make_cache_fs), "--remove", str(root)], capture_output=True,
+                       check=False)
