@@ -104,6 +104,8 @@ class Agent:
         refs = declarations.image_refs(parsed, self.decls)
         present = await self.engine.present_images(refs)
         self.decls = declarations.assemble(parsed, existing_images=present, previous=self.decls)
+        if self.caches.problem:  # not checked yet, or mounted by the administrator since
+            await self.caches.check(self.docker_root)
         await self.caches.claim(list(self.decls.tasks.values()))
         await self.caches.sweep()  # claims just released may be past their grace
         for file, message in self.decls.errors.items():
@@ -146,7 +148,6 @@ async def serve(cfg: AgentConfig) -> None:
         log.info("efforting-ci %s starting: config %s, state %s, docker %s", __version__,
                  cfg.source, cfg.state_dir, version)
         await agent.runs.recover()
-        await agent.caches.check(agent.docker_root)
         await agent.network.ensure()
         try:
             await agent.reload()

@@ -119,6 +119,15 @@ def test_a_write_past_the_quota_fails_the_run_and_spares_the_other_cache(
     too_big = caches.agent.efci("cache", "set-quota", "small", "5GiB", "--owner", OWNER,
                                 check=False)
     assert too_big.returncode != 0 and b"more than the caches filesystem holds" in too_big.stderr
+    # A full cache can still be removed (btrfs deletes over quota).
+    caches.agent.efci("cache", "set-quota", "small", "16MiB", "--owner", OWNER)
+    caches.agent.efci("cache", "rm", "small", "--owner", OWNER, "--force")
+    assert "alice/small" not in caches.ls()
+    # A declared quota larger than the filesystem refuses the run, saying where it is from.
+    caches.declare({"fill": cache_task("true", {**small, "quota": "5GiB"})})
+    run = caches.run("fill")
+    assert run["status"] == "failed" and "more than the caches filesystem holds" in run["error"]
+    assert "from the declaration" in run["error"]
 
 
 def test_releasing_a_private_cache_removes_it(caches: CacheAgent) -> None:
@@ -262,6 +271,8 @@ def test_two_runs_at_once_share_a_plain_cache(caches: CacheAgent) -> None:
     while caches.ls()["alice/both"]["used_by_runs"] != ids:
         assert time.monotonic() < deadline, caches.ls()
         time.sleep(0.1)
+    busy = caches.agent.efci("cache", "rm", "both", "--owner", OWNER, "--force", check=False)
+    assert busy.returncode != 0 and b"in use by runs" in busy.stderr
     for run_id in ids:
         while (run := json.loads(caches.agent.efci("--json", "show", str(run_id)).stdout))[
                 "status"] in ("queued", "running"):
