@@ -254,18 +254,22 @@ async def caches_page(web: Web, request: Request) -> Response:
     return web.page(request, "caches.html", await web.link.call("cache_ls"), session)
 
 
-async def cache_quota(web: Web, request: Request) -> Response:
-    _, fields = await web.changing(request)
-    found = await web.link.call("cache_set_quota", name=str(fields.get("name", "")),
-                                quota=str(fields.get("quota", "")),
-                                owner=str(fields.get("owner") or "") or None)
-    return web.done(request, found, "/caches")
-
-
 async def run_start(web: Web, request: Request) -> Response:
     session, fields = await web.changing(request)
     found = await web.link.call("run", task=str(fields.get("task", "")), session=session.token)
     return web.done(request, found, f"/runs/{found['id']}")
+
+
+def form_action(op: str, back: str, *names: str) -> Handler:
+    """A form that calls ``op`` with its fields ``names`` (an empty owner
+    is agent.yml's), then goes back to the page ``back``."""
+    async def act(web: Web, request: Request) -> Response:
+        _, fields = await web.changing(request)
+        args: dict[str, Any] = {n: str(fields.get(n, "")) for n in names}
+        if "owner" in args:
+            args["owner"] = args["owner"] or None
+        return web.done(request, await web.link.call(op, **args), back)
+    return act
 
 
 def run_action(op: str) -> Handler:
@@ -284,13 +288,6 @@ async def image_build(web: Web, request: Request) -> Response:
     return web.done(request, found, f"/runs/{found['id']}")
 
 
-async def key_create(web: Web, request: Request) -> Response:
-    _, fields = await web.changing(request)
-    found = await web.link.call("key_create", name=str(fields.get("name", "")),
-                                owner=str(fields.get("owner") or "") or None)
-    return web.done(request, found, "/keys")
-
-
 async def key_delete(web: Web, request: Request) -> Response:
     session, fields = await web.changing(request)
     name, owner = str(fields.get("name", "")), str(fields.get("owner") or "") or None
@@ -302,14 +299,6 @@ async def key_delete(web: Web, request: Request) -> Response:
             raise
         key = await web.link.call("key_show", name=name, owner=owner)
         return web.page(request, "key_delete.html", key, session, message=e.message)
-    return web.done(request, found, "/keys")
-
-
-async def key_register(web: Web, request: Request) -> Response:
-    _, fields = await web.changing(request)
-    found = await web.link.call("key_register", name=str(fields.get("name", "")),
-                                repo=str(fields.get("repo", "")),
-                                owner=str(fields.get("owner") or "") or None)
     return web.done(request, found, "/keys")
 
 
@@ -568,14 +557,16 @@ def make_app(cfg: AgentConfig, link: AgentLink) -> Starlette:
         Route("/api/runs/{run}/log", LogStream(web)),
         *route("/tasks", tasks_page),
         *route("/keys", keys_page),
-        *route("/keys", key_create, ("POST",)),
+        *route("/keys", form_action("key_create", "/keys", "name", "owner"), ("POST",)),
         *route("/keys/delete", key_delete, ("POST",)),
-        *route("/keys/register", key_register, ("POST",)),
+        *route("/keys/register", form_action("key_register", "/keys", "name", "repo", "owner"),
+               ("POST",)),
         *route("/keys/scan", key_scan, ("POST",)),
         *route("/keys/trust", key_trust, ("POST",)),
         *route("/images", images_page),
         *route("/caches", caches_page),
-        *route("/caches/quota", cache_quota, ("POST",)),
+        *route("/caches/quota", form_action("cache_set_quota", "/caches", "name", "quota",
+                                            "owner"), ("POST",)),
         *route("/images/{name}/build", image_build, ("POST",)),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
