@@ -121,7 +121,7 @@ class Caches:
     async def claim(self, tasks: list[Task]) -> None:
         claims = [{"owner": t.owner, "name": c.name, "task": t.name, "shared": c.shared,
                    "layered": c.layered, "quota": c.quota, "source": c.source}
-                  for t in tasks for c in t.caches]
+                  for t in tasks for c in t.all_caches]
         for line in await self.state.call(self.state.claim_caches, claims):
             log.info("%s", line)
 

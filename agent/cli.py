@@ -102,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
     rs2.add_argument("run", type=int)
     rs2.add_argument("-f", "--follow", action="store_true",
                      help="stream the attempt's output and exit with its exit status")
+    rt = add("retry", "run a finished pipeline again from one stage, over the layers the "
+                      "stages before it left (they do not run again)")
+    rt.add_argument("run", type=int)
+    rt.add_argument("--from", dest="stage", required=True, metavar="STAGE")
+    rt.add_argument("-f", "--follow", action="store_true",
+                    help="stream the attempt's output and exit with its exit status")
     fw = add("firewall", "the task bridge's rules: status, probe, remove")
     fw.add_argument("action", choices=["status", "probe", "remove"])
     sh = add("shell", "an interactive shell in a finished run's environment (same image state, "
@@ -373,6 +379,10 @@ def _restart(client: Client, args: argparse.Namespace) -> Shown | int:
     return _start_run(client, args, "restart", {"run": args.run})
 
 
+def _retry(client: Client, args: argparse.Namespace) -> Shown | int:
+    return _start_run(client, args, "retry", {"run": args.run, "stage": args.stage})
+
+
 def _rm(client: Client, args: argparse.Namespace) -> Shown:
     return Shown(client.call("rm", {"run": args.run}), views.removed)
 
@@ -437,5 +447,5 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Shown | int]] = {
     "status": _status, "tasks": _tasks, "reload": _reload, "run": _run, "runs": _runs,
     "show": _show, "logs": _logs, "cancel": _cancel, "key": _key, "images": _images,
     "image": _image, "restart": _restart, "rm": _rm, "firewall": _firewall, "gitea": _gitea,
-    "cache": _cache,
+    "cache": _cache, "retry": _retry,
 }

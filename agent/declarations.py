@@ -169,11 +169,19 @@ def _caches(node: Node) -> tuple[CacheUse, ...]:
     return tuple(caches)
 
 
+STAGE_KEYS = {"image", "command", "env", "time_limit", "secrets", "caches", "deploy_targets",
+              "allow_failure"}
+# Stage N's overlay stacks N-1 layers over the base worktree; the kernel takes
+# up to 500 lower layers, but all their paths must fit in one page of mount
+# options, which a few dozen long volume paths fill.
+MAX_STAGES = 32
+
+
 def _stages(node: Node) -> tuple[Stage, ...]:
     stages = []
     seen: set[str] = set()
     for item in node.sequence():
-        f = item.mapping(required={"name"}, optional={"image", "command", "env", "time_limit"})
+        f = item.mapping(required={"name"}, optional=STAGE_KEYS)
         name = f["name"].name()
         if name in seen:
             raise f["name"].error(f"stage {name!r} is declared twice")
@@ -184,7 +192,14 @@ def _stages(node: Node) -> tuple[Stage, ...]:
             command=_command(f["command"]) if "command" in f else None,
             env=_env(f["env"]) if "env" in f else {},
             time_limit=f["time_limit"].duration() if "time_limit" in f else None,
+            secrets=_names(f["secrets"]) if "secrets" in f else None,
+            caches=_caches(f["caches"]) if "caches" in f else None,
+            deploy_targets=_deploy_targets(f) if "deploy_targets" in f else None,
+            allow_failure=f["allow_failure"].boolean() if "allow_failure" in f else False,
         ))
+    if len(stages) > MAX_STAGES:
+        raise node.error(f"{len(stages)} stages are more than {MAX_STAGES}: each stage's "
+                         "layer is one more lower layer of the next one's overlay")
     return tuple(stages)
 
 
@@ -471,7 +486,7 @@ def _check_cache(file: str, name: str, task: Task, use: CacheUse,
     for other in so_far.tasks.values():
         if other.owner != task.owner:
             continue
-        for theirs in other.caches:
+        for theirs in other.all_caches:
             if theirs.name != use.name:
                 continue
             if not (use.shared and theirs.shared):
@@ -504,7 +519,7 @@ def _check_against(file: str, decl: FileDeclarations, so_far: DeclarationSet,
                 raise ConfigError(file, line, f"tasks.{name}.{where}",
                                   f"image {ref!r} is neither declared under images: nor present "
                                   "in Docker (docker image ls)")
-        for use in task.caches:
+        for use in task.all_caches:
             _check_cache(file, name, task, use, so_far)
     for name in decl.images:
         if name in so_far.images:

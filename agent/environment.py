@@ -67,10 +67,11 @@ class Environments:
 
     @asynccontextmanager
     async def open(self, run_id: int, take: Take, *, targets: Sequence[Path] = (),
-                   report: Update | None = None, task: Task | None = None,
+                   report: Update | None = None, task: Task | None = None, stage: int = 0,
                    say: Callable[[str], object] = log.info) -> AsyncIterator[Environment]:
         """Worktrees, views, (with ``task``) its caches and (with ``report``)
-        the progress channel, for the block.  Afterwards, in this order: the
+        the progress channel, for the block; in a pipeline, the views of
+        stage ``stage``.  Afterwards, in this order: the
         channel is closed, the caches given back, the views unmounted, the
         worktrees given back, and the deploy ``targets`` swept of setuid
         bits and devices (``say`` tells what)."""
@@ -83,7 +84,7 @@ class Environments:
             await take(worktrees)
             stack.push_async_callback(shielded(f"unmounting run {run_id}'s views",
                                                self.mutations.unmount, run_id))
-            views = [(await self.mutations.mount(run_id, i, w.volume, w.mount_name),
+            views = [(await self.mutations.mount(run_id, i, w.volume, w.mount_name, stage),
                       w.mount_name) for i, w in enumerate(worktrees)]
             caches: list[Mount] = []
             if task is not None and task.caches:

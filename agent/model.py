@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,11 +40,18 @@ class CacheUse:
 
 @dataclass(frozen=True)
 class Stage:
+    """One stage of a pipeline; what it leaves None (or unset) it inherits
+    from its task (:meth:`Task.stage_task`)."""
+
     name: str
     image: str | None
     command: tuple[str, ...] | None
-    env: dict[str, str]
+    env: dict[str, str]  # added to the task's
     time_limit: int | None
+    secrets: tuple[str, ...] | None = None
+    caches: tuple[CacheUse, ...] | None = None
+    deploy_targets: tuple[str, ...] | None = None
+    allow_failure: bool = False  # a failure is recorded, and the pipeline goes on
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,30 @@ class Task:
     @property
     def qualified_name(self) -> str:
         return f"{self.owner}/{self.name}"
+
+    @property
+    def all_caches(self) -> tuple[CacheUse, ...]:
+        """The caches it or any of its stages use, each once."""
+        found = {c.name: c for c in self.caches}
+        for stage in self.stages:
+            for c in stage.caches or ():
+                found.setdefault(c.name, c)
+        return tuple(found.values())
+
+    def stage_task(self, stage: Stage) -> Task:
+        """The task as one of its stages runs it: the stage's own image,
+        command, time limit, secrets, caches and deploy targets where it sets
+        them, the task's where not; the environment is the task's with the
+        stage's added.  Checkout, network and owner are the task's."""
+        return dataclasses.replace(
+            self, image=stage.image or self.image,
+            command=stage.command if stage.command is not None else self.command,
+            env={**self.env, **stage.env}, time_limit=stage.time_limit or self.time_limit,
+            secrets=self.secrets if stage.secrets is None else stage.secrets,
+            caches=self.caches if stage.caches is None else stage.caches,
+            deploy_targets=(self.deploy_targets if stage.deploy_targets is None
+                            else stage.deploy_targets),
+            stages=())
 
 
 class RunStatus(enum.Enum):

@@ -12,10 +12,12 @@ volumes stay (with the stopped container) until ``efci rm``.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 from .config import AgentConfig
+from .errors import RunFailed
 from .host import mounts
 from .host.engine import LABEL_PREFIX, Engine
 
@@ -23,7 +25,7 @@ from .host.engine import LABEL_PREFIX, Engine
 class Mounter(Protocol):
     """The kernel's mounts as mutations need them (agent.host.mounts)."""
 
-    async def mount_overlay(self, lower: Path, upper: Path, work: Path,
+    async def mount_overlay(self, lowers: Sequence[Path], upper: Path, work: Path,
                             target: Path) -> None: ...
 
     async def unmount(self, target: Path) -> None: ...
@@ -40,25 +42,35 @@ class Mutations:
         self.mounter = mounter
         self.root = cfg.state_dir / "mounts"
 
-    def volume_name(self, run_id: int, index: int) -> str:
-        return f"efci-{self.instance}-{run_id}-mut-{index}"
+    def volume_name(self, run_id: int, index: int, stage: int = 0) -> str:
+        return f"efci-{self.instance}-{run_id}-mut-{index}" + (f"-s{stage}" if stage else "")
 
-    def merged_path(self, run_id: int, mount_name: str) -> Path:
-        return self.root / str(run_id) / mount_name
+    def merged_path(self, run_id: int, mount_name: str, stage: int = 0) -> Path:
+        # ".sN" cannot be a mount name (those begin with a letter or digit).
+        return self.root / str(run_id) / (f".s{stage}" if stage else "") / mount_name
 
-    async def mount(self, run_id: int, index: int, base_volume: str, mount_name: str) -> Path:
+    async def mount(self, run_id: int, index: int, base_volume: str, mount_name: str,
+                    stage: int = 0) -> Path:
         """Mount the run's view of one worktree (creating its mutations volume
-        the first time; a restart mounts the same one again)."""
-        volume = self.volume_name(run_id, index)
+        the first time; a restart mounts the same one again).  In a
+        pipeline, stage N's view has the upper layers the stages before it
+        left as lower layers, the latest on top, over the base worktree."""
+        volume = self.volume_name(run_id, index, stage)
         if not await self.engine.volume_exists(volume):
             await self.engine.create_volume(volume, {
                 LABEL_PREFIX + "instance": self.instance,
                 LABEL_PREFIX + "run": str(run_id),
+                LABEL_PREFIX + "stage": str(stage),
                 LABEL_PREFIX + "base": base_volume})
-        lower = await self.engine.volume_path(base_volume)
+        lowers = [await self.engine.volume_path(self.volume_name(run_id, index, earlier)) / "upper"
+                  for earlier in range(stage - 1, -1, -1)]
+        lowers.append(await self.engine.volume_path(base_volume))
         layers = await self.engine.volume_path(volume)
-        merged = self.merged_path(run_id, mount_name)
-        await self.mounter.mount_overlay(lower, layers / "upper", layers / "work", merged)
+        merged = self.merged_path(run_id, mount_name, stage)
+        try:
+            await self.mounter.mount_overlay(lowers, layers / "upper", layers / "work", merged)
+        except ValueError as e:  # past the kernel's limits: say so, not a bare EINVAL
+            raise RunFailed(f"the view of /src/{mount_name} cannot be mounted: {e}") from None
         return merged
 
     async def unmount(self, run_id: int) -> None:
@@ -77,6 +89,16 @@ class Mutations:
                                     reverse=True):
                 with contextlib.suppress(OSError):
                     directory.rmdir()
+
+    async def layers_exist(self, run_id: int, worktrees: int, stage: int) -> bool:
+        return all([await self.engine.volume_exists(self.volume_name(run_id, index, stage))
+                    for index in range(worktrees)])
+
+    async def remove_stage(self, run_id: int, stage: int) -> None:
+        """Delete one pipeline stage's mutations volumes (the run's views
+        must be unmounted)."""
+        await self.engine.remove_volumes({"instance": self.instance, "run": str(run_id),
+                                          "stage": str(stage)})
 
     async def remove(self, run_id: int) -> None:
         """Unmount and delete the run's mutations volumes."""

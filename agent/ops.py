@@ -35,7 +35,7 @@ from .gitea import repository_on
 from .images import image_tag
 from .keys import KeyInfo
 from .logstore import bounded, records_with_skip
-from .model import Requester, Task
+from .model import Image, Requester, Task
 from .protocol import Call
 from .runs import task_to_wire
 from .shell import serve_shell
@@ -175,8 +175,15 @@ async def run(agent: Agent, call: Call, *, task: str, follow: bool = False,
         known = ", ".join(sorted(agent.decls.tasks)) or "none declared"
         raise NotFound(f"no task {task!r} (tasks: {known}); see efci tasks")
     run_id = await agent.runs.start(found, await _who(agent, call, session),
-                                    image=agent.decls.images.get(found.image))
+                                    image=agent.decls.images.get(found.image),
+                                    stage_images=_stage_images(agent, found))
     return await _started(agent, call, run_id, 0, follow)
+
+
+def _stage_images(agent: Agent, task: Task) -> dict[str, Image]:
+    """The declared images its stages run in (built, if need be, when they start)."""
+    return {s.image: agent.decls.images[s.image] for s in task.stages
+            if s.image and s.image in agent.decls.images}
 
 
 @op
@@ -233,6 +240,15 @@ async def restart(agent: Agent, call: Call, *, run: int, follow: bool = False,
 
 
 @op
+async def retry(agent: Agent, call: Call, *, run: int, stage: str, follow: bool = False,
+                session: str | None = None) -> object:
+    who = await _who(agent, call, session)
+    position = agent.logs.end(run)
+    await agent.runs.retry(run, stage, who)
+    return await _started(agent, call, run, position, follow)
+
+
+@op
 async def rm(agent: Agent, call: Call, *, run: int, session: str | None = None) -> object:
     who = await _who(agent, call, session)
     await agent.runs.remove(run)
@@ -259,9 +275,10 @@ async def run_wire(agent: Agent, run_id: int) -> dict[str, Any]:
         raise NotFound(f"no run {run_id}; see efci runs")
     worktrees = await agent.state.call(agent.state.run_worktrees, run_id)
     statuses = await agent.state.call(agent.state.run_statuses, run_id)
+    stages = await agent.state.call(agent.state.run_stages, run_id)
     return {**record.to_wire(), "log_start": agent.logs.start(run_id),
             "log_size": agent.logs.end(run_id), "worktrees": worktrees,
-            "commit_statuses": statuses}
+            "commit_statuses": statuses, "stages": stages}
 
 
 async def stream_log(agent: Agent, call: Call, run_id: int, position: int, skip: int, *,
@@ -499,7 +516,8 @@ async def push(agent: Agent, call: Call, *, delivery: str, repository: str, ssh_
     for task in triggers.tasks_for(event, list(agent.decls.tasks.values())):
         trigger = {**event.to_wire(), "mounts": triggers.mounts_of(event, task)}
         run_id = await agent.runs.start(task, call.requester, trigger=trigger,
-                                        image=agent.decls.images.get(task.image))
+                                        image=agent.decls.images.get(task.image),
+                                        stage_images=_stage_images(agent, task))
         await agent.commit_status(run_id, task, trigger, "pending", "queued")
         replaced = await agent.runs.replace_queued(task, event.ref, run_id)
         started.append({"run": run_id, "task": task.name, "owner": task.owner,

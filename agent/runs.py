@@ -36,7 +36,7 @@ from .access import deploy_targets, host_mounts, sweep_target
 from .caches import Caches
 from .checkout import Checkouts, Worktree
 from .config import AgentConfig
-from .environment import Environment, Environments, shielded
+from .environment import Environment, Environments, Take, shielded
 from .errors import CommandFailed, Conflict, EfciError, NotFound, RunFailed, internal_error
 from .host import cgroups, docker, mounts
 from .host.engine import ContainerSpec, ContainerState, Engine, Mount
@@ -90,8 +90,12 @@ def task_from_wire(data: dict[str, Any]) -> Task:
         "caches": tuple(CacheUse(**c) for c in data["caches"]),
         "deploy_targets": tuple(data["deploy_targets"]),
         "network": Network(data["network"]),
-        "stages": tuple(Stage(**{**s, "command": tuple_or_none(s["command"])})
-                        for s in data["stages"]),
+        "stages": tuple(Stage(**{
+            **s, "command": tuple_or_none(s["command"]),
+            "secrets": tuple_or_none(s.get("secrets")),
+            "caches": None if s.get("caches") is None else tuple(
+                CacheUse(**c) for c in s["caches"]),
+            "deploy_targets": tuple_or_none(s.get("deploy_targets"))}) for s in data["stages"]),
         "on_push": None if data.get("on_push") is None else PushTrigger(
             branches=tuple(data["on_push"]["branches"]), tags=tuple(data["on_push"]["tags"])),
     })
@@ -154,6 +158,9 @@ class ActiveRun:
     build_only: bool  # efci image build: the build is the whole run
     attempt: int = 1  # efci restart starts the same container again as attempt 2, 3, ...
     container_id: str = ""  # once created (or, for a restart, the run's)
+    container_name: str = ""  # the container now running (a pipeline's stage's)
+    stage_images: dict[str, Image] = field(default_factory=dict)  # declared, by stages
+    from_stage: int = 0  # a retry of a pipeline: the first stage to run again
     pids_limit_reached: int = 0  # forks that failed at limits.pids
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     cancel_reason: str = ""
@@ -251,15 +258,16 @@ class Runs:
     # -- starting and stopping runs ---------------------------------------------------
 
     async def start(self, task: Task, requester: Requester, *, image: Image | None = None,
-                    build_only: bool = False, trigger: dict[str, Any] | None = None) -> int:
+                    build_only: bool = False, trigger: dict[str, Any] | None = None,
+                    stage_images: dict[str, Image] | None = None) -> int:
         assert self._nursery is not None, "Runs.serve must be running"
         if self._stopping:
             raise Conflict("the agent is stopping; no new runs are started")
         run_id = await self.state.call(self.state.create_run, task, requester,
                                        task_to_wire(task), trigger)
         pushed_ref = str(trigger.get("ref", "")) if trigger else ""
-        await self._launch(ActiveRun(run_id, task, image, build_only, pushed_ref=pushed_ref),
-                           requester)
+        await self._launch(ActiveRun(run_id, task, image, build_only, pushed_ref=pushed_ref,
+                                     stage_images=stage_images or {}), requester)
         log.info("run %d of %s queued (uid %d)", run_id, task.qualified_name, requester.uid)
         return run_id
 
@@ -273,12 +281,59 @@ class Runs:
             raise Conflict(f"run {run_id} has no container to restart"
                            + (" (efci rm removed it)" if record.removed_at else ""))
         task = task_from_wire(await self.state.call(self.state.run_declaration, run_id))
+        if task.stages:
+            raise Conflict(f"run {run_id} is a pipeline; efci restart starts one container "
+                           "again, which is not done for pipelines yet: start a new run")
         attempt = record.attempts + 1
         await self.state.call(self.state.update_run, run_id, status=RunStatus.QUEUED,
                               attempts=attempt, finished_at=None, exit_code=None, error=None)
         await self._launch(ActiveRun(run_id, task, None, False, attempt,
                                      container_id=record.container_id), requester)
         log.info("run %d restarted as attempt %d (uid %d)", run_id, attempt, requester.uid)
+
+    async def retry(self, run_id: int, stage: str, requester: Requester) -> None:
+        """A new attempt of a finished pipeline run from ``stage`` on: the
+        stages before it are not run again, their layers are what it starts
+        from; the old containers and layers of ``stage`` and the ones after
+        it are removed first."""
+        if self._stopping:
+            raise Conflict("the agent is stopping; no new runs are started")
+        record = await self._finished_record(run_id)
+        task = task_from_wire(await self.state.call(self.state.run_declaration, run_id))
+        names = [s.name for s in task.stages]
+        if stage not in names:
+            raise NotFound(f"run {run_id} has no stage {stage!r}; its stages: "
+                           + (", ".join(names) or "none (it is not a pipeline)"))
+        index = names.index(stage)
+        if record.removed_at is not None:
+            raise Conflict(f"run {run_id}'s layers were removed (efci rm, or eviction) "
+                           f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(record.removed_at))}"
+                           "; start a new run")
+        done = await self.state.call(self.state.run_stages, run_id)
+        worktrees = len(await self.state.call(self.state.run_worktrees, run_id))
+        for earlier in done[:index]:
+            allowed = task.stages[earlier["idx"]].allow_failure
+            if earlier["status"] != "succeeded" and not (allowed and
+                                                       earlier["status"] == "failed"):
+                raise Conflict(f"stage {earlier['name']} of run {run_id} did not succeed "
+                               f"({earlier['status']}); retry from it, not from {stage}")
+            if not await self.mutations.layers_exist(run_id, worktrees, earlier["idx"]):
+                raise Conflict(f"the layers stage {earlier['name']} of run {run_id} left are "
+                               "gone; retry from an earlier stage, or start a new run")
+        for later in range(index, len(names)):
+            await self.engine.remove(f"{task_container_name(self.instance, run_id)}-"
+                                     f"{names[later]}")
+            await self.mutations.remove_stage(run_id, later)
+            await self.state.call(self.state.update_stage, run_id, later, status="pending",
+                                  started_at=None, finished_at=None, exit_code=None,
+                                  container=None, error=None)
+        attempt = record.attempts + 1
+        await self.state.call(self.state.update_run, run_id, status=RunStatus.QUEUED,
+                              attempts=attempt, finished_at=None, exit_code=None, error=None)
+        await self._launch(ActiveRun(run_id, task, None, False, attempt, from_stage=index),
+                           requester)
+        log.info("run %d retried from stage %s as attempt %d (uid %d)", run_id, stage, attempt,
+                 requester.uid)
 
     async def _launch(self, run: ActiveRun, requester: Requester) -> None:
         # Opened here, not in the run's task, so a follower that asks right
@@ -458,23 +513,34 @@ class Runs:
             run.done.set()
 
     async def _run(self, run: ActiveRun, writer: LogWriter) -> tuple[RunStatus, dict[str, Any]]:
-        """Refusals, the image, then within the time limit: the environment
-        (checkout or the worktrees it has, views, progress) and the container
-        (created, or the run's own again for a restart), attached."""
-        first = run.attempt == 1
+        """Refusals and the image, then the task's container (created, or
+        the run's own again for a restart), or each stage of its pipeline."""
         binds, targets = await self._prepare(run, writer)
         if run.build_only:
             return RunStatus.SUCCEEDED, {}
-        limit = run.task.time_limit or self.cfg.time_limit
+        if run.task.stages:
+            return await self._pipeline(run, writer)
+        take = self._check_out(run, writer) if run.attempt == 1 else self._worktrees_of(run.id)
+        return await self._step(run, run.task, binds, targets, take, writer,
+                                again=run.attempt > 1)
+
+    async def _step(self, run: ActiveRun, task: Task, binds: list[Mount], targets: list[Path],
+                    take: Take, writer: LogWriter, *, again: bool = False, stage: int = 0,
+                    name: str = "") -> tuple[RunStatus, dict[str, Any]]:
+        """One container of the run, within its time limit: the environment
+        (checkout or the worktrees it has, views, caches, progress), the
+        container, attached; how it ended."""
+        limit = task.time_limit or self.cfg.time_limit
+        run.container_name = name or task_container_name(self.instance, run.id)
         container = ""
         with trio.move_on_after(limit) as timer:
-            take = self._check_out(run, writer) if first else self._worktrees_of(run.id)
-            async with self.environments.open(run.id, take, targets=targets, task=run.task,
+            async with self.environments.open(run.id, take, targets=targets, task=task,
+                                              stage=stage,
                                               report=self._progress_reporter(run, writer),
                                               say=writer.message) as env:
                 try:
-                    container = await (self._create(run, env, binds, writer) if first
-                                       else self._again(run, writer))
+                    container = await (self._again(run, writer) if again
+                                       else self._create(run, task, env, binds, writer))
                     await self._attach(run, container, writer)
                 finally:
                     if timer.cancel_called or run.scope.cancel_called:
@@ -494,6 +560,81 @@ class Runs:
         if timed_out or limits or full:
             fields["error"] = "; ".join([*timed_out.values(), *limits, *full])
         return status, fields
+
+    async def _pipeline(self, run: ActiveRun,
+                        writer: LogWriter) -> tuple[RunStatus, dict[str, Any]]:
+        """The stages in order, each in a container of its own over views
+        that stack the layers the stages before it left; the checkout once,
+        before the first.  A stage that fails stops the pipeline (unless it
+        allows failure): the ones after it are skipped."""
+        stages = run.task.stages
+        if run.attempt == 1:
+            await self.state.call(self.state.set_stages, run.id, [s.name for s in stages])
+        else:
+            writer.message(f"attempt {run.attempt}: from stage {stages[run.from_stage].name}, "
+                           "over the layers the stages before it left")
+        status, fields, stopped_by = RunStatus.SUCCEEDED, dict[str, Any](), ""
+        for index, stage in enumerate(stages):
+            if index < run.from_stage:
+                continue
+            if stopped_by:
+                await self.state.call(self.state.update_stage, run.id, index, status="skipped",
+                                      error=f"stage {stopped_by} failed")
+                writer.message(f"stage {stage.name}: skipped (stage {stopped_by} failed)")
+                continue
+            result, details = await self._stage(run, index, stage, writer)
+            if result is RunStatus.SUCCEEDED:
+                continue
+            if stage.allow_failure and result is RunStatus.FAILED:
+                writer.message(f"stage {stage.name}: failed, which it may (allow_failure); "
+                               "the pipeline goes on")
+                continue
+            stopped_by = stage.name
+            status = result
+            fields = {**{k: v for k, v in details.items() if k == "exit_code"},
+                      "error": f"stage {stage.name} {result.value.replace('_', ' ')}"
+                               + (f": {details['error']}" if details.get("error") else
+                                  f" (exit status {details.get('exit_code')})")}
+        return status, fields
+
+    async def _stage(self, run: ActiveRun, index: int, stage: Stage,
+                     writer: LogWriter) -> tuple[RunStatus, dict[str, Any]]:
+        task = run.task.stage_task(stage)
+        name = f"{task_container_name(self.instance, run.id)}-{stage.name}"
+        await self.state.call(self.state.update_stage, run.id, index, status="running",
+                              started_at=time.time(), container=name)
+        writer.event(Kind.MARKER, {"step": "stage", "name": stage.name, "event": "start"})
+        writer.message(f"stage {stage.name} ({index + 1} of {len(run.task.stages)}): "
+                       f"{task.image}")
+        try:
+            declared = run.stage_images.get(task.image)
+            if declared is not None:
+                task = dataclasses.replace(task, image=await self.images.ensure(declared, writer))
+            binds = host_mounts(self.cfg, task)
+            targets = [t.path for t in deploy_targets(self.cfg, task)]
+            for path in targets:
+                await self.guards.ensure(path)
+            take = (self._check_out(run, writer) if index == 0 and run.attempt == 1
+                    else self._worktrees_of(run.id))
+            result, details = await self._step(run, task, binds, targets, take, writer,
+                                               stage=index, name=name)
+        except (RunFailed, EfciError) as e:
+            result, details = RunStatus.ERROR, {"error": e.message}
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True):
+                await self.state.call(self.state.update_stage, run.id, index,
+                                      status=RunStatus.CANCELLED.value, finished_at=time.time())
+            raise
+        await self.state.call(self.state.update_stage, run.id, index, status=result.value,
+                              finished_at=time.time(), exit_code=details.get("exit_code"),
+                              error=details.get("error"))
+        writer.event(Kind.MARKER, {"step": "stage", "name": stage.name, "event": "end",
+                                   "status": result.value})
+        writer.message(f"stage {stage.name}: {result.value.replace('_', ' ')}"
+                       + (f", exit status {details['exit_code']}"
+                          if details.get("exit_code") is not None else "")
+                       + (f": {details['error']}" if details.get("error") else ""))
+        return result, details
 
     async def _prepare(self, run: ActiveRun,
                        writer: LogWriter) -> tuple[list[Mount], list[Path]]:
@@ -545,12 +686,14 @@ class Runs:
                     Worktree(row["volume"], row["mount_name"], row["commit_sha"], True)))
         return take
 
-    async def _create(self, run: ActiveRun, env: Environment, binds: list[Mount],
+    async def _create(self, run: ActiveRun, task: Task, env: Environment, binds: list[Mount],
                       writer: LogWriter) -> str:
         assert env.progress_dir is not None
-        spec = container_spec(self.cfg, self.instance, run.id, run.task, env.views,
-                              [*binds, *env.caches, Mount("bind", str(env.progress_dir),
-                                                          MOUNT_POINT, readonly=True)])
+        spec = dataclasses.replace(
+            container_spec(self.cfg, self.instance, run.id, task, env.views,
+                           [*binds, *env.caches, Mount("bind", str(env.progress_dir),
+                                                       MOUNT_POINT, readonly=True)]),
+            name=run.container_name)
         await self.state.call(self.state.update_run, run.id, container_name=spec.name)
         run.container_id = await self.engine.create(spec)
         await self.state.call(self.state.update_run, run.id, container_id=run.container_id)
@@ -559,8 +702,7 @@ class Runs:
 
     async def _stop(self, run: ActiveRun) -> None:
         """By name: it may have been created without us learning its id."""
-        await self.engine.stop(task_container_name(self.instance, run.id),
-                               grace=self.cfg.stop_grace)
+        await self.engine.stop(run.container_name, grace=self.cfg.stop_grace)
 
     async def _again(self, run: ActiveRun, writer: LogWriter) -> str:
         container = task_container_name(self.instance, run.id)

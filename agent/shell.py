@@ -50,6 +50,9 @@ async def serve_shell(runs: Runs, call: protocol.Call, run_id: int, cols: int,
         if record.container_id is None or record.removed_at is not None:
             raise Conflict(f"run {run_id} has no container to open a shell in")
         task = task_from_wire(await runs.state.call(runs.state.run_declaration, run_id))
+        if task.stages:
+            raise Conflict(f"run {run_id} is a pipeline; efci shell opens single-container "
+                           "runs only, for now")
         image = f"efci-shell/{runs.instance}:{run_id}"
         name = f"efci-{runs.instance}-{run_id}-shell"
         # Undone in reverse, each step on its own: the image, the container.

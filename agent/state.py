@@ -158,6 +158,20 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (run_id, cache_id)
     );
     """,
+    """
+    CREATE TABLE run_stages (
+        run_id INTEGER NOT NULL REFERENCES runs (id),
+        idx INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        exit_code INTEGER,
+        container TEXT,
+        error TEXT,
+        PRIMARY KEY (run_id, idx)
+    );
+    """,
 )
 
 
@@ -359,6 +373,30 @@ class StateStore:
             rows = self._db.execute("DELETE FROM key_registrations WHERE owner = ? AND name = ?"
                                     " RETURNING repo", (owner, name)).fetchall()
         return sorted(r["repo"] for r in rows)
+
+    # -- pipeline stages --------------------------------------------------------------
+
+    def set_stages(self, run_id: int, names: list[str]) -> None:
+        with self._transaction():
+            self._db.executemany(
+                "INSERT OR REPLACE INTO run_stages (run_id, idx, name, status) VALUES (?, ?, ?,"
+                " 'pending')", [(run_id, i, n) for i, n in enumerate(names)])
+
+    def update_stage(self, run_id: int, index: int, **fields: Any) -> None:
+        for key in fields:  # the keys are ours; only these may be set
+            if key not in ("status", "started_at", "finished_at", "exit_code", "container",
+                           "error"):
+                raise KeyError(key)
+        assignments = ", ".join(f"{k} = ?" for k in fields)
+        with self._transaction():
+            self._db.execute(
+                f"UPDATE run_stages SET {assignments} WHERE run_id = ? AND idx = ?",  # noqa: S608
+                (*fields.values(), run_id, index))
+
+    def run_stages(self, run_id: int) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT * FROM run_stages WHERE run_id = ? ORDER BY idx",
+                                (run_id,))
+        return [{k: v for k, v in dict(r).items() if k != "run_id"} for r in rows]
 
     # -- caches -------------------------------------------------------------------------
 

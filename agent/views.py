@@ -150,6 +150,13 @@ def show(run: dict[str, Any]) -> int:
         how = "reused" if w["reused"] else "checked out"
         print(f"{'worktree:':16}/src/{w['mount_name']} {w['commit_sha'][:12]} ({how}, "
               f"{w['volume']})")
+    for st in run.get("stages", []):
+        took = (f", {st['finished_at'] - st['started_at']:.1f}s"
+                if st["started_at"] and st["finished_at"] else "")
+        code = f", exit status {st['exit_code']}" if st["exit_code"] is not None else ""
+        print(printable(f"{'stage:':16}{st['name']}: {st['status']}{code}{took}"
+                        + (f" ({st['container']})" if st["container"] else "")
+                        + (f": {st['error']}" if st["error"] else "")))
     print(f"{'took:':16}{duration(run)}")
     if run["removed_at"]:
         print(f"{'removed:':16}{when(run['removed_at'])} (container and mutations)")

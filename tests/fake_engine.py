@@ -12,7 +12,7 @@ command exits 0 at once.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,7 +245,8 @@ class FakeMounts:
         self.points: set[Path] = set()
         self.mounted_ever = 0
 
-    async def mount_overlay(self, lower: Path, upper: Path, work: Path, target: Path) -> None:
+    async def mount_overlay(self, lowers: Sequence[Path], upper: Path, work: Path,
+                            target: Path) -> None:
         target.mkdir(parents=True, exist_ok=True)
         self.points.add(target)
         self.mounted_ever += 1

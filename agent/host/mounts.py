@@ -20,6 +20,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,15 +132,27 @@ async def unmount(target: Path) -> None:
 
 # -- overlays --------------------------------------------------------------------------
 
-def overlay_options(lower: Path, upper: Path, work: Path) -> str:
-    for path in (lower, upper, work):
+# One page of mount options at most, and the kernel's limit of lower layers
+# (OVL_MAX_STACK); past either, mount(2) fails with a bare EINVAL.
+OPTIONS_MAX = 4095
+LOWERS_MAX = 500
+
+
+def overlay_options(lowers: Sequence[Path], upper: Path, work: Path) -> str:
+    """Mount options of an overlay; ``lowers`` top first."""
+    for path in (*lowers, upper, work):
         if any(c in str(path) for c in ",:\\"):
             raise ValueError(f"{path} cannot be an overlay layer (',', ':' or '\\\\' in it)")
-    return f"lowerdir={lower},upperdir={upper},workdir={work}"
+    options = f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={work}"
+    if len(lowers) > LOWERS_MAX or len(options) > OPTIONS_MAX:
+        raise ValueError(f"an overlay of {len(lowers)} lower layers needs {len(options)} "
+                         f"bytes of mount options; the kernel takes at most {LOWERS_MAX} layers "
+                         f"and {OPTIONS_MAX} bytes")
+    return options
 
 
-async def mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> None:
-    options = overlay_options(lower, upper, work)
+async def mount_overlay(lowers: Sequence[Path], upper: Path, work: Path, target: Path) -> None:
+    options = overlay_options(lowers, upper, work)
     upper.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     target.mkdir(parents=True, exist_ok=True)

@@ -271,3 +271,41 @@ def test_a_shared_cache_declared_alike_by_two_tasks(tmp_path: Path) -> None:
     assert not result.errors
     use = result.tasks["two"].caches[0]
     assert use.layered and use.promote_on_success and use.source.endswith("two.yml:4")
+
+
+def test_a_stage_inherits_what_it_does_not_set(tmp_path: Path) -> None:
+    decl = parse(tmp_path, """
+tasks:
+  site:
+    image: builder
+    command: make
+    env: {A: task, B: task}
+    secrets: [npmrc]
+    time_limit: 10m
+    caches: [{name: npm, path: /root/.npm}]
+    stages:
+      - {name: build, env: {B: stage}}
+      - name: publish
+        image: publisher
+        command: [rsync, -a, out/, /deploy/]
+        secrets: []
+        caches: []
+        time_limit: 1m
+        allow_failure: true
+""")
+    task = decl.tasks["site"]
+    build, publish = (task.stage_task(s) for s in task.stages)
+    assert (build.image, build.command, build.env) == ("builder", ("/bin/sh", "-c", "make"),
+                                                       {"A": "task", "B": "stage"})
+    assert (build.secrets, build.time_limit, [c.name for c in build.caches]) == \
+        (("npmrc",), 600, ["npm"])
+    assert (publish.image, publish.command[0], publish.secrets, publish.caches) == \
+        ("publisher", "rsync", (), ())
+    assert publish.time_limit == 60 and task.stages[1].allow_failure
+    assert build.stages == () and build.repositories == task.repositories
+
+
+def test_too_many_stages_are_refused(tmp_path: Path) -> None:
+    stages = ", ".join(f"{{name: s{i}}}" for i in range(33))
+    with pytest.raises(ConfigError, match="33 stages are more than 32"):
+        parse(tmp_path, f"tasks:\n  t:\n    image: x\n    stages: [{stages}]\n")

@@ -290,7 +290,7 @@ def test_recovery_settles_what_a_killed_agent_left(root: Path) -> None:
                     w.engine.containers[container.id] = container
                     w.state.update_run(run, status=RunStatus.RUNNING, container_id=container.id)
                 records[name] = run
-            await w.mounts.mount_overlay(root, root, root, w.cfg.state_dir / "mounts/1/lib")
+            await w.mounts.mount_overlay([root], root, root, w.cfg.state_dir / "mounts/1/lib")
             await w.runs.recover()
             settled = {name: await w.record(run) for name, run in records.items()}
             assert settled["gone"].status is RunStatus.CANCELLED

@@ -25,11 +25,21 @@ def test_mounted_under_is_deepest_first_and_unescapes() -> None:
 
 
 def test_overlay_options() -> None:
-    assert overlay_options(Path("/l"), Path("/u"), Path("/w")) == \
+    assert overlay_options([Path("/l")], Path("/u"), Path("/w")) == \
         "lowerdir=/l,upperdir=/u,workdir=/w"
+    assert overlay_options([Path("/b"), Path("/a")], Path("/u"), Path("/w")) == \
+        "lowerdir=/b:/a,upperdir=/u,workdir=/w"
     for bad in ("/a,b", "/a:b", "/a\\b"):
         with pytest.raises(ValueError, match="cannot be an overlay layer"):
-            overlay_options(Path(bad), Path("/u"), Path("/w"))
+            overlay_options([Path(bad)], Path("/u"), Path("/w"))
+
+
+def test_too_many_or_too_long_lower_layers_are_refused_before_mount() -> None:
+    long = [Path("/var/lib/docker/volumes/efci-0123abcd-1234-mut-0-s9/_data/upper")] * 70
+    with pytest.raises(ValueError, match="bytes of mount options"):
+        overlay_options(long, Path("/u"), Path("/w"))
+    with pytest.raises(ValueError, match="at most 500 layers"):
+        overlay_options([Path("/l")] * 501, Path("/u"), Path("/w"))
 
 
 def test_top_mount_is_the_last_one_at_a_point() -> None:
