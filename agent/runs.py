@@ -407,6 +407,7 @@ class Runs:
         for record in await self.state.call(self.state.unfinished_runs):
             status, fields = await self._settle(record)
             fields["finished_at"] = time.time()
+            await self.state.call(self.state.settle_stages, record.id)
             await self.state.call(self.state.update_run, record.id, status=status, **fields)
             self._close_log_of_recovered(record.id, status, fields)
             log.warning("recovered run %d: %s (%s)", record.id, status.value, fields["error"])
@@ -494,6 +495,8 @@ class Runs:
             writer.event(Kind.STATUS, {"status": status.value, **fields})
             end = {"status": status, "finished_at": time.time(), **fields}
             try:
+                if run.task.stages:
+                    await self.state.call(self.state.settle_stages, run.id)
                 await self.state.call(self.state.update_run, run.id, **end)
             except EfciError as e:
                 self.unsaved_ends[run.id] = end
@@ -618,13 +621,8 @@ class Runs:
                     else self._worktrees_of(run.id))
             result, details = await self._step(run, task, binds, targets, take, writer,
                                                stage=index, name=name)
-        except (RunFailed, EfciError) as e:
+        except EfciError as e:  # refused (a deploy target, an image): this stage's error
             result, details = RunStatus.ERROR, {"error": e.message}
-        except trio.Cancelled:
-            with trio.CancelScope(shield=True):
-                await self.state.call(self.state.update_stage, run.id, index,
-                                      status=RunStatus.CANCELLED.value, finished_at=time.time())
-            raise
         await self.state.call(self.state.update_stage, run.id, index, status=result.value,
                               finished_at=time.time(), exit_code=details.get("exit_code"),
                               error=details.get("error"))

@@ -393,6 +393,15 @@ class StateStore:
                 f"UPDATE run_stages SET {assignments} WHERE run_id = ? AND idx = ?",  # noqa: S608
                 (*fields.values(), run_id, index))
 
+    def settle_stages(self, run_id: int) -> None:
+        """A run that ended while a stage ran: that stage was cancelled, the
+        ones after it never ran."""
+        with self._transaction():
+            self._db.execute("UPDATE run_stages SET status = 'cancelled', finished_at = ? WHERE"
+                             " run_id = ? AND status = 'running'", (time.time(), run_id))
+            self._db.execute("UPDATE run_stages SET status = 'skipped' WHERE run_id = ? AND"
+                             " status = 'pending'", (run_id,))
+
     def run_stages(self, run_id: int) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT * FROM run_stages WHERE run_id = ? ORDER BY idx",
                                 (run_id,))
