@@ -108,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     rt.add_argument("--from", dest="stage", required=True, metavar="STAGE")
     rt.add_argument("-f", "--follow", action="store_true",
                     help="stream the attempt's output and exit with its exit status")
+    gcp = add("gc", "remove what agent.yml's gc policy says may go (runs' containers and "
+                    "layers, old logs, unused worktrees, orphans), saying why and what it frees")
+    gcp.add_argument("--dry-run", action="store_true", help="say what would go; remove nothing")
+    gcp.add_argument("--owner", help="only this owner's base worktrees")
     fw = add("firewall", "the task bridge's rules: status, probe, remove")
     fw.add_argument("action", choices=["status", "probe", "remove"])
     sh = add("shell", "an interactive shell in a finished run's environment (same image state, "
@@ -383,6 +387,13 @@ def _retry(client: Client, args: argparse.Namespace) -> Shown | int:
     return _start_run(client, args, "retry", {"run": args.run, "stage": args.stage})
 
 
+def _gc(client: Client, args: argparse.Namespace) -> Shown:
+    request: dict[str, Any] = {"dry_run": args.dry_run}
+    if args.owner:
+        request["owner"] = args.owner
+    return Shown(client.call("gc", request), views.collected)
+
+
 def _rm(client: Client, args: argparse.Namespace) -> Shown:
     return Shown(client.call("rm", {"run": args.run}), views.removed)
 
@@ -447,5 +458,5 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Shown | int]] = {
     "status": _status, "tasks": _tasks, "reload": _reload, "run": _run, "runs": _runs,
     "show": _show, "logs": _logs, "cancel": _cancel, "key": _key, "images": _images,
     "image": _image, "restart": _restart, "rm": _rm, "firewall": _firewall, "gitea": _gitea,
-    "cache": _cache, "retry": _retry,
+    "cache": _cache, "retry": _retry, "gc": _gc,
 }

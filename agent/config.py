@@ -95,6 +95,11 @@ class AgentConfig:
     caches_enable_quota: bool
     caches_default_quota: int
     caches_release_grace: int
+    gc_keep_runs: int
+    gc_keep_for: int
+    gc_logs_keep: int
+    gc_worktrees_unused: int
+    gc_interval: int
     deploy_targets: dict[str, DeployTarget] = field(default_factory=dict)
 
     @property
@@ -320,6 +325,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("caches.release_grace", "caches_release_grace", Node.duration,
             _const(7 * 86400), "7d",
             "How long a cache no declaration claims any more is kept before it is removed."),
+    Setting("gc.keep_runs", "gc_keep_runs", lambda n: n.integer(minimum=1, maximum=100000),
+            _const(20), "20", "Runs of each task whose container and layers gc never removes."),
+    Setting("gc.keep_for", "gc_keep_for", Node.duration, _const(7 * 86400), "7d",
+            "Nor those of any run younger than this."),
+    Setting("gc.logs_keep", "gc_logs_keep", Node.duration, _const(90 * 86400), "90d",
+            "Logs of runs that ended longer ago than this are removed (the record stays)."),
+    Setting("gc.worktrees_unused", "gc_worktrees_unused", Node.duration, _const(30 * 86400),
+            "30d", "Base worktrees no declared task checks out, unused this long, are removed."),
+    Setting("gc.interval", "gc_interval", Node.duration, _const(3600), "1h",
+            "How often the agent applies the policy itself (0: only efci gc)."),
 )
 
 _DEPLOY_HELP = """\

@@ -23,6 +23,7 @@ from .checkout import Checkouts
 from .config import AgentConfig
 from .control import ControlServer, bind_socket
 from .errors import CommandFailed, EfciError
+from .gc import Collector
 from .gitea import GiteaAPI, StatusSender
 from .host.docker import DockerCLI
 from .host.engine import Engine
@@ -64,6 +65,7 @@ class Agent:
         self.docker_root: Path | None = None
         self.web: dict[str, Any] | None = None  # efci web's announcement, while it is up
         self.statuses = StatusSender(state, self.gitea)
+        self.gc = Collector(self)
         self.runs.on_end = self.run_ended
 
     # -- Gitea commit statuses ---------------------------------------------------
@@ -176,6 +178,7 @@ async def _serve_until_signal(agent: Agent, sock: Any) -> None:
             await nursery.start(agent.runs.serve)
             await nursery.start(agent.statuses.serve)
             await nursery.start(agent.caches.serve)
+            await nursery.start(agent.gc.serve)
             server = ControlServer(sock, agent.handle, ops.schemas())
             await nursery.start(server.serve)
             log.info("listening on %s", agent.cfg.socket_path)

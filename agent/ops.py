@@ -207,7 +207,11 @@ async def logs(agent: Agent, call: Call, *, run: int, follow: bool = False, posi
     up to byte ``until_skip`` of the record at ``until`` (where an earlier
     answer began: the viewer reads backwards that way, to the byte); the
     index finds the start without reading the whole log."""
-    await run_wire(agent, run)  # NotFound for an unknown run
+    record = await run_wire(agent, run)  # NotFound for an unknown run
+    if record["log_removed_at"] is not None:
+        raise NotFound(f"run {run}'s log was removed by gc on "
+                       f"{time.strftime('%Y-%m-%d', time.localtime(record['log_removed_at']))} "
+                       "(gc.logs_keep in agent.yml); its record stays: efci show")
     skip = 0
     with agent.logs.reader(run) as reader:
         if since_ns is not None:
@@ -445,6 +449,19 @@ async def key_trust(agent: Agent, call: Call, *, host: str, port: int = 22,
     log.info("pinned host keys of %s port %d for %s", host, port, owner)
     return {"owner": owner, "host": host, "port": port, "fingerprints": fingerprints,
             "scanned": keys is None}
+
+
+# -- eviction ----------------------------------------------------------------------------
+
+@op
+async def gc(agent: Agent, call: Call, *, dry_run: bool = False,
+             owner: str | None = None) -> object:
+    """Apply agent.yml's gc policy now (see agent/gc.py)."""
+    removed = await agent.gc.collect(dry_run=dry_run, owner=owner)
+    log.info("gc by uid %d%s: %d removals", call.requester.uid,
+             " (dry run)" if dry_run else "", len(removed))
+    return {"dry_run": dry_run, "removed": [r.to_wire() for r in removed],
+            "bytes": sum(r.bytes for r in removed)}
 
 
 # -- caches ------------------------------------------------------------------------------

@@ -770,6 +770,10 @@ class Runs:
         finally:
             self._claimed.discard(run_id)
 
+    def is_claimed(self, run_id: int) -> bool:
+        """Whether a shell is open in the finished run."""
+        return run_id in self._claimed
+
     def environment_of(self, run_id: int) -> AbstractAsyncContextManager[Environment]:
         """A finished run's environment again (its worktrees and views), for
         a shell."""

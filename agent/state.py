@@ -172,6 +172,10 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (run_id, idx)
     );
     """,
+    """
+    ALTER TABLE runs ADD COLUMN removed_why TEXT;
+    ALTER TABLE runs ADD COLUMN log_removed_at REAL;
+    """,
 )
 
 
@@ -213,6 +217,8 @@ class RunRecord:
     progress: float | None
     progress_message: str | None
     trigger: str | None  # JSON: what started it (a push; None: by hand)
+    removed_why: str | None  # efci rm by whom, or what gc policy evicted it
+    log_removed_at: float | None  # gc removed its log (the record stays)
 
     def to_wire(self) -> dict[str, Any]:
         return {**self.__dict__, "status": self.status.value,
@@ -498,6 +504,32 @@ class StateStore:
             cur = self._db.execute("INSERT OR IGNORE INTO deliveries VALUES (?, ?)",
                                    (delivery, time.time()))
         return cur.rowcount == 1
+
+    def evictable_runs(self) -> list[RunRecord]:
+        """Finished runs whose container and layers are still there, oldest first."""
+        rows = self._db.execute(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE status NOT IN ('queued', 'running')"  # noqa: S608
+            " AND (removed_at IS NULL OR log_removed_at IS NULL) ORDER BY id")
+        return [_record(r) for r in rows]
+
+    def all_runs_newest_first(self) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT id, owner, task FROM runs ORDER BY id DESC")
+        return [dict(r) for r in rows]
+
+    def worktree_uses(self) -> list[dict[str, Any]]:
+        """Each base worktree, its owner, when a run last used it, and how
+        many runs that still have their layers over it (a restart or retry
+        of them needs it) there are."""
+        rows = self._db.execute(
+            "SELECT w.volume, w.owner, coalesce(max(r.created_at), w.updated_at) AS last_used,"
+            " count(r.id) FILTER (WHERE r.removed_at IS NULL) AS kept_runs FROM worktrees w"
+            " LEFT JOIN run_worktrees u ON u.volume = w.volume LEFT JOIN runs r ON"
+            " r.id = u.run_id GROUP BY w.volume")
+        return [dict(r) for r in rows]
+
+    def forget_worktree(self, volume: str) -> None:
+        with self._transaction():
+            self._db.execute("DELETE FROM worktrees WHERE volume = ?", (volume,))
 
     def update_run(self, run_id: int, **fields: Any) -> None:
         for key in fields:

@@ -159,7 +159,10 @@ def show(run: dict[str, Any]) -> int:
                         + (f": {st['error']}" if st["error"] else "")))
     print(f"{'took:':16}{duration(run)}")
     if run["removed_at"]:
-        print(f"{'removed:':16}{when(run['removed_at'])} (container and mutations)")
+        print(printable(f"{'removed:':16}{when(run['removed_at'])} (container and layers)"
+                        + (f"; {run['removed_why']}" if run.get("removed_why") else "")))
+    if run.get("log_removed_at"):
+        print(f"{'log removed:':16}{when(run['log_removed_at'])} (gc.logs_keep)")
     if run["progress"] is not None or run["progress_message"]:
         print(f"{'progress:':16}{progress(run)}")
     print(f"{'requested by:':16}uid {run['requested_uid']} gid {run['requested_gid']} "
@@ -248,6 +251,15 @@ def key_registered(result: dict[str, Any]) -> int:
     access = "read-only" if result["read_only"] else "READ-WRITE (change it in Gitea)"
     print(f"{result['owner']}/{result['name']} {what} a {access} deploy key of "
           f"{result['repo']} on Gitea (key {result['gitea_id']})")
+    return 0
+
+
+def collected(result: dict[str, Any]) -> int:
+    verb = "would remove" if result["dry_run"] else "removed"
+    for r in result["removed"]:
+        print(printable(f"{verb} {r['kind']} {r['name']}: {r['why']} ({size(r['bytes'])})"))
+    print(f"{len(result['removed'])} removals, {size(result['bytes'])}"
+          + (" (a dry run: nothing was removed)" if result["dry_run"] else " freed"))
     return 0
 
 

@@ -21,6 +21,7 @@ import trio
 
 from agent.errors import CommandFailed
 from agent.host.engine import (
+    LABEL_PREFIX,
     ContainerSpec,
     ContainerState,
     NetworkSpec,
@@ -83,6 +84,7 @@ class FakeContainer:
     status: str = "created"
     exit_code: int = 0
     image: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
     starts: int = 0
     stops: int = 0
     scope: trio.CancelScope | None = None  # its program's, while it runs
@@ -144,7 +146,8 @@ class FakeEngine:
         if spec.image not in self.images:
             raise CommandFailed(["docker", "create"], 125, b"",
                                 f"Unable to find image '{spec.image}' locally".encode())
-        c = FakeContainer(secrets.token_hex(32), spec.name, spec.command or (), image=spec.image)
+        c = FakeContainer(secrets.token_hex(32), spec.name, spec.command or (), image=spec.image,
+                          labels={LABEL_PREFIX + k: v for k, v in spec.labels.items()})
         self.containers[c.id] = c
         return c.id
 
@@ -230,6 +233,16 @@ class FakeEngine:
             if all(have.get(f"org.efforting-ci.{k}", have.get(k)) == v
                    for k, v in labels.items()):
                 del self.volumes[name]
+
+    async def remove_volumes_named(self, names: list[str]) -> None:
+        for name in names:
+            self.volumes.pop(name, None)
+
+    async def labelled(self, kind: str, labels: dict[str, str], key: str) -> dict[str, str]:
+        items = ({c.name: c.labels for c in self.containers.values()} if kind == "container"
+                 else self.volumes)
+        return {name: have.get(LABEL_PREFIX + key, "") for name, have in items.items()
+                if all(have.get(LABEL_PREFIX + k) == v for k, v in labels.items())}
 
     async def network(self, name: str) -> NetworkSpec | None:
         return self.networks.get(name)

@@ -263,6 +263,24 @@ class DockerCLI:
         if names:
             await self._destroy("volume", "rm", "--force", *names)
 
+    async def remove_volumes_named(self, names: list[str]) -> None:
+        if names:
+            await self._destroy("volume", "rm", "--force", *names)
+
+    async def labelled(self, kind: str, labels: dict[str, str], key: str) -> dict[str, str]:
+        filters = [arg for k, value in labels.items()
+                   for arg in ("--filter", f"label={LABEL_PREFIX}{k}={value}")]
+        listing, name = ((["ps", "--all"], "{{.Names}}") if kind == "container"
+                         else (["volume", "ls"], "{{.Name}}"))
+        out = await self._run(*listing, *filters, "--format",
+                              name + '\t{{.Label "' + LABEL_PREFIX + key + '"}}')
+        found = {}
+        for line in out.decode(errors="replace").splitlines():
+            item, _, value = line.partition("\t")
+            if item:
+                found[item] = value
+        return found
+
     # -- networks --
 
     async def network(self, name: str) -> NetworkSpec | None:

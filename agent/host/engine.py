@@ -163,6 +163,13 @@ class Engine(Protocol):
     async def remove_volumes(self, labels: dict[str, str]) -> None:
         """Remove the volumes carrying all these labels (without LABEL_PREFIX)."""
 
+    async def remove_volumes_named(self, names: list[str]) -> None: ...
+
+    async def labelled(self, kind: str, labels: dict[str, str], key: str) -> dict[str, str]:
+        """Containers (``kind`` "container") or volumes ("volume") carrying all
+        ``labels`` (without LABEL_PREFIX): each one's name, and the value of
+        its label ``key`` ("" if it has none)."""
+
     # -- networks --
     async def network(self, name: str) -> NetworkSpec | None:
         """The network as it is, or None if there is none of that name."""

@@ -55,7 +55,8 @@ def test_example_is_complete_and_loads_to_the_defaults(tmp_path: Path) -> None:
         "network.git_endpoints", "web.listen", "web.public_url", "web.session_lifetime",
         "web.login_lifetime", "gitea.webhook_secret", "gitea.api", "gitea.token",
         "gitea.git_hosts", "caches.enable_quota", "caches.default_quota",
-        "caches.release_grace"}
+        "caches.release_grace", "gc.keep_runs", "gc.keep_for", "gc.logs_keep",
+        "gc.worktrees_unused", "gc.interval"}
     loaded = config.load(layout, write(tmp_path, text))
     assert {**loaded.__dict__, "source": ""} == {**config.defaults(layout).__dict__, "source": ""}
 
@@ -92,6 +93,9 @@ deploy_targets:
     ("network:\n  git_endpoints: ['10.0.0.1:99999']\n", 2, "network.git_endpoints[0]",
      "ADDRESS:PORT"),
     ("gitea:\n  git_hosts: [Git.Example.org]\n", 2, "gitea.git_hosts[0]", "lower case"),
+    ("gc:\n  keep_runs: -1\n", 2, "gc.keep_runs", "at least 1"),
+    ("gc:\n  keep_for: a week\n", 2, "gc.keep_for", "duration"),
+    ("gc:\n  logs_keep: -5d\n", 2, "gc.logs_keep", "duration"),
     ("gitea:\n  api: gitea.example.org\n", 2, "gitea.api", "http(s)://"),
 ])
 def test_bad_agent_yml(tmp_path: Path, text: str, line: int, field: str, words: str) -> None:

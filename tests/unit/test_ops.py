@@ -72,7 +72,7 @@ COMMAND_LINES = [
     ["key", "register", "k", "--repo", "alice/site"], ["gitea", "check"],
     ["cache", "ls"], ["cache", "set-quota", "c", "1GiB"], ["cache", "rm", "c", "--force"],
     ["cache", "release", "c", "--project", "t"], ["cache", "promote", "1", "c"],
-    ["retry", "1", "--from", "b"],
+    ["retry", "1", "--from", "b"], ["gc", "--dry-run", "--owner", "alice"],
     ["web-login"], ["web-logout", "--all"],
 ]
 

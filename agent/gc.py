@@ -1,0 +1,200 @@
+"""Eviction (``efci gc``, and the agent every ``gc.interval``): what a
+policy in agent.yml says may go, each removal with its reason and the bytes
+it frees.
+
+- A finished run's container and layers (its mutations volumes, the layers
+  of layered caches it holds) go unless it is among the newest
+  ``gc.keep_runs`` of its task or younger than ``gc.keep_for``; its record
+  stays, marked as evicted, and its log stays.
+- A finished run's log goes once the run ended longer than ``gc.logs_keep``
+  ago; the record stays and says so.
+- A base worktree that no declared task checks out, that no kept run's
+  layers lie over, and that no run used for ``gc.worktrees_unused`` goes
+  (``--owner`` limits this to one owner's).
+- Orphans: containers and volumes carrying this agent instance's labels whose
+  run the state store does not know, or whose run was removed, go.  Nothing
+  without those labels is ever looked at.
+
+Never touched: what a queued or running run uses, a run with a shell open,
+a base worktree a declared task references, the layers of a kept run (a
+retry may need them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .errors import EfciError
+from .host.git import worktree_volume_name
+
+if TYPE_CHECKING:
+    from .daemon import Agent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Removal:
+    kind: str  # run, log, worktree, container, volume
+    name: str
+    why: str
+    bytes: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "why": self.why, "bytes": self.bytes}
+
+
+def tree_size(path: Path) -> int:
+    """Bytes of the files under ``path`` (what removing it frees, roughly:
+    extents shared with a lower layer are counted as if they were not)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):  # gone meanwhile
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def _days(seconds: float) -> str:
+    return f"{seconds / 86400:.1f} days" if seconds >= 86400 else f"{seconds:.0f}s"
+
+
+class Collector:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self._lock = trio.Lock()  # one collection at a time
+
+    async def collect(self, *, dry_run: bool = False, owner: str | None = None,
+                      now: float | None = None) -> list[Removal]:
+        async with self._lock:
+            now = time.time() if now is None else now
+            done: list[Removal] = []
+            for step in (self._runs, self._logs, self._worktrees, self._orphans):
+                try:
+                    await step(now, owner, dry_run, done.append)
+                except EfciError as e:
+                    log.error("gc: %s failed: %s", step.__name__.strip("_"), e.message)
+            for removal in done:
+                log.info("gc: %s %s %s (%s; %d bytes)",
+                         "would remove" if dry_run else "removed", removal.kind, removal.name,
+                         removal.why, removal.bytes)
+            return done
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        task_status.started()
+        interval = self.agent.cfg.gc_interval
+        while interval:
+            await trio.sleep(interval)
+            await self.collect()
+
+    # -- the policy, one kind of thing at a time --------------------------------------
+
+    def _busy(self, run_id: int) -> bool:
+        runs = self.agent.runs
+        return run_id in runs.active or runs.is_claimed(run_id)
+
+    async def _runs(self, now: float, owner: str | None, dry_run: bool,
+                    add: Callable[[Removal], None]) -> None:
+        cfg, state, runs = self.agent.cfg, self.agent.state, self.agent.runs
+        records = await state.call(state.evictable_runs)
+        newest: dict[tuple[str, str], list[int]] = {}
+        for row in await state.call(state.all_runs_newest_first):
+            newest.setdefault((row["owner"], row["task"]), []).append(row["id"])
+        for record in records:
+            if record.removed_at is not None or self._busy(record.id):
+                continue
+            kept = newest.get((record.owner, record.task), [])[:cfg.gc_keep_runs]
+            age = now - (record.finished_at or record.created_at)
+            if record.id in kept or age < cfg.gc_keep_for:
+                continue
+            why = (f"not among the newest {cfg.gc_keep_runs} runs of {record.owner}/"
+                   f"{record.task}, and ended {_days(age)} ago (gc.keep_runs, gc.keep_for)")
+            size = 0
+            for volume in (await self.agent.engine.labelled(
+                    "volume", {"instance": self.agent.instance, "run": str(record.id)}, "run")):
+                size += await trio.to_thread.run_sync(
+                    tree_size, await self.agent.engine.volume_path(volume))
+            if not dry_run:
+                try:
+                    await runs.remove(record.id)
+                except EfciError as e:  # restarted, or a shell opened, since the look
+                    log.info("gc: run %d stays: %s", record.id, e.message)
+                    continue
+                await state.call(state.update_run, record.id, removed_why=f"evicted: {why}")
+            add(Removal("run", str(record.id), why, size))
+
+    async def _logs(self, now: float, owner: str | None, dry_run: bool,
+                    add: Callable[[Removal], None]) -> None:
+        cfg, state, logs = self.agent.cfg, self.agent.state, self.agent.logs
+        for record in await state.call(state.evictable_runs):
+            if record.log_removed_at is not None or self._busy(record.id):
+                continue
+            age = now - (record.finished_at or record.created_at)
+            if age < cfg.gc_logs_keep:
+                continue
+            where = logs.run_dir(record.id)
+            size = await trio.to_thread.run_sync(tree_size, where)
+            add(Removal("log", f"run {record.id}", f"ended {_days(age)} ago (gc.logs_keep)",
+                        size))
+            if not dry_run:
+                await trio.to_thread.run_sync(shutil.rmtree, where, True)
+                await state.call(state.update_run, record.id, log_removed_at=now)
+
+    async def _worktrees(self, now: float, owner: str | None, dry_run: bool,
+                         add: Callable[[Removal], None]) -> None:
+        agent = self.agent
+        declared = {worktree_volume_name(t.owner, r.entry) for t in agent.decls.tasks.values()
+                    for r in t.repositories}
+        in_use = {worktree_volume_name(run.task.owner, r.entry)
+                  for run in agent.runs.active.values() for r in run.task.repositories}
+        for row in await agent.state.call(agent.state.worktree_uses):
+            if owner is not None and row["owner"] != owner:
+                continue
+            age = now - row["last_used"]
+            if row["volume"] in declared or row["volume"] in in_use or row["kept_runs"] or \
+                    age < agent.cfg.gc_worktrees_unused:
+                continue
+            size = 0
+            if await agent.engine.volume_exists(row["volume"]):
+                size = await trio.to_thread.run_sync(
+                    tree_size, await agent.engine.volume_path(row["volume"]))
+            add(Removal("worktree", row["volume"], f"no declared task checks it out and no "
+                        f"run used it for {_days(age)} (gc.worktrees_unused)", size))
+            if not dry_run:
+                await agent.engine.remove_volumes_named([row["volume"]])
+                await agent.state.call(agent.state.forget_worktree, row["volume"])
+
+    async def _orphans(self, now: float, owner: str | None, dry_run: bool,
+                       add: Callable[[Removal], None]) -> None:
+        agent = self.agent
+        ours = {"instance": agent.instance}
+        for kind in ("container", "volume"):
+            for name, run in (await agent.engine.labelled(kind, ours, "run")).items():
+                if not run.isdigit() or self._busy(int(run)):
+                    continue
+                record = await agent.state.call(agent.state.get_run, int(run))
+                if record is not None and record.removed_at is None:
+                    continue
+                why = ("left by a crash: its run is unknown" if record is None else
+                       f"left by a crash: run {run} was removed")
+                size = 0
+                if kind == "volume":
+                    size = await trio.to_thread.run_sync(
+                        tree_size, await agent.engine.volume_path(name))
+                add(Removal(kind, name, why, size))
+                if not dry_run:
+                    if kind == "container":
+                        await agent.engine.remove(name)
+                    else:
+                        await agent.engine.remove_volumes_named([name])
