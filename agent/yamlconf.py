@@ -238,11 +238,11 @@ class Node:
     def image_ref(self) -> str:
         return self.string(pattern=names.IMAGE_REF, what=names.IMAGE_REF_HELP, max_len=255)
 
-    def duration(self) -> int:
-        """Seconds, from 90, 90s, 15m or 1h30m."""
+    def duration(self, *, zero: bool = False) -> int:
+        """Seconds, from 90, 90s, 15m, 1h30m or 7d (0 only if ``zero``)."""
         text = self.raw_scalar()
         seconds = names.parse_duration(text)
-        if seconds is None or seconds <= 0:
+        if seconds is None or seconds < 0 or (seconds == 0 and not zero):
             raise self.error(f"must be a duration such as 90s, 15m, 1h30m or 7d, not {text!r}")
         return seconds
 

@@ -115,7 +115,7 @@ def test_gc_while_twenty_runs_come_and_go_breaks_none(agent: AgentProcess) -> No
     agent.configure("gc:\n  keep_runs: 1\n  keep_for: 0s\n  interval: 0\n")
     agent.start()
     agent.declare("t.yml", json.dumps({"tasks": {"t": task(
-        command=["sh", "-c", "sleep 0.3; echo done"])}}))
+        command=["sh", "-c", "sleep 1.5; echo done"])}}))
     agent.efci("reload")
     runs = [json.loads(agent.efci("--json", "run", "t").stdout)["id"] for _ in range(20)]
     deadline = time.monotonic() + 300
