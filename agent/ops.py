@@ -261,8 +261,9 @@ async def rm(agent: Agent, call: Call, *, run: int, session: str | None = None) 
 
 
 @op
-async def shell(agent: Agent, call: Call, *, run: int, cols: int, rows: int) -> object:
-    return await serve_shell(agent.runs, call, run, cols, rows)
+async def shell(agent: Agent, call: Call, *, run: int, cols: int, rows: int,
+                discard: bool = False) -> object:
+    return await serve_shell(agent.runs, call, run, cols, rows, discard)
 
 
 async def _started(agent: Agent, call: Call, run_id: int, position: int,

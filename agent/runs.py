@@ -125,6 +125,11 @@ def task_container_name(instance: str, run_id: int) -> str:
     return f"efci-{instance}-{run_id}"
 
 
+def patched_image(instance: str, run_id: int) -> str:
+    """What efci shell leaves of a run's container for its next attempt."""
+    return f"efci-patched/{instance}:{run_id}"
+
+
 def container_spec(cfg: AgentConfig, instance: str, run_id: int, task: Task,
                    views: Sequence[tuple[Path, str]] = (),
                    host_mounts: Sequence[Mount] = ()) -> ContainerSpec:
@@ -357,6 +362,7 @@ class Runs:
         caches; its record and log stay.  Idempotent."""
         record = await self._finished_record(run_id)
         await self.engine.remove(task_container_name(self.instance, run_id))
+        await self.engine.remove_image(patched_image(self.instance, run_id))
         await self.mutations.remove(run_id)
         await self.caches.remove_run(run_id)
         if record.removed_at is None:
@@ -542,7 +548,7 @@ class Runs:
                                               report=self._progress_reporter(run, writer),
                                               say=writer.message) as env:
                 try:
-                    container = await (self._again(run, writer) if again
+                    container = await (self._again(run, task, env, writer) if again
                                        else self._create(run, task, env, binds, writer))
                     await self._attach(run, container, writer)
                 finally:
@@ -685,13 +691,13 @@ class Runs:
         return take
 
     async def _create(self, run: ActiveRun, task: Task, env: Environment, binds: list[Mount],
-                      writer: LogWriter) -> str:
+                      writer: LogWriter, entrypoint: str | None = None) -> str:
         assert env.progress_dir is not None
         spec = dataclasses.replace(
             container_spec(self.cfg, self.instance, run.id, task, env.views,
                            [*binds, *env.caches, Mount("bind", str(env.progress_dir),
                                                        MOUNT_POINT, readonly=True)]),
-            name=run.container_name)
+            name=run.container_name, entrypoint=entrypoint)
         await self.state.call(self.state.update_run, run.id, container_name=spec.name)
         run.container_id = await self.engine.create(spec)
         await self.state.call(self.state.update_run, run.id, container_id=run.container_id)
@@ -702,11 +708,28 @@ class Runs:
         """By name: it may have been created without us learning its id."""
         await self.engine.stop(run.container_name, grace=self.cfg.stop_grace)
 
-    async def _again(self, run: ActiveRun, writer: LogWriter) -> str:
+    async def _again(self, run: ActiveRun, task: Task, env: Environment,
+                     writer: LogWriter) -> str:
+        """The run's container for a restart: the same one, or, if efci shell
+        left changes for this attempt, one made again from what the shell
+        left, with the task's own command, environment and mounts."""
         container = task_container_name(self.instance, run.id)
-        writer.message(f"attempt {run.attempt}: starting container {container} again, with "
-                       "its state and upper layers")
-        return container
+        record = await self.record(run.id)
+        if record is None or record.patched_attempt != run.attempt:
+            writer.message(f"attempt {run.attempt}: starting container {container} again, "
+                           "with its state and upper layers")
+            return container
+        writer.message(f"attempt {run.attempt}: on the container as efci shell left it (its "
+                       "changes kept), with the task's own command, environment and mounts")
+        # The shell's image carries the shell's entrypoint: give the task's
+        # image's own back (docker takes one word; the rest go before the command).
+        entrypoint, cmd = await self.engine.image_config(task.image)
+        command = task.command if task.command is not None else tuple(cmd)
+        await self.engine.remove(container)
+        return await self._create(run, dataclasses.replace(
+            task, image=patched_image(self.instance, run.id),
+            command=(*entrypoint[1:], *command)), env, host_mounts(self.cfg, task), writer,
+            entrypoint=entrypoint[0] if entrypoint else "")
 
     def _limits_reached(self, run: ActiveRun, state: ContainerState) -> list[str]:
         """Which of agent.yml's limits the task ran into, in words."""

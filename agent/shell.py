@@ -4,7 +4,15 @@ The run's container is committed to an image (its filesystem as the task
 left it), and a shell container is started from that image with the same
 worktree views (the run's overlay upper layers, mounted again), the same
 secrets, and the same network policy; deploy targets are mounted read-only,
-so debugging cannot publish by accident.  The administrator's terminal is
+so debugging cannot publish by accident.
+
+What the person changes is kept for the run's next attempt (the seed's
+"exec into a stopped container, patch something, restart"): on leaving, the
+shell's container is committed to ``efci-patched/<instance>:<run>``, and
+``efci restart`` creates the run's container again from that image, with
+the task's own command, environment and mounts.  Changes under /src are in
+the run's upper layers either way.  ``--discard`` opens a shell whose
+changes outside /src are thrown away.  The administrator's terminal is
 relayed over the control socket:
 
 * agent -> client: ``{"event": "output", "size": N}`` and N raw bytes;
@@ -31,7 +39,7 @@ from .access import host_mounts
 from .environment import shielded
 from .errors import Conflict, RequestError
 from .host.engine import Terminal
-from .runs import container_spec, task_from_wire
+from .runs import container_spec, patched_image, task_from_wire
 
 if TYPE_CHECKING:
     from .runs import Runs
@@ -42,7 +50,7 @@ SHELL = "/bin/sh"
 
 
 async def serve_shell(runs: Runs, call: protocol.Call, run_id: int, cols: int,
-                      rows: int) -> dict[str, Any]:
+                      rows: int, discard: bool = False) -> dict[str, Any]:
     if not (10 <= cols <= 1000 and 5 <= rows <= 1000):
         raise RequestError(f"terminal size {cols}x{rows} is out of range")
     engine = runs.engine
@@ -67,11 +75,22 @@ async def serve_shell(runs: Runs, call: protocol.Call, run_id: int, cols: int,
         await engine.remove(name)  # one left by a killed agent
         await engine.create(spec)
         log.info("shell in run %d opened by uid %d", run_id, call.requester.uid)
-        await call.event("attached", run=run_id)
+        note = (f"efci: a shell in run {run_id}; what you change here outside /src is thrown "
+                "away when you leave" if discard else
+                f"efci: a shell in run {run_id}; what you change here is what `efci restart "
+                f"{run_id}` runs with (open it with --discard to throw changes away)")
+        await call.event("attached", run=run_id, note=note)
         async with engine.attach(name, cols=cols, rows=rows, interactive=True) as terminal:
             exit_status = await _relay(terminal, call)
-    log.info("shell in run %d closed (exit status %s)", run_id, exit_status)
-    return {"run": run_id, "exit_code": exit_status}
+        kept = not discard
+        if kept:
+            with trio.CancelScope(shield=True):
+                await engine.commit(name, patched_image(runs.instance, run_id))
+                await runs.state.call(runs.state.update_run, run_id,
+                                      patched_attempt=record.attempts + 1)
+    log.info("shell in run %d closed (exit status %s)%s", run_id, exit_status,
+             "; its changes are kept for the next attempt" if kept else "")
+    return {"run": run_id, "exit_code": exit_status, "kept": kept}
 
 
 async def _relay(proc: Terminal, call: protocol.Call) -> int | None:

@@ -175,6 +175,7 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE runs ADD COLUMN removed_why TEXT;
     ALTER TABLE runs ADD COLUMN log_removed_at REAL;
+    ALTER TABLE runs ADD COLUMN patched_attempt INTEGER;
     """,
 )
 
@@ -219,6 +220,7 @@ class RunRecord:
     trigger: str | None  # JSON: what started it (a push; None: by hand)
     removed_why: str | None  # efci rm by whom, or what gc policy evicted it
     log_removed_at: float | None  # gc removed its log (the record stays)
+    patched_attempt: int | None  # the attempt that runs on what efci shell left
 
     def to_wire(self) -> dict[str, Any]:
         return {**self.__dict__, "status": self.status.value,

@@ -27,7 +27,7 @@ def _send(sock: socket.socket, message: dict[str, Any]) -> None:
     sock.sendall(protocol.encode(message))
 
 
-def run_shell(socket_path: Path, run: int) -> int:
+def run_shell(socket_path: Path, run: int, discard: bool = False) -> int:
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     if not os.isatty(stdin):
         raise EfciError("efci shell needs a terminal on its standard input")
@@ -38,7 +38,8 @@ def run_shell(socket_path: Path, run: int) -> int:
         sock.connect(str(socket_path))
     except OSError as e:
         raise AgentUnreachable(f"cannot reach the agent at {socket_path}: {e.strerror}") from None
-    _send(sock, {"id": 1, "op": "shell", "args": {"run": run, "cols": cols, "rows": rows}})
+    _send(sock, {"id": 1, "op": "shell", "args": {"run": run, "cols": cols, "rows": rows,
+                                                  "discard": discard}})
     resized = [False]
     signal.signal(signal.SIGWINCH, lambda *_: resized.__setitem__(0, True))
     saved = termios.tcgetattr(stdin)
@@ -71,6 +72,8 @@ def run_shell(socket_path: Path, run: int) -> int:
                 for message in frames.feed(data):
                     if message.get("event") == "output":
                         os.write(stdout, message["payload"])
+                    elif message.get("event") == "attached" and message.get("note"):
+                        os.write(sys.stderr.fileno(), f"{message['note']}\r\n".encode())
                     elif "ok" in message:
                         if not message["ok"]:
                             raise RemoteError(message["error"])

@@ -234,6 +234,9 @@ class FakeEngine:
                    for k, v in labels.items()):
                 del self.volumes[name]
 
+    async def image_config(self, ref: str) -> tuple[list[str], list[str]]:
+        return [], []
+
     async def remove_volumes_named(self, names: list[str]) -> None:
         for name in names:
             self.volumes.pop(name, None)

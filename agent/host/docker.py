@@ -186,6 +186,11 @@ class DockerCLI:
     async def remove_image(self, ref: str) -> None:
         await self._destroy("image", "rm", "--force", ref)
 
+    async def image_config(self, ref: str) -> tuple[list[str], list[str]]:
+        config = json.loads(await self._run("image", "inspect", "--format", "{{json .Config}}",
+                                            ref)) or {}
+        return list(config.get("Entrypoint") or []), list(config.get("Cmd") or [])
+
     async def commit(self, container: str, image: str) -> None:
         await self._run("commit", "--pause=false", container, image)
 

@@ -123,6 +123,9 @@ class Engine(Protocol):
 
     async def remove_image(self, ref: str) -> None: ...
 
+    async def image_config(self, ref: str) -> tuple[list[str], list[str]]:
+        """The image's own entrypoint and command (each possibly empty)."""
+
     async def commit(self, container: str, image: str) -> None:
         """An image of the container's filesystem as it is now."""
 

@@ -147,6 +147,14 @@ class AgentProcess:
         ids = self.containers()
         if ids:
             subprocess.run(["docker", "rm", "--force", *ids], capture_output=True, check=False)
+        instance = self.instance()
+        if instance:  # what efci shell left for a restart carries the instance's labels
+            images = subprocess.run(["docker", "images", "--quiet", "--filter",
+                                     f"label=org.efforting-ci.instance={instance}"],
+                                    capture_output=True, text=True, check=False).stdout.split()
+            if images:
+                subprocess.run(["docker", "rmi", "--force", *set(images)], capture_output=True,
+                               check=False)
         firewall.remove(firewall.rule_sets("efci0", ()))  # after a killed agent
         for point in mounted_under(self.root):
             subprocess.run(["umount", "--lazy", str(point)], capture_output=True, check=False)

@@ -80,26 +80,20 @@ def test_progress_reports_from_inside_the_container(agent: AgentProcess) -> None
     assert not (agent.root / "state/progress/1").exists()
 
 
-def test_shell_in_a_finished_run_sees_its_state_and_worktree(setup: Setup) -> None:
-    make_repo(setup)
-    setup.declare({"count": task(
-        checkout={"repositories": [setup.entry("lib", "main", mutable=True)]},
-        command=["sh", "-c", COUNTER])})
-    status, run = setup.run("count")
-    assert status == 1
-
+def shell(setup: Setup, run: int, line: bytes, *args: str) -> tuple[int, bytes]:
+    """``efci shell RUN`` on a terminal: type ``line`` at the prompt; its
+    exit status and everything the terminal showed."""
     master, slave = os.openpty()
     set_window_size(slave, 100, 30)
     proc = subprocess.Popen([sys.executable, "-m", "agent", "--root", str(setup.agent.root),
-                             "shell", str(run["id"])], stdin=slave, stdout=slave, stderr=slave)
+                             "shell", str(run), *args], stdin=slave, stdout=slave, stderr=slave)
     os.close(slave)
     out = b""
     typed = False
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if not typed and out.endswith(b"# "):  # the shell's prompt: it is listening
-            os.write(master, b"echo counter=$(cat /counter); cat /src/lib/attempts; "
-                             b"echo $((6*7)) > /src/lib/from-shell; exit 5\n")
+            os.write(master, line)
             typed = True
         ready, _, _ = select.select([master], [], [], 1)
         if ready:
@@ -113,7 +107,20 @@ def test_shell_in_a_finished_run_sees_its_state_and_worktree(setup: Setup) -> No
         elif proc.poll() is not None:
             break
     os.close(master)
-    assert proc.wait(timeout=60) == 5, out
+    return proc.wait(timeout=60), out
+
+
+def test_shell_in_a_finished_run_sees_its_state_and_worktree(setup: Setup) -> None:
+    make_repo(setup)
+    setup.declare({"count": task(
+        checkout={"repositories": [setup.entry("lib", "main", mutable=True)]},
+        command=["sh", "-c", COUNTER])})
+    status, run = setup.run("count")
+    assert status == 1
+
+    status, out = shell(setup, run["id"], b"echo counter=$(cat /counter); cat /src/lib/attempts; "
+                                          b"echo $((6*7)) > /src/lib/from-shell; exit 5\n")
+    assert status == 5, out
     assert b"counter=1" in out and b"\r\n1\r\n" in out, out
     assert mounted_under(setup.agent.root / "state/mounts") == []
     assert subprocess.run(["docker", "image", "inspect",
@@ -124,3 +131,31 @@ def test_shell_in_a_finished_run_sees_its_state_and_worktree(setup: Setup) -> No
                             f"efci-{setup.agent.instance()}-{run['id']}-mut-0"],
                            capture_output=True, check=True).stdout.decode().strip()
     assert (Path(upper) / "upper/from-shell").read_text() == "42\n"
+
+
+def test_what_efci_shell_changes_is_what_restart_runs_with(setup: Setup) -> None:
+    """The seed's debugging story: a task fails for want of a file outside
+    /src; efci shell makes it; efci restart then succeeds.  With --discard,
+    the change is thrown away."""
+    setup.declare({"needs": task(command=["sh", "-c", "test -f /etc/efci-fixed && echo fixed"])})
+    status, run = setup.run("needs")
+    assert status == 1
+    status, out = shell(setup, run["id"], b"touch /etc/efci-fixed; exit 0\n")
+    assert status == 0 and b"is what `efci restart" in out, out
+    again = setup.agent.efci("restart", "--follow", str(run["id"]), check=False, timeout=300)
+    assert again.returncode == 0 and b"fixed" in again.stdout, again.stderr
+    assert b"on the container as efci shell left it" in again.stderr
+    record = json.loads(setup.agent.efci("--json", "show", str(run["id"])).stdout)
+    assert (record["status"], record["attempts"], record["patched_attempt"]) == (
+        "succeeded", 2, 2)
+
+    status, other = setup.run("needs")
+    assert status == 1
+    status, out = shell(setup, other["id"], b"touch /etc/efci-fixed; exit 0\n", "--discard")
+    assert status == 0 and b"thrown away" in out
+    again = setup.agent.efci("restart", "--follow", str(other["id"]), check=False, timeout=300)
+    assert again.returncode == 1 and b"efci shell left" not in again.stderr
+    setup.agent.efci("rm", str(run["id"]))
+    assert subprocess.run(["docker", "image", "inspect",
+                           f"efci-patched/{setup.agent.instance()}:{run['id']}"],
+                          capture_output=True).returncode != 0  # efci rm took it too
