@@ -100,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
 
     rs2 = add("restart", "start a finished run's container again, as a new attempt")
     rs2.add_argument("run", type=int)
+    rs2.add_argument("--stage", help="in a pipeline, the stage whose container to start again")
     rs2.add_argument("-f", "--follow", action="store_true",
                      help="stream the attempt's output and exit with its exit status")
     rt = add("retry", "run a finished pipeline again from one stage, over the layers the "
@@ -383,7 +384,8 @@ def _image(client: Client, args: argparse.Namespace) -> Shown | int:
 
 
 def _restart(client: Client, args: argparse.Namespace) -> Shown | int:
-    return _start_run(client, args, "restart", {"run": args.run})
+    return _start_run(client, args, "restart", {"run": args.run,
+                                                **({"stage": args.stage} if args.stage else {})})
 
 
 def _retry(client: Client, args: argparse.Namespace) -> Shown | int:

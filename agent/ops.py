@@ -236,10 +236,10 @@ async def cancel(agent: Agent, call: Call, *, run: int, session: str | None = No
 
 @op
 async def restart(agent: Agent, call: Call, *, run: int, follow: bool = False,
-                  session: str | None = None) -> object:
+                  stage: str | None = None, session: str | None = None) -> object:
     who = await _who(agent, call, session)
     position = agent.logs.end(run)  # a follower reads from where the new attempt begins
-    await agent.runs.restart(run, who)
+    await agent.runs.restart(run, who, stage)
     return await _started(agent, call, run, position, follow)
 
 

@@ -37,7 +37,15 @@ from .caches import Caches
 from .checkout import Checkouts, Worktree
 from .config import AgentConfig
 from .environment import Environment, Environments, Take, shielded
-from .errors import CommandFailed, Conflict, EfciError, NotFound, RunFailed, internal_error
+from .errors import (
+    CommandFailed,
+    Conflict,
+    EfciError,
+    NotFound,
+    RequestError,
+    RunFailed,
+    internal_error,
+)
 from .host import cgroups, docker, mounts
 from .host.engine import ContainerSpec, ContainerState, Engine, Mount
 from .images import Images
@@ -166,6 +174,7 @@ class ActiveRun:
     container_name: str = ""  # the container now running (a pipeline's stage's)
     stage_images: dict[str, Image] = field(default_factory=dict)  # declared, by stages
     from_stage: int = 0  # a retry of a pipeline: the first stage to run again
+    restart_stage: int | None = None  # efci restart --stage: that stage's container again
     pids_limit_reached: int = 0  # forks that failed at limits.pids
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     cancel_reason: str = ""
@@ -276,9 +285,10 @@ class Runs:
         log.info("run %d of %s queued (uid %d)", run_id, task.qualified_name, requester.uid)
         return run_id
 
-    async def restart(self, run_id: int, requester: Requester) -> None:
+    async def restart(self, run_id: int, requester: Requester, stage: str | None = None) -> None:
         """Start a finished run's container again: same upper layers, same
-        container state; its output is appended to the run's log."""
+        container state; its output is appended to the run's log.  In a
+        pipeline, the container of ``stage`` (only that stage runs)."""
         if self._stopping:
             raise Conflict("the agent is stopping; no new runs are started")
         record = await self._finished_record(run_id)
@@ -286,15 +296,27 @@ class Runs:
             raise Conflict(f"run {run_id} has no container to restart"
                            + (" (efci rm removed it)" if record.removed_at else ""))
         task = task_from_wire(await self.state.call(self.state.run_declaration, run_id))
-        if task.stages:
-            raise Conflict(f"run {run_id} is a pipeline; efci restart starts one container "
-                           "again, which is not done for pipelines yet: start a new run")
+        index = None
+        if task.stages or stage is not None:
+            names = [s.name for s in task.stages]
+            if stage is None:
+                raise RequestError(f"run {run_id} is a pipeline: say which stage's container "
+                                   f"to start again with --stage ({', '.join(names)})")
+            if stage not in names:
+                raise NotFound(f"run {run_id} has no stage {stage!r}; its stages: "
+                               + (", ".join(names) or "none (it is not a pipeline)"))
+            index = names.index(stage)
+            if not (await self.state.call(self.state.run_stages, run_id))[index]["container"]:
+                raise Conflict(f"stage {stage} of run {run_id} never ran: it has no container; "
+                               f"efci retry {run_id} --from {stage} runs it")
         attempt = record.attempts + 1
         await self.state.call(self.state.update_run, run_id, status=RunStatus.QUEUED,
                               attempts=attempt, finished_at=None, exit_code=None, error=None)
         await self._launch(ActiveRun(run_id, task, None, False, attempt,
-                                     container_id=record.container_id), requester)
-        log.info("run %d restarted as attempt %d (uid %d)", run_id, attempt, requester.uid)
+                                     container_id=record.container_id, restart_stage=index),
+                           requester)
+        log.info("run %d restarted as attempt %d%s (uid %d)", run_id, attempt,
+                 f", stage {stage}" if stage else "", requester.uid)
 
     async def retry(self, run_id: int, stage: str, requester: Requester) -> None:
         """A new attempt of a finished pipeline run from ``stage`` on: the
@@ -527,6 +549,9 @@ class Runs:
         binds, targets = await self._prepare(run, writer)
         if run.build_only:
             return RunStatus.SUCCEEDED, {}
+        if run.restart_stage is not None:
+            return await self._stage(run, run.restart_stage,
+                                     run.task.stages[run.restart_stage], writer)
         if run.task.stages:
             return await self._pipeline(run, writer)
         take = self._check_out(run, writer) if run.attempt == 1 else self._worktrees_of(run.id)
@@ -626,7 +651,8 @@ class Runs:
             take = (self._check_out(run, writer) if index == 0 and run.attempt == 1
                     else self._worktrees_of(run.id))
             result, details = await self._step(run, task, binds, targets, take, writer,
-                                               stage=index, name=name)
+                                               again=run.restart_stage == index, stage=index,
+                                               name=name)
         except EfciError as e:  # refused (a deploy target, an image): this stage's error
             result, details = RunStatus.ERROR, {"error": e.message}
         await self.state.call(self.state.update_stage, run.id, index, status=result.value,
@@ -713,7 +739,7 @@ class Runs:
         """The run's container for a restart: the same one, or, if efci shell
         left changes for this attempt, one made again from what the shell
         left, with the task's own command, environment and mounts."""
-        container = task_container_name(self.instance, run.id)
+        container = run.container_name
         record = await self.record(run.id)
         if record is None or record.patched_attempt != run.attempt:
             writer.message(f"attempt {run.attempt}: starting container {container} again, "

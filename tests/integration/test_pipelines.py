@@ -103,12 +103,23 @@ def test_a_failing_stage_stops_the_pipeline_unless_it_may_fail(setup: Setup) -> 
     assert [s["status"] for s in run["stages"]] == ["timed_out", "skipped"]
 
 
-def test_pipelines_refuse_what_they_do_not_do_yet(setup: Setup) -> None:
+def test_restart_of_a_stage_starts_its_own_container_again(setup: Setup) -> None:
+    """In place: the stage's container keeps what it wrote (outside /src too)."""
     sha = make_repo(setup)
-    setup.declare({"p": pipeline(setup, sha, {"name": "a", "command": ["true"]})})
+    setup.declare({"p": pipeline(
+        setup, sha, {"name": "a", "command": ["true"]},
+        {"name": "b", "command": ["sh", "-c", "echo x >> /tmp/n; [ $(wc -l < /tmp/n) -ge 2 ]"]})})
     _, run = setup.run("p")
-    restart = setup.agent.efci("restart", str(run["id"]), check=False)
-    assert restart.returncode != 0 and b"is a pipeline" in restart.stderr
+    assert [s["status"] for s in run["stages"]] == ["succeeded", "failed"]
+    whole = setup.agent.efci("restart", str(run["id"]), check=False)
+    assert whole.returncode != 0 and b"say which stage's container" in whole.stderr
+    again = setup.agent.efci("restart", "--follow", "--stage", "b", str(run["id"]),
+                             check=False, timeout=300)
+    assert again.returncode == 0, again.stderr
+    record = json.loads(setup.agent.efci("--json", "show", str(run["id"])).stdout)
+    assert (record["status"], record["attempts"]) == ("succeeded", 2)
+    assert [s["status"] for s in record["stages"]] == ["succeeded", "succeeded"]
+    assert record["stages"][1]["container"] == run["stages"][1]["container"]
 
 
 def test_retry_from_a_stage_does_not_run_the_ones_before_it(setup: Setup,
