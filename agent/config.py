@@ -99,6 +99,7 @@ class AgentConfig:
     gc_keep_for: int
     gc_logs_keep: int
     gc_worktrees_unused: int
+    gc_images_unused: int
     gc_interval: int
     deploy_targets: dict[str, DeployTarget] = field(default_factory=dict)
 
@@ -335,6 +336,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("gc.worktrees_unused", "gc_worktrees_unused", lambda n: n.duration(zero=True),
             _const(30 * 86400), "30d",
             "Base worktrees no declared task checks out, unused this long, are removed."),
+    Setting("gc.images_unused", "gc_images_unused", lambda n: n.duration(zero=True),
+            _const(30 * 86400), "30d",
+            "Built images of declarations no task uses, unused this long, are removed."),
     Setting("gc.interval", "gc_interval", lambda n: n.duration(zero=True), _const(3600), "1h",
             "How often the agent applies the policy itself (0: only efci gc)."),
 )

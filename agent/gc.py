@@ -11,6 +11,8 @@ it frees.
 - A base worktree that no declared task checks out, that no kept run's
   layers lie over, and that no run used for ``gc.worktrees_unused`` goes
   (``--owner`` limits this to one owner's).
+- A built image of a declaration that no declared task runs in any more,
+  and that no run used for ``gc.images_unused``, goes.
 - Orphans: containers and volumes carrying this agent instance's labels whose
   run the state store does not know, or whose run was removed, go.  Nothing
   without those labels is ever looked at.
@@ -36,6 +38,7 @@ import trio
 
 from .errors import EfciError
 from .host.git import worktree_volume_name
+from .images import image_tag
 
 if TYPE_CHECKING:
     from .daemon import Agent
@@ -79,7 +82,7 @@ class Collector:
         async with self._lock:
             now = time.time() if now is None else now
             done: list[Removal] = []
-            for step in (self._runs, self._logs, self._worktrees, self._orphans):
+            for step in (self._runs, self._logs, self._worktrees, self._images, self._orphans):
                 try:
                     await step(now, owner, dry_run, done.append)
                 except EfciError as e:
@@ -174,6 +177,35 @@ class Collector:
             if not dry_run:
                 await agent.engine.remove_volumes_named([row["volume"]])
                 await agent.state.call(agent.state.forget_worktree, row["volume"])
+
+    async def _images(self, now: float, owner: str | None, dry_run: bool,
+                      add: Callable[[Removal], None]) -> None:
+        """Images this agent built from declarations (labelled so) whose tag
+        no declared task runs in any more, and that no run used for
+        gc.images_unused."""
+        agent = self.agent
+        wanted = {t.image for t in agent.decls.tasks.values()} | {
+            s.image for t in agent.decls.tasks.values() for s in t.stages if s.image}
+        current = set()
+        for name, declared in agent.decls.images.items():
+            if name in wanted:
+                with contextlib.suppress(EfciError, OSError):  # a context gone: not current
+                    current.add(await trio.to_thread.run_sync(image_tag, declared))
+        busy = {run.task.image for run in agent.runs.active.values()}
+        last_used = await agent.state.call(agent.state.image_last_used)
+        for tag in await agent.engine.labelled_images({"instance": agent.instance,
+                                                       "image": ""}):
+            if tag in current or tag in busy:
+                continue
+            age = now - last_used.get(tag, 0.0)
+            if age < agent.cfg.gc_images_unused:
+                continue
+            used = (f"no run used it for {_days(age)}" if tag in last_used
+                    else "no run ever used it")
+            add(Removal("image", tag, f"no declared task runs in it and {used} "
+                        "(gc.images_unused)", 0))
+            if not dry_run:
+                await agent.engine.remove_image(tag)
 
     async def _orphans(self, now: float, owner: str | None, dry_run: bool,
                        add: Callable[[Removal], None]) -> None:

@@ -76,8 +76,9 @@ def image_tag(image: Image) -> str:
 
 
 class Images:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, instance: str) -> None:
         self.engine = engine
+        self.instance = instance  # labels what it builds: only its own are gc's
         self._locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
 
     async def exists(self, tag: str) -> bool:
@@ -94,7 +95,7 @@ class Images:
             writer.message(f"building image {image.name} as {tag}")
             status = await self.engine.build(
                 tag, image.context, dockerfile=image.dockerfile, inline=image.inline,
-                labels={"image": image.name},
+                labels={"image": image.name, "instance": self.instance},
                 output=functools.partial(writer.output, stream=stream))
             if status != 0:
                 raise BuildFailed(f"image {image.name} failed to build (docker build exit "

@@ -203,7 +203,7 @@ class Runs:
         self.checkouts = checkouts
         self.mutations = mutations
         self.network = network
-        self.images = Images(engine)
+        self.images = Images(engine, instance)
         self.caches = caches
         self.environments = Environments(checkouts, mutations, ProgressChannels(cfg.state_dir),
                                          caches)

@@ -518,6 +518,11 @@ class StateStore:
         rows = self._db.execute("SELECT id, owner, task FROM runs ORDER BY id DESC")
         return [dict(r) for r in rows]
 
+    def image_last_used(self) -> dict[str, float]:
+        """Each image a run used (its tag), and when a run last did."""
+        rows = self._db.execute("SELECT image, max(created_at) FROM runs GROUP BY image")
+        return {r[0]: float(r[1]) for r in rows}
+
     def worktree_uses(self) -> list[dict[str, Any]]:
         """Each base worktree, its owner, when a run last used it, and how
         many runs that still have their layers over it (a restart or retry

@@ -234,6 +234,9 @@ class FakeEngine:
                    for k, v in labels.items()):
                 del self.volumes[name]
 
+    async def labelled_images(self, labels: dict[str, str]) -> list[str]:
+        return []
+
     async def image_config(self, ref: str) -> tuple[list[str], list[str]]:
         return [], []
 

@@ -186,6 +186,13 @@ class DockerCLI:
     async def remove_image(self, ref: str) -> None:
         await self._destroy("image", "rm", "--force", ref)
 
+    async def labelled_images(self, labels: dict[str, str]) -> list[str]:
+        filters = [arg for key, value in labels.items() for arg in (
+            "--filter", f"label={LABEL_PREFIX}{key}" + (f"={value}" if value else ""))]
+        out = await self._run("images", *filters, "--format", "{{.Repository}}:{{.Tag}}")
+        return [line for line in out.decode(errors="replace").splitlines()
+                if line and "<none>" not in line]
+
     async def image_config(self, ref: str) -> tuple[list[str], list[str]]:
         config = json.loads(await self._run("image", "inspect", "--format", "{{json .Config}}",
                                             ref)) or {}

@@ -123,6 +123,10 @@ class Engine(Protocol):
 
     async def remove_image(self, ref: str) -> None: ...
 
+    async def labelled_images(self, labels: dict[str, str]) -> list[str]:
+        """``repository:tag`` of every image carrying all ``labels`` (without
+        LABEL_PREFIX; a value of "" matches any value)."""
+
     async def image_config(self, ref: str) -> tuple[list[str], list[str]]:
         """The image's own entrypoint and command (each possibly empty)."""
 

@@ -151,3 +151,32 @@ def test_unused_worktrees_go_per_owner(setup: Setup) -> None:
     done = gc(setup.agent, "--owner", "alice")
     assert [(r["kind"], r["name"]) for r in done["removed"]] == [("worktree", volume)]
     assert not exists("volume", volume)
+
+
+def test_images_no_task_runs_in_go(agent: AgentProcess) -> None:
+    agent.configure("gc:\n  images_unused: 0s\n  interval: 0\n")
+    agent.start()
+    marker = uuid.uuid4().hex
+    images = {}
+    for name in ("old", "kept"):  # contexts of their own: t.yml changing changes no tag
+        context = agent.conf_d / f"ctx-{name}"
+        context.mkdir(parents=True)
+        (context / "Dockerfile").write_text(f"FROM {BASE_IMAGE}\nRUN echo {marker} > /{name}\n")
+        images[name] = {"dockerfile": f"ctx-{name}/Dockerfile", "context": f"ctx-{name}"}
+    agent.declare("images.yml", json.dumps({"images": images}))
+    agent.declare("t.yml", json.dumps({"tasks": {"t": task(image="old"),
+                                                 "u": task(image="kept")}}))
+    agent.efci("reload")
+    for name in ("t", "u"):
+        agent.efci("run", "--follow", name)
+    tags = {i["name"]: i["tag"] for i in json.loads(agent.efci("--json", "images").stdout)}
+    try:
+        assert gc(agent)["removed"] == []  # both still run by a declared task
+        agent.declare("t.yml", json.dumps({"tasks": {"u": task(image="kept")}}))
+        agent.efci("reload")
+        done = gc(agent)
+        assert [(r["kind"], r["name"]) for r in done["removed"]] == [("image", tags["old"])]
+        assert not exists("image", tags["old"]) and exists("image", tags["kept"])
+    finally:
+        for tag in tags.values():
+            docker("rmi", "-f", tag)

@@ -151,6 +151,12 @@ class FakeGitea:
 
     def stop(self) -> None:
         if self._prism is not None:
+            # Prism writes its verdicts a moment after it answers: let its log
+            # settle first, or a violation could go unread.
+            deadline, size = time.monotonic() + 10, -1
+            while time.monotonic() < deadline and self.log.stat().st_size != size:
+                size = self.log.stat().st_size
+                time.sleep(0.5)
             self._prism.terminate()
             self._prism.wait(timeout=30)
             self._prism = None
