@@ -100,6 +100,7 @@ class AgentConfig:
     gc_logs_keep: int
     gc_worktrees_unused: int
     gc_images_unused: int
+    gc_layers_budget: int
     gc_interval: int
     deploy_targets: dict[str, DeployTarget] = field(default_factory=dict)
 
@@ -339,6 +340,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("gc.images_unused", "gc_images_unused", lambda n: n.duration(zero=True),
             _const(30 * 86400), "30d",
             "Built images of declarations no task uses, unused this long, are removed."),
+    Setting("gc.layers_budget", "gc_layers_budget", Node.size, _const(50 << 30), "50GiB",
+            "Disk for finished runs' layers and stopped containers; past it, the oldest go."),
     Setting("gc.interval", "gc_interval", lambda n: n.duration(zero=True), _const(3600), "1h",
             "How often the agent applies the policy itself (0: only efci gc)."),
 )

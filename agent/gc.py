@@ -6,6 +6,9 @@ it frees.
   of layered caches it holds) go unless it is among the newest
   ``gc.keep_runs`` of its task or younger than ``gc.keep_for``; its record
   stays, marked as evicted, and its log stays.
+- Past ``gc.layers_budget`` (the bytes of finished runs' layers and
+  stopped containers' writable layers), the oldest finished runs go too,
+  except the newest run of each task, until the rest fits.
 - A finished run's log goes once the run ended longer than ``gc.logs_keep``
   ago; the record stays and says so.
 - A base worktree that no declared task checks out, that no kept run's
@@ -82,7 +85,8 @@ class Collector:
         async with self._lock:
             now = time.time() if now is None else now
             done: list[Removal] = []
-            for step in (self._runs, self._logs, self._worktrees, self._images, self._orphans):
+            for step in (self._runs, self._budget, self._logs, self._worktrees, self._images,
+                         self._orphans):
                 try:
                     await step(now, owner, dry_run, done.append)
                 except EfciError as e:
@@ -123,11 +127,7 @@ class Collector:
                 continue
             why = (f"not among the newest {cfg.gc_keep_runs} runs of {record.owner}/"
                    f"{record.task}, and ended {_days(age)} ago (gc.keep_runs, gc.keep_for)")
-            size = 0
-            for volume in (await self.agent.engine.labelled(
-                    "volume", {"instance": self.agent.instance, "run": str(record.id)}, "run")):
-                size += await trio.to_thread.run_sync(
-                    tree_size, await self.agent.engine.volume_path(volume))
+            size = await self._run_bytes(record.id, record.container_name)
             if not dry_run:
                 try:
                     await runs.remove(record.id)
@@ -136,6 +136,47 @@ class Collector:
                     continue
                 await state.call(state.update_run, record.id, removed_why=f"evicted: {why}")
             add(Removal("run", str(record.id), why, size))
+
+    async def _run_bytes(self, run_id: int, container: str | None) -> int:
+        """What a finished run holds on disk: its mutations volumes and its
+        container's writable layer."""
+        engine, size = self.agent.engine, 0
+        for volume in await engine.labelled("volume", {"instance": self.agent.instance,
+                                                       "run": str(run_id)}, "run"):
+            size += await trio.to_thread.run_sync(tree_size, await engine.volume_path(volume))
+        if container:
+            size += (await engine.container_sizes([container])).get(container, 0)
+        return size
+
+    async def _budget(self, now: float, owner: str | None, dry_run: bool,
+                      add: Callable[[Removal], None]) -> None:
+        """Past gc.layers_budget, the oldest finished runs go (never the
+        newest run of a task) until what is left fits."""
+        cfg, state, runs = self.agent.cfg, self.agent.state, self.agent.runs
+        newest: dict[tuple[str, str], int] = {}
+        for row in await state.call(state.all_runs_newest_first):
+            newest.setdefault((row["owner"], row["task"]), row["id"])
+        held = []
+        for record in await state.call(state.evictable_runs):
+            if record.removed_at is None and not self._busy(record.id):
+                held.append((record, await self._run_bytes(record.id, record.container_name)))
+        total = sum(size for _, size in held)
+        for record, size in held:  # oldest first
+            if total <= cfg.gc_layers_budget:
+                break
+            if newest.get((record.owner, record.task)) == record.id:
+                continue
+            why = (f"finished runs' layers and containers take {total} bytes, more than "
+                   f"gc.layers_budget ({cfg.gc_layers_budget}); it is the oldest")
+            if not dry_run:
+                try:
+                    await runs.remove(record.id)
+                except EfciError as e:
+                    log.info("gc: run %d stays: %s", record.id, e.message)
+                    continue
+                await state.call(state.update_run, record.id, removed_why=f"evicted: {why}")
+            add(Removal("run", str(record.id), why, size))
+            total -= size
 
     async def _logs(self, now: float, owner: str | None, dry_run: bool,
                     add: Callable[[Removal], None]) -> None:

@@ -237,6 +237,9 @@ class FakeEngine:
     async def labelled_images(self, labels: dict[str, str]) -> list[str]:
         return []
 
+    async def container_sizes(self, names: list[str]) -> dict[str, int]:
+        return {}
+
     async def image_config(self, ref: str) -> tuple[list[str], list[str]]:
         return [], []
 

@@ -193,6 +193,18 @@ class DockerCLI:
         return [line for line in out.decode(errors="replace").splitlines()
                 if line and "<none>" not in line]
 
+    async def container_sizes(self, names: list[str]) -> dict[str, int]:
+        if not names:
+            return {}
+        result = await command.run([self.program, "container", "inspect", "--size", "--format",
+                                    "{{.Name}}\t{{.SizeRw}}", *names], check=False)
+        sizes = {}
+        for line in result.stdout.decode(errors="replace").splitlines():
+            name, _, size = line.partition("\t")
+            if size.isdigit():
+                sizes[name.lstrip("/")] = int(size)
+        return sizes
+
     async def image_config(self, ref: str) -> tuple[list[str], list[str]]:
         config = json.loads(await self._run("image", "inspect", "--format", "{{json .Config}}",
                                             ref)) or {}

@@ -127,6 +127,9 @@ class Engine(Protocol):
         """``repository:tag`` of every image carrying all ``labels`` (without
         LABEL_PREFIX; a value of "" matches any value)."""
 
+    async def container_sizes(self, names: list[str]) -> dict[str, int]:
+        """Bytes each container's writable layer holds (of those that exist)."""
+
     async def image_config(self, ref: str) -> tuple[list[str], list[str]]:
         """The image's own entrypoint and command (each possibly empty)."""
 

@@ -180,3 +180,18 @@ def test_images_no_task_runs_in_go(agent: AgentProcess) -> None:
     finally:
         for tag in tags.values():
             docker("rmi", "-f", tag)
+
+
+def test_past_the_budget_the_oldest_runs_go(agent: AgentProcess) -> None:
+    agent.configure("gc:\n  layers_budget: 1MiB\n  interval: 0\n")  # keep_runs: 20, 7d
+    agent.start()
+    agent.declare("t.yml", json.dumps({"tasks": {"t": task(
+        command=["sh", "-c", "head -c 700000 /dev/urandom > /var/tmp/blob"])}}))
+    agent.efci("reload")
+    runs = [json.loads(agent.efci("--json", "run", "--follow", "t").stdout.splitlines()[-1])["id"]
+            for _ in range(3)]
+    done = gc(agent)
+    assert [(r["kind"], r["name"]) for r in done["removed"]] == [("run", str(runs[0])),
+                                                                 ("run", str(runs[1]))]
+    assert all(r["bytes"] >= 700000 and "gc.layers_budget" in r["why"] for r in done["removed"])
+    assert show(agent, runs[2])["removed_at"] is None  # the newest of the task stays

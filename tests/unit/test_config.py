@@ -56,7 +56,7 @@ def test_example_is_complete_and_loads_to_the_defaults(tmp_path: Path) -> None:
         "web.login_lifetime", "gitea.webhook_secret", "gitea.api", "gitea.token",
         "gitea.git_hosts", "caches.enable_quota", "caches.default_quota",
         "caches.release_grace", "gc.keep_runs", "gc.keep_for", "gc.logs_keep",
-        "gc.worktrees_unused", "gc.images_unused", "gc.interval"}
+        "gc.worktrees_unused", "gc.images_unused", "gc.layers_budget", "gc.interval"}
     loaded = config.load(layout, write(tmp_path, text))
     assert {**loaded.__dict__, "source": ""} == {**config.defaults(layout).__dict__, "source": ""}
 
