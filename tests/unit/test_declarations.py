@@ -138,6 +138,12 @@ tasks:
      "tasks.t.caches[1].name", "already used"),
     ("tasks:\n  t:\n    image: x\n    caches: [{name: c, path: /c}, {name: d, path: /c}]\n",
      "tasks.t.caches[1].path", "already mounted"),
+    *((f"tasks:\n  t:\n    image: x\n    stages: [{{name: {name!r}}}]\n",
+       "tasks.t.stages[0].name", "not a name") for name in ("a/b", "..", "-x", "a b")),
+    ("tasks:\n  t:\n    image: x\n    stages: [{name: a}, {name: a}]\n",
+     "tasks.t.stages[1].name", "declared twice"),
+    ("tasks:\n  t:\n    image: x\n    stages: [{name: a, allow_failure: yes}]\n",
+     "tasks.t.stages[0].allow_failure", "true or false"),
 ])
 def test_bad_declarations(tmp_path: Path, body: str, field: str, words: str) -> None:
     with pytest.raises(ConfigError) as e:
