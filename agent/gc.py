@@ -79,12 +79,14 @@ class Collector:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self._lock = trio.Lock()  # one collection at a time
+        self._evicted: set[int] = set()  # runs this collection removed (or, dry, would)
 
     async def collect(self, *, dry_run: bool = False, owner: str | None = None,
                       now: float | None = None) -> list[Removal]:
         async with self._lock:
             now = time.time() if now is None else now
             done: list[Removal] = []
+            self._evicted = set()
             for step in (self._runs, self._budget, self._logs, self._worktrees, self._images,
                          self._orphans):
                 try:
@@ -113,7 +115,7 @@ class Collector:
 
     async def _runs(self, now: float, owner: str | None, dry_run: bool,
                     add: Callable[[Removal], None]) -> None:
-        cfg, state, runs = self.agent.cfg, self.agent.state, self.agent.runs
+        cfg, state = self.agent.cfg, self.agent.state
         records = await state.call(state.evictable_runs)
         newest: dict[tuple[str, str], list[int]] = {}
         for row in await state.call(state.all_runs_newest_first):
@@ -127,15 +129,24 @@ class Collector:
                 continue
             why = (f"not among the newest {cfg.gc_keep_runs} runs of {record.owner}/"
                    f"{record.task}, and ended {_days(age)} ago (gc.keep_runs, gc.keep_for)")
-            size = await self._run_bytes(record.id, record.container_name)
-            if not dry_run:
-                try:
-                    await runs.remove(record.id)
-                except EfciError as e:  # restarted, or a shell opened, since the look
-                    log.info("gc: run %d stays: %s", record.id, e.message)
-                    continue
-                await state.call(state.update_run, record.id, removed_why=f"evicted: {why}")
-            add(Removal("run", str(record.id), why, size))
+            await self._evict(record.id, why, await self._run_bytes(
+                record.id, record.container_name), dry_run, add)
+
+    async def _evict(self, run_id: int, why: str, size: int, dry_run: bool,
+                     add: Callable[[Removal], None]) -> bool:
+        """Remove a run's container and layers as efci rm does, and mark its
+        record; False if it became busy since the look."""
+        if not dry_run:
+            try:
+                await self.agent.runs.remove(run_id)
+            except EfciError as e:  # restarted, or a shell opened, since the look
+                log.info("gc: run %d stays: %s", run_id, e.message)
+                return False
+            await self.agent.state.call(self.agent.state.update_run, run_id,
+                                        removed_why=f"evicted: {why}")
+        self._evicted.add(run_id)
+        add(Removal("run", str(run_id), why, size))
+        return True
 
     async def _run_bytes(self, run_id: int, container: str | None) -> int:
         """What a finished run holds on disk: its mutations volumes and its
@@ -152,13 +163,14 @@ class Collector:
                       add: Callable[[Removal], None]) -> None:
         """Past gc.layers_budget, the oldest finished runs go (never the
         newest run of a task) until what is left fits."""
-        cfg, state, runs = self.agent.cfg, self.agent.state, self.agent.runs
+        cfg, state = self.agent.cfg, self.agent.state
         newest: dict[tuple[str, str], int] = {}
         for row in await state.call(state.all_runs_newest_first):
             newest.setdefault((row["owner"], row["task"]), row["id"])
         held = []
         for record in await state.call(state.evictable_runs):
-            if record.removed_at is None and not self._busy(record.id):
+            if record.removed_at is None and not self._busy(record.id) and \
+                    record.id not in self._evicted:  # a dry run's earlier step, too
                 held.append((record, await self._run_bytes(record.id, record.container_name)))
         total = sum(size for _, size in held)
         for record, size in held:  # oldest first
@@ -168,15 +180,8 @@ class Collector:
                 continue
             why = (f"finished runs' layers and containers take {total} bytes, more than "
                    f"gc.layers_budget ({cfg.gc_layers_budget}); it is the oldest")
-            if not dry_run:
-                try:
-                    await runs.remove(record.id)
-                except EfciError as e:
-                    log.info("gc: run %d stays: %s", record.id, e.message)
-                    continue
-                await state.call(state.update_run, record.id, removed_why=f"evicted: {why}")
-            add(Removal("run", str(record.id), why, size))
-            total -= size
+            if await self._evict(record.id, why, size, dry_run, add):
+                total -= size
 
     async def _logs(self, now: float, owner: str | None, dry_run: bool,
                     add: Callable[[Removal], None]) -> None:
