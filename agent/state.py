@@ -229,6 +229,11 @@ class RunRecord:
 
 
 _RUN_COLUMNS = ", ".join(RunRecord.__dataclass_fields__)
+# What update_run, update_stage and update_cache may set.
+RUN_FIELDS = frozenset(RunRecord.__dataclass_fields__) - {"id"}
+STAGE_FIELDS = frozenset({"status", "started_at", "finished_at", "exit_code", "container",
+                          "error"})
+CACHE_FIELDS = frozenset({"quota", "generation", "made", "last_used_at"})
 
 
 def _record(row: sqlite3.Row) -> RunRecord:
@@ -391,15 +396,8 @@ class StateStore:
                 " 'pending')", [(run_id, i, n) for i, n in enumerate(names)])
 
     def update_stage(self, run_id: int, index: int, **fields: Any) -> None:
-        for key in fields:  # the keys are ours; only these may be set
-            if key not in ("status", "started_at", "finished_at", "exit_code", "container",
-                           "error"):
-                raise KeyError(key)
-        assignments = ", ".join(f"{k} = ?" for k in fields)
-        with self._transaction():
-            self._db.execute(
-                f"UPDATE run_stages SET {assignments} WHERE run_id = ? AND idx = ?",  # noqa: S608
-                (*fields.values(), run_id, index))
+        self._update("run_stages", STAGE_FIELDS, fields, "run_id = ? AND idx = ?",
+                     (run_id, index))
 
     def settle_stages(self, run_id: int) -> None:
         """A run that ended while a stage ran: that stage was cancelled, the
@@ -467,19 +465,7 @@ class StateStore:
         return out
 
     def update_cache(self, cache_id: int, **fields: Any) -> None:
-        for key in fields:  # the keys are ours; only these may be set
-            if key not in ("quota", "generation", "made", "last_used_at"):
-                raise KeyError(key)
-        assignments = ", ".join(f"{k} = ?" for k in fields)
-        with self._transaction():
-            self._db.execute(f"UPDATE caches SET {assignments} WHERE id = ?",  # noqa: S608
-                             (*fields.values(), cache_id))
-
-    def release_cache_claim(self, cache_id: int, task: str, how: str) -> None:
-        with self._transaction():
-            self._db.execute("UPDATE cache_claims SET released_at = coalesce(released_at, ?),"
-                             " released_how = ? WHERE cache_id = ? AND task = ?",
-                             (time.time(), how, cache_id, task))
+        self._update("caches", CACHE_FIELDS, fields, "id = ?", (cache_id,))
 
     def forget_cache_claim(self, cache_id: int, task: str) -> None:
         with self._transaction():
@@ -539,15 +525,21 @@ class StateStore:
             self._db.execute("DELETE FROM worktrees WHERE volume = ?", (volume,))
 
     def update_run(self, run_id: int, **fields: Any) -> None:
-        for key in fields:
-            if key not in RunRecord.__dataclass_fields__ or key == "id":
-                raise KeyError(key)
         if isinstance(fields.get("status"), RunStatus):
             fields["status"] = fields["status"].value
-        assignments = ", ".join(f"{key} = ?" for key in fields)
+        self._update("runs", RUN_FIELDS, fields, "id = ?", (run_id,))
+
+    def _update(self, table: str, allowed: frozenset[str], fields: dict[str, Any], where: str,
+                key: tuple[Any, ...]) -> None:
+        """Set ``fields`` of one row; their names go into the SQL, so only
+        ``allowed`` ones are taken (KeyError for another)."""
+        for name in fields:
+            if name not in allowed:
+                raise KeyError(name)
+        assignments = ", ".join(f"{name} = ?" for name in fields)
         with self._transaction():
-            self._db.execute(f"UPDATE runs SET {assignments} WHERE id = ?",  # noqa: S608
-                             (*fields.values(), run_id))
+            self._db.execute(f"UPDATE {table} SET {assignments} WHERE {where}",  # noqa: S608
+                             (*fields.values(), *key))
 
     def run_declaration(self, run_id: int) -> dict[str, Any]:
         row = self._db.execute("SELECT declaration FROM runs WHERE id = ?", (run_id,)).fetchone()
