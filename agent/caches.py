@@ -386,11 +386,7 @@ class Caches:
             quota = self._quota(cache)
             used = usages.by_group.get(self._group(cache)) if usages and cache["made"] else None
             active = [k for k in cache["claims"] if k["released_at"] is None]
-            released = [k["released_at"] for k in cache["claims"] if k["released_at"]]
-            removal = None
-            if not active:
-                removal = (max(released) if released else cache["created_at"]) \
-                    + self.cfg.caches_release_grace
+            removal = self._removal_at(cache)
             share = (used.referenced // len(active)) if used and active else 0
             out.append({
                 "owner": cache["owner"], "name": cache["name"], "shared": cache["shared"],
@@ -400,13 +396,25 @@ class Caches:
                 "exclusive": used.exclusive if used else 0,
                 "apportioned": {k["task"]: share for k in active},
                 "claims": cache["claims"], "last_used_at": cache["last_used_at"],
-                "used_by_runs": sorted(r for r, held in self.users.items()
-                                       if any(i.cache_id == cache["id"] for i in held)),
+                "used_by_runs": self._runs_using(cache["id"]),
                 "removal_at": removal, "removal_due": removal is not None and removal <= now,
                 "path": str(self._dir(cache)), "qgroup": self._group(cache),
             })
         return {"root": str(self.root), "problem": self.problem,
                 "usage_inconsistent": bool(usages and usages.inconsistent), "caches": out}
+
+    def _runs_using(self, cache_id: int) -> list[int]:
+        return sorted(r for r, held in self.users.items()
+                      if any(i.cache_id == cache_id for i in held))
+
+    def _removal_at(self, cache: dict[str, Any]) -> float | None:
+        """When a cache that no task claims any more is due to go (None while
+        one does): caches.release_grace after its last claim was released."""
+        if any(k["released_at"] is None for k in cache["claims"]):
+            return None
+        released = [k["released_at"] for k in cache["claims"]]
+        return (max(released) if released else cache["created_at"]) \
+            + self.cfg.caches_release_grace
 
     async def set_quota(self, owner: str, name: str, quota: int) -> dict[str, Any]:
         if self.problem:
@@ -447,8 +455,7 @@ class Caches:
     async def remove(self, owner: str, name: str, *, force: bool) -> dict[str, Any]:
         async with self._lock:
             cache = await self._cache(owner, name)
-            running = sorted(r for r, held in self.users.items()
-                             if any(i.cache_id == cache["id"] for i in held))
+            running = self._runs_using(cache["id"])
             if running:
                 raise Conflict(f"cache {owner}/{name} is in use by run"
                                f"{'s' if len(running) > 1 else ''} "
@@ -491,9 +498,10 @@ class Caches:
         if self.problem:
             return
         try:
-            listing = await self.listing()
-            for cache in listing["caches"]:
-                if cache["removal_due"] and not cache["used_by_runs"]:
+            now = time.time()
+            for cache in await self.state.call(self.state.caches):
+                removal = self._removal_at(cache)
+                if removal is not None and removal <= now and not self._runs_using(cache["id"]):
                     log.info("cache %s/%s: no claim for caches.release_grace; removing it",
                              cache["owner"], cache["name"])
                     await self.remove(cache["owner"], cache["name"], force=False)
