@@ -118,6 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     sh = add("shell", "an interactive shell in a finished run's environment (same image state, "
                       "same worktrees)")
     sh.add_argument("run", type=int)
+    sh.add_argument("--stage", help="a pipeline's stage: the shell opens in its container, "
+                                    "over the layers the stages before it left")
     sh.add_argument("--discard", action="store_true",
                     help="throw away what you change outside /src (by default `efci restart` "
                          "runs with it)")
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "shell":
             from .terminal import run_shell
 
-            return run_shell(_socket_path(args, layout), args.run, args.discard)
+            return run_shell(_socket_path(args, layout), args.run, args.stage, args.discard)
         with Client(_socket_path(args, layout)) as client:
             answer = COMMANDS[args.command](client, args)
         return answer if isinstance(answer, int) else _show_answer(answer, args)

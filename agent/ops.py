@@ -262,8 +262,8 @@ async def rm(agent: Agent, call: Call, *, run: int, session: str | None = None) 
 
 @op
 async def shell(agent: Agent, call: Call, *, run: int, cols: int, rows: int,
-                discard: bool = False) -> object:
-    return await serve_shell(agent.runs, call, run, cols, rows, discard)
+                stage: str | None = None, discard: bool = False) -> object:
+    return await serve_shell(agent.runs, call, run, cols, rows, stage, discard)
 
 
 async def _started(agent: Agent, call: Call, run_id: int, position: int,

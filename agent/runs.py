@@ -133,9 +133,14 @@ def task_container_name(instance: str, run_id: int) -> str:
     return f"efci-{instance}-{run_id}"
 
 
-def patched_image(instance: str, run_id: int) -> str:
-    """What efci shell leaves of a run's container for its next attempt."""
-    return f"efci-patched/{instance}:{run_id}"
+def stage_container_name(instance: str, run_id: int, stage: str) -> str:
+    return f"{task_container_name(instance, run_id)}-{stage}"
+
+
+def patched_image(instance: str, run_id: int, stage: str | None = None) -> str:
+    """What efci shell leaves of a run's (or a stage's) container for its
+    next attempt."""
+    return f"efci-patched/{instance}:{run_id}" + (f"-{stage}" if stage else "")
 
 
 def container_spec(cfg: AgentConfig, instance: str, run_id: int, task: Task,
@@ -296,19 +301,7 @@ class Runs:
             raise Conflict(f"run {run_id} has no container to restart"
                            + (" (efci rm removed it)" if record.removed_at else ""))
         task = task_from_wire(await self.state.call(self.state.run_declaration, run_id))
-        index = None
-        if task.stages or stage is not None:
-            names = [s.name for s in task.stages]
-            if stage is None:
-                raise RequestError(f"run {run_id} is a pipeline: say which stage's container "
-                                   f"to start again with --stage ({', '.join(names)})")
-            if stage not in names:
-                raise NotFound(f"run {run_id} has no stage {stage!r}; its stages: "
-                               + (", ".join(names) or "none (it is not a pipeline)"))
-            index = names.index(stage)
-            if not (await self.state.call(self.state.run_stages, run_id))[index]["container"]:
-                raise Conflict(f"stage {stage} of run {run_id} never ran: it has no container; "
-                               f"efci retry {run_id} --from {stage} runs it")
+        index = await self.stage_with_container(run_id, task, stage, "to start again")
         attempt = record.attempts + 1
         await self.state.call(self.state.update_run, run_id, status=RunStatus.QUEUED,
                               attempts=attempt, finished_at=None, exit_code=None, error=None)
@@ -317,6 +310,25 @@ class Runs:
                            requester)
         log.info("run %d restarted as attempt %d%s (uid %d)", run_id, attempt,
                  f", stage {stage}" if stage else "", requester.uid)
+
+    async def stage_with_container(self, run_id: int, task: Task, stage: str | None,
+                                   what: str) -> int | None:
+        """The index of the stage of a finished run whose container efci
+        restart or efci shell uses (None for a run that is no pipeline)."""
+        if not task.stages and stage is None:
+            return None
+        names = [s.name for s in task.stages]
+        if stage is None:
+            raise RequestError(f"run {run_id} is a pipeline: say which stage's container "
+                               f"{what} with --stage ({', '.join(names)})")
+        if stage not in names:
+            raise NotFound(f"run {run_id} has no stage {stage!r}; its stages: "
+                           + (", ".join(names) or "none (it is not a pipeline)"))
+        index = names.index(stage)
+        if not (await self.state.call(self.state.run_stages, run_id))[index]["container"]:
+            raise Conflict(f"stage {stage} of run {run_id} never ran: it has no container; "
+                           f"efci retry {run_id} --from {stage} runs it")
+        return index
 
     async def retry(self, run_id: int, stage: str, requester: Requester) -> None:
         """A new attempt of a finished pipeline run from ``stage`` on: the
@@ -348,12 +360,11 @@ class Runs:
                 raise Conflict(f"the layers stage {earlier['name']} of run {run_id} left are "
                                "gone; retry from an earlier stage, or start a new run")
         for later in range(index, len(names)):
-            await self.engine.remove(f"{task_container_name(self.instance, run_id)}-"
-                                     f"{names[later]}")
+            await self._remove_containers(run_id, names[later])
             await self.mutations.remove_stage(run_id, later)
             await self.state.call(self.state.update_stage, run_id, later, status="pending",
                                   started_at=None, finished_at=None, exit_code=None,
-                                  container=None, error=None)
+                                  container=None, error=None, patched_attempt=None)
         attempt = record.attempts + 1
         await self.state.call(self.state.update_run, run_id, status=RunStatus.QUEUED,
                               attempts=attempt, finished_at=None, exit_code=None, error=None)
@@ -383,12 +394,19 @@ class Runs:
         """Remove a finished run's container, mutations and layers of layered
         caches; its record and log stay.  Idempotent."""
         record = await self._finished_record(run_id)
-        await self.engine.remove(task_container_name(self.instance, run_id))
-        await self.engine.remove_image(patched_image(self.instance, run_id))
+        await self._remove_containers(run_id)
+        for stage in await self.state.call(self.state.run_stages, run_id):
+            await self._remove_containers(run_id, stage["name"])
         await self.mutations.remove(run_id)
         await self.caches.remove_run(run_id)
         if record.removed_at is None:
             await self.state.call(self.state.update_run, run_id, removed_at=time.time())
+
+    async def _remove_containers(self, run_id: int, stage: str | None = None) -> None:
+        """The run's (or its stage's) container, and what efci shell left of it."""
+        await self.engine.remove(stage_container_name(self.instance, run_id, stage) if stage
+                                 else task_container_name(self.instance, run_id))
+        await self.engine.remove_image(patched_image(self.instance, run_id, stage))
 
     async def cancel(self, run_id: int, reason: str) -> None:
         run = self.active.get(run_id)
@@ -634,7 +652,7 @@ class Runs:
     async def _stage(self, run: ActiveRun, index: int, stage: Stage,
                      writer: LogWriter) -> tuple[RunStatus, dict[str, Any]]:
         task = run.task.stage_task(stage)
-        name = f"{task_container_name(self.instance, run.id)}-{stage.name}"
+        name = stage_container_name(self.instance, run.id, stage.name)
         await self.state.call(self.state.update_stage, run.id, index, status="running",
                               started_at=time.time(), container=name)
         writer.event(Kind.MARKER, {"step": "stage", "name": stage.name, "event": "start"})
@@ -740,8 +758,14 @@ class Runs:
         left changes for this attempt, one made again from what the shell
         left, with the task's own command, environment and mounts."""
         container = run.container_name
-        record = await self.record(run.id)
-        if record is None or record.patched_attempt != run.attempt:
+        stage = run.restart_stage
+        if stage is None:
+            record = await self.record(run.id)
+            patched = record.patched_attempt if record else None
+        else:
+            patched = (await self.state.call(self.state.run_stages, run.id))[stage][
+                "patched_attempt"]
+        if patched != run.attempt:
             writer.message(f"attempt {run.attempt}: starting container {container} again, "
                            "with its state and upper layers")
             return container
@@ -753,7 +777,8 @@ class Runs:
         command = task.command if task.command is not None else tuple(cmd)
         await self.engine.remove(container)
         return await self._create(run, dataclasses.replace(
-            task, image=patched_image(self.instance, run.id),
+            task, image=patched_image(self.instance, run.id,
+                                      None if stage is None else run.task.stages[stage].name),
             command=(*entrypoint[1:], *command)), env, host_mounts(self.cfg, task), writer,
             entrypoint=entrypoint[0] if entrypoint else "")
 
@@ -823,7 +848,8 @@ class Runs:
         """Whether a shell is open in the finished run."""
         return run_id in self._claimed
 
-    def environment_of(self, run_id: int) -> AbstractAsyncContextManager[Environment]:
-        """A finished run's environment again (its worktrees and views), for
-        a shell."""
-        return self.environments.open(run_id, self._worktrees_of(run_id))
+    def environment_of(self, run_id: int,
+                       stage: int = 0) -> AbstractAsyncContextManager[Environment]:
+        """A finished run's environment again (its worktrees and views, a
+        stage's over the layers the stages before it left), for a shell."""
+        return self.environments.open(run_id, self._worktrees_of(run_id), stage=stage)

@@ -1,19 +1,22 @@
 """``efci shell RUN``: an interactive shell in a finished run's environment.
 
-The run's container is committed to an image (its filesystem as the task
-left it), and a shell container is started from that image with the same
-worktree views (the run's overlay upper layers, mounted again), the same
-secrets, and the same network policy; deploy targets are mounted read-only,
-so debugging cannot publish by accident.
+The run's container (in a pipeline, the container of the stage named with
+``--stage``, over the layers the stages before it left) is committed to an
+image (its filesystem as the task left it), and a shell container is
+started from that image with the same worktree views (the run's overlay
+upper layers, mounted again), the same secrets, and the same network
+policy; deploy targets are mounted read-only, so debugging cannot publish
+by accident.
 
 What the person changes is kept for the run's next attempt (the seed's
 "exec into a stopped container, patch something, restart"): on leaving, the
-shell's container is committed to ``efci-patched/<instance>:<run>``, and
-``efci restart`` creates the run's container again from that image, with
-the task's own command, environment and mounts.  Changes under /src are in
-the run's upper layers either way.  ``--discard`` opens a shell whose
-changes outside /src are thrown away.  The administrator's terminal is
-relayed over the control socket:
+shell's container is committed to ``efci-patched/<instance>:<run>`` (with
+``-<stage>`` for a stage), and ``efci restart`` creates the run's (or the
+stage's) container again from that image, with the task's own command,
+environment and mounts.  Changes under /src are in the run's upper layers
+either way.  ``--discard`` opens a shell whose changes outside /src are
+thrown away.  The administrator's terminal is relayed over the control
+socket:
 
 * agent -> client: ``{"event": "output", "size": N}`` and N raw bytes;
 * client -> agent: ``{"input": "<base64>"}`` and ``{"resize": [cols, rows]}``
@@ -39,7 +42,13 @@ from .access import host_mounts
 from .environment import shielded
 from .errors import Conflict, RequestError
 from .host.engine import Terminal
-from .runs import container_spec, patched_image, task_from_wire
+from .runs import (
+    container_spec,
+    patched_image,
+    stage_container_name,
+    task_container_name,
+    task_from_wire,
+)
 
 if TYPE_CHECKING:
     from .runs import Runs
@@ -49,8 +58,8 @@ log = logging.getLogger(__name__)
 SHELL = "/bin/sh"
 
 
-async def serve_shell(runs: Runs, call: protocol.Call, run_id: int, cols: int,
-                      rows: int, discard: bool = False) -> dict[str, Any]:
+async def serve_shell(runs: Runs, call: protocol.Call, run_id: int, cols: int, rows: int,
+                      stage: str | None = None, discard: bool = False) -> dict[str, Any]:
     if not (10 <= cols <= 1000 and 5 <= rows <= 1000):
         raise RequestError(f"terminal size {cols}x{rows} is out of range")
     engine = runs.engine
@@ -58,15 +67,18 @@ async def serve_shell(runs: Runs, call: protocol.Call, run_id: int, cols: int,
         if record.container_id is None or record.removed_at is not None:
             raise Conflict(f"run {run_id} has no container to open a shell in")
         task = task_from_wire(await runs.state.call(runs.state.run_declaration, run_id))
-        if task.stages:
-            raise Conflict(f"run {run_id} is a pipeline; efci shell opens single-container "
-                           "runs only, for now")
+        index = await runs.stage_with_container(run_id, task, stage, "to open a shell in")
+        container = task_container_name(runs.instance, run_id)
+        if stage is not None and index is not None:
+            task = task.stage_task(task.stages[index])
+            container = stage_container_name(runs.instance, run_id, stage)
+        where = f"run {run_id}" + (f", stage {stage}" if stage else "")
         image = f"efci-shell/{runs.instance}:{run_id}"
         name = f"efci-{runs.instance}-{run_id}-shell"
         # Undone in reverse, each step on its own: the image, the container.
         cleanup.push_async_callback(shielded(f"removing {image}", engine.remove_image, image))
-        await engine.commit(record.container_id, image)
-        env = await cleanup.enter_async_context(runs.environment_of(run_id))
+        await engine.commit(container, image)
+        env = await cleanup.enter_async_context(runs.environment_of(run_id, index or 0))
         cleanup.push_async_callback(shielded(f"removing {name}", engine.remove, name))
         mounts = [dataclasses.replace(m, readonly=True) for m in host_mounts(runs.cfg, task)]
         spec = dataclasses.replace(
@@ -74,21 +86,26 @@ async def serve_shell(runs: Runs, call: protocol.Call, run_id: int, cols: int,
             name=name, image=image, command=None, entrypoint=SHELL, interactive=True)
         await engine.remove(name)  # one left by a killed agent
         await engine.create(spec)
-        log.info("shell in run %d opened by uid %d", run_id, call.requester.uid)
-        note = (f"efci: a shell in run {run_id}; what you change here outside /src is thrown "
+        log.info("shell in %s opened by uid %d", where, call.requester.uid)
+        restart = f"efci restart {run_id}" + (f" --stage {stage}" if stage else "")
+        note = (f"efci: a shell in {where}; what you change here outside /src is thrown "
                 "away when you leave" if discard else
-                f"efci: a shell in run {run_id}; what you change here is what `efci restart "
-                f"{run_id}` runs with (open it with --discard to throw changes away)")
+                f"efci: a shell in {where}; what you change here is what `{restart}` runs "
+                "with (open it with --discard to throw changes away)")
         await call.event("attached", run=run_id, note=note)
         async with engine.attach(name, cols=cols, rows=rows, interactive=True) as terminal:
             exit_status = await _relay(terminal, call)
         kept = not discard
         if kept:
             with trio.CancelScope(shield=True):
-                await engine.commit(name, patched_image(runs.instance, run_id))
-                await runs.state.call(runs.state.update_run, run_id,
-                                      patched_attempt=record.attempts + 1)
-    log.info("shell in run %d closed (exit status %s)%s", run_id, exit_status,
+                await engine.commit(name, patched_image(runs.instance, run_id, stage))
+                if index is None:
+                    await runs.state.call(runs.state.update_run, run_id,
+                                          patched_attempt=record.attempts + 1)
+                else:
+                    await runs.state.call(runs.state.update_stage, run_id, index,
+                                          patched_attempt=record.attempts + 1)
+    log.info("shell in %s closed (exit status %s)%s", where, exit_status,
              "; its changes are kept for the next attempt" if kept else "")
     return {"run": run_id, "exit_code": exit_status, "kept": kept}
 

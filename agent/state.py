@@ -177,6 +177,9 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE runs ADD COLUMN log_removed_at REAL;
     ALTER TABLE runs ADD COLUMN patched_attempt INTEGER;
     """,
+    """
+    ALTER TABLE run_stages ADD COLUMN patched_attempt INTEGER;
+    """,
 )
 
 
@@ -232,7 +235,7 @@ _RUN_COLUMNS = ", ".join(RunRecord.__dataclass_fields__)
 # What update_run, update_stage and update_cache may set.
 RUN_FIELDS = frozenset(RunRecord.__dataclass_fields__) - {"id"}
 STAGE_FIELDS = frozenset({"status", "started_at", "finished_at", "exit_code", "container",
-                          "error"})
+                          "error", "patched_attempt"})
 CACHE_FIELDS = frozenset({"quota", "generation", "made", "last_used_at"})
 
 

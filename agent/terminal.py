@@ -27,7 +27,8 @@ def _send(sock: socket.socket, message: dict[str, Any]) -> None:
     sock.sendall(protocol.encode(message))
 
 
-def run_shell(socket_path: Path, run: int, discard: bool = False) -> int:
+def run_shell(socket_path: Path, run: int, stage: str | None = None,
+              discard: bool = False) -> int:
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     if not os.isatty(stdin):
         raise EfciError("efci shell needs a terminal on its standard input")
@@ -38,8 +39,8 @@ def run_shell(socket_path: Path, run: int, discard: bool = False) -> int:
         sock.connect(str(socket_path))
     except OSError as e:
         raise AgentUnreachable(f"cannot reach the agent at {socket_path}: {e.strerror}") from None
-    _send(sock, {"id": 1, "op": "shell", "args": {"run": run, "cols": cols, "rows": rows,
-                                                  "discard": discard}})
+    args = {"run": run, "cols": cols, "rows": rows, "discard": discard}
+    _send(sock, {"id": 1, "op": "shell", "args": args | ({"stage": stage} if stage else {})})
     resized = [False]
     signal.signal(signal.SIGWINCH, lambda *_: resized.__setitem__(0, True))
     saved = termios.tcgetattr(stdin)

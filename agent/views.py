@@ -156,7 +156,11 @@ def show(run: dict[str, Any]) -> int:
         code = f", exit status {st['exit_code']}" if st["exit_code"] is not None else ""
         print(printable(f"{'stage:':16}{st['name']}: {st['status']}{code}{took}"
                         + (f" ({st['container']})" if st["container"] else "")
-                        + (f": {st['error']}" if st["error"] else "")))
+                        + (f": {st['error']}" if st["error"] else "")
+                        + (f"; attempt {st['patched_attempt']} on what efci shell left"
+                           if st.get("patched_attempt") else "")))
+    if run.get("patched_attempt"):
+        print(f"{'patched:':16}attempt {run['patched_attempt']} on what efci shell left")
     print(f"{'took:':16}{duration(run)}")
     if run["removed_at"]:
         print(printable(f"{'removed:':16}{when(run['removed_at'])} (container and layers)"

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 from .conftest import BASE_IMAGE, Setup, task
+from .test_lifecycle import shell
 from .test_worktrees import make_repo, volume_dir
 
 # Stage one: change the worktree (a new file, a deletion, a whole directory
@@ -169,3 +170,42 @@ def test_retry_refuses_to_skip_a_stage_that_failed(setup: Setup) -> None:
     refused = setup.agent.efci("retry", str(run["id"]), "--from", "b", check=False)
     assert refused.returncode != 0 and b"stage a of run" in refused.stderr
     assert b"did not succeed (failed); retry from it" in refused.stderr
+
+
+def docker_has(kind: str, name: str) -> bool:
+    return subprocess.run(["docker", kind, "inspect", name],
+                          capture_output=True).returncode == 0
+
+
+def test_a_shell_in_a_stage_is_what_its_restart_runs_with(setup: Setup) -> None:
+    """The debugging story in a pipeline: the shell opens in the failed
+    stage's container over the layers the stage before it left; what it
+    changes outside /src is what `efci restart --stage` runs with; efci rm
+    takes every stage's container and what the shell left."""
+    sha = make_repo(setup)
+    setup.declare({"p": pipeline(
+        setup, sha, {"name": "a", "command": ["sh", "-c", "echo built > /src/lib/out.txt"]},
+        {"name": "b", "command": ["sh", "-c", "cat /src/lib/out.txt; test -f /etc/efci-fixed"]})})
+    _, run = setup.run("p")
+    assert [s["status"] for s in run["stages"]] == ["succeeded", "failed"]
+    status, out = shell(setup, run["id"], b"exit 0\n")
+    assert status != 0 and b"say which stage's container to open a shell in" in out, out
+    status, out = shell(setup, run["id"], b"echo seen=$(cat /src/lib/out.txt); "
+                                          b"touch /etc/efci-fixed; exit 0\n", "--stage", "b")
+    assert status == 0 and b"seen=built" in out, out
+    assert f"efci restart {run['id']} --stage b".encode() in out
+
+    again = setup.agent.efci("restart", "--follow", "--stage", "b", str(run["id"]),
+                             check=False, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert b"on the container as efci shell left it" in again.stderr
+    record = json.loads(setup.agent.efci("--json", "show", str(run["id"])).stdout)
+    assert record["status"] == "succeeded"
+    assert [(s["status"], s["patched_attempt"]) for s in record["stages"]] == [
+        ("succeeded", None), ("succeeded", 2)]
+    patched = f"efci-patched/{setup.agent.instance()}:{run['id']}-b"
+    assert docker_has("image", patched)
+
+    setup.agent.efci("rm", str(run["id"]))
+    assert not any(docker_has("container", s["container"]) for s in run["stages"])
+    assert not docker_has("image", patched)

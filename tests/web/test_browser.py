@@ -314,3 +314,39 @@ def test_the_caches_page_shows_usage_and_sets_a_quota(web: Web, browser: WebDriv
         agent.cleanup()
         subprocess.run([str(make_cache_fs), "--remove", str(root)], capture_output=True,
                        check=False)
+
+
+def test_a_pipelines_stages_are_on_its_page_and_folded_in_its_log(
+        web: Web, browser: WebDriver) -> None:
+    """The run page lists each stage (status, exit code, container), and the
+    log holds a foldable section per stage."""
+    declare(web.agent, {"pipe": {"image": BASE_IMAGE, "command": ["false"], "stages": [
+        {"name": "build", "command": ["sh", "-c", "echo building; exit 4"],
+         "allow_failure": True},
+        {"name": "test", "command": ["sh", "-c", "echo testing; exit 2"]},
+        {"name": "publish", "command": ["echo", "publishing"]}]}})
+    run_id = json.loads(web.agent.efci("--json", "run", "pipe").stdout)["id"]
+    wait_for(lambda: json.loads(web.agent.efci("--json", "show", str(run_id)).stdout)[
+        "status"] == "failed", "the pipeline to end", timeout=120)
+    log_in(browser, web)
+    browser.get(f"{web.url}/runs/{run_id}")
+    wait_for(lambda: browser.find_element(By.ID, "run-status").text == "failed", "the status")
+    rows = [[cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+            for row in browser.find_elements(By.CSS_SELECTOR, "#run-stages tbody tr")]
+    container = f"efci-{web.agent.instance()}-{run_id}"
+    assert [(r[0], r[1], r[2], r[4]) for r in rows] == [
+        ("build", "failed", "4", f"{container}-build"),
+        ("test", "failed", "2", f"{container}-test"),
+        ("publish", "skipped", "", "")]
+    assert rows[2][5] == "stage test failed"
+    wait_for(lambda: any("testing" in line for line in log_lines(browser)), "the log")
+    screenshot(browser, "pipeline")
+    # Each stage's section holds the task's own (nested) section.
+    sections = {s.text.lstrip("▾").split(":")[0]: s
+                for s in browser.find_elements(By.CSS_SELECTOR, "#log .line.section")
+                if "stage " in s.text}
+    assert list(sections) == ["stage build (1 of 3)", "stage test (2 of 3)"], list(sections)
+    sections["stage test (2 of 3)"].find_element(By.CSS_SELECTOR, ".fold").click()
+    wait_for(lambda: not any("testing" in line for line in log_lines(browser)),
+             "stage test to fold")
+    assert any("building" in line for line in log_lines(browser))
