@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import names
+from .model import Limits
 from .yamlconf import Node, load_file
 
 
@@ -69,6 +70,8 @@ class AgentConfig:
     socket_path: Path
     socket_group: str
     socket_mode: int
+    socket_max_connections: int
+    socket_idle_timeout: int
     docker: str
     base_image: str
     time_limit: int
@@ -76,8 +79,17 @@ class AgentConfig:
     max_parallel: int
     log_limit: int
     terminal_size: tuple[int, int]
+    max_queued: int
+    min_free: int
+    drain: int
     memory_limit: int
     pids_limit: int
+    cpus_limit: float
+    swap_limit: int
+    max_memory: int
+    max_swap: int
+    max_pids: int
+    max_cpus: float
     network_name: str
     network_bridge: str
     network_subnet: str
@@ -103,6 +115,18 @@ class AgentConfig:
     gc_layers_budget: int
     gc_interval: int
     deploy_targets: dict[str, DeployTarget] = field(default_factory=dict)
+
+    @property
+    def default_limits(self) -> Limits:
+        return Limits(cpus=self.cpus_limit or None, memory=self.memory_limit,
+                      swap=self.swap_limit, pids=self.pids_limit)
+
+    @property
+    def max_limits(self) -> Limits:
+        """What a declaration may ask for at most (cpus: the host's count
+        when agent.yml sets no maximum)."""
+        return Limits(cpus=self.max_cpus or float(os.cpu_count() or 1), memory=self.max_memory,
+                      swap=self.max_swap, pids=self.max_pids)
 
     @property
     def web_url(self) -> str:
@@ -239,6 +263,18 @@ class Setting:
     help: str
 
 
+def _size_or_zero(node: Node) -> int:
+    return 0 if node.raw_scalar().strip() == "0" else node.size()
+
+
+def _cpus(node: Node) -> float:
+    """CPUs as docker's --cpus takes them: 2, 0.5, 1.25 (0 where allowed)."""
+    text = node.raw_scalar().strip()
+    if not re.fullmatch(r"[0-9]{1,4}(\.[0-9]{1,2})?", text):
+        raise node.error(f"must be a number of CPUs such as 2 or 0.5, not {text!r}")
+    return float(text)
+
+
 def _const(value: object) -> Callable[[Layout], object]:
     return lambda _layout: value
 
@@ -262,6 +298,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Group that may use the socket (if it exists)."),
     Setting("socket.mode", "socket_mode", _mode, _const(0o660), '"0660"',
             "Permissions of the socket, in quotes."),
+    Setting("socket.max_connections", "socket_max_connections",
+            lambda n: n.integer(minimum=8, maximum=100000), _const(1000), "1000",
+            "Clients connected at once; one more is answered with an error and closed."),
+    Setting("socket.idle_timeout", "socket_idle_timeout", Node.duration, _const(120), "2m",
+            "A client that sends no request for this long is disconnected (one waiting for "
+            "an answer or following a log is not idle)."),
     Setting("docker.program", "docker", _program, _const("docker"), "docker",
             "The docker CLI to run."),
     Setting("docker.base_image", "base_image", Node.image_ref, _const("efci/base:bookworm"),
@@ -273,17 +315,40 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("runs.max_parallel", "max_parallel",
             lambda n: n.integer(minimum=1, maximum=256), _const(4), "4",
             "Runs executing at once; more wait queued."),
+    Setting("runs.max_queued", "max_queued", lambda n: n.integer(minimum=1, maximum=1000000),
+            _const(1000), "1000",
+            "Runs that may wait for a slot; past it, new runs are refused (exit status 75)."),
+    Setting("runs.min_free", "min_free", _size_or_zero, _const(1 << 30), "1GiB",
+            "Free space below which queued runs wait (on the state, log, Docker and cache "
+            "filesystems; a tenth of one too small for it) until there is this much again; "
+            "0: never wait."),
+    Setting("runs.drain", "drain", lambda n: n.duration(zero=True), _const(60), "60s",
+            "On a graceful stop, how long running runs may go on before they are cancelled "
+            "(the service's TimeoutStopSec leaves room for it)."),
     Setting("runs.log_limit", "log_limit", Node.size, _const(1 << 30), "1GiB",
             "Largest log kept per run: past it, its beginning and its end are kept."),
     Setting("runs.terminal_size", "terminal_size", _terminal, _const((160, 50)), "160x50",
             "Terminal size task containers see (columns x rows)."),
     Setting("limits.memory", "memory_limit", Node.size, _const(4 << 30), "4GiB",
-            "Memory of a task container, swap included; past it the kernel's OOM killer "
+            "Memory of a task container that declares none; past it the kernel's OOM killer "
             "stops its processes."),
+    Setting("limits.swap", "swap_limit", _size_or_zero, _const(0), "0",
+            "Swap a task container may use beyond its memory, if it declares none."),
+    Setting("limits.cpus", "cpus_limit", _cpus, _const(0.0), "0",
+            "CPUs a task container may use if it declares none (2.5: two and a half); "
+            "0: all of the host's."),
     Setting("limits.pids", "pids_limit", lambda n: n.integer(minimum=64, maximum=1 << 22),
             _const(4096), "4096",
             "Processes and threads a task container may have at once (a fork bomb stops "
             "there, not at the host's pid_max)."),
+    Setting("limits.max_memory", "max_memory", Node.size, _const(16 << 30), "16GiB",
+            "The most memory a declaration may give its task."),
+    Setting("limits.max_swap", "max_swap", _size_or_zero, _const(4 << 30), "4GiB",
+            "The most swap a declaration may give its task."),
+    Setting("limits.max_pids", "max_pids", lambda n: n.integer(minimum=64, maximum=1 << 22),
+            _const(32768), "32768", "The most processes a declaration may give its task."),
+    Setting("limits.max_cpus", "max_cpus", _cpus, _const(0.0), "0",
+            "The most CPUs a declaration may give its task; 0: the host's count."),
     Setting("network.name", "network_name", Node.name, _const("efci"), "efci",
             "Docker network task containers join."),
     Setting("network.bridge", "network_bridge", _bridge, _const("efci0"), "efci0",
@@ -390,6 +455,7 @@ def load(layout: Layout, path: Path | None = None) -> AgentConfig:
         return defaults(layout)
     root = load_file(path)
     values = {s.attr: s.default(layout) for s in SETTINGS}
+    nodes: dict[str, Node] = {}
     if root is not None:
         sections: dict[str, dict[str, Setting]] = {}
         for s in SETTINGS:
@@ -404,10 +470,26 @@ def load(layout: Layout, path: Path | None = None) -> AgentConfig:
                 for sub, sub_node in node.mapping(optional=set(sections[key])).items():
                     setting = sections[key][sub]
                     values[setting.attr] = setting.parse(sub_node)
+                    nodes[setting.attr] = sub_node
             else:
                 setting = sections[""][key]
                 values[setting.attr] = setting.parse(node)
-    return AgentConfig(source=str(path), **values)  # type: ignore[arg-type]
+    cfg = AgentConfig(source=str(path), **values)  # type: ignore[arg-type]
+    _check_limits(cfg, nodes)
+    return cfg
+
+
+def _check_limits(cfg: AgentConfig, nodes: dict[str, Node]) -> None:
+    """A default past its maximum would refuse every task that declares nothing."""
+    for default, maximum, value, most in (
+            ("memory_limit", "max_memory", cfg.memory_limit, cfg.max_memory),
+            ("swap_limit", "max_swap", cfg.swap_limit, cfg.max_swap),
+            ("pids_limit", "max_pids", cfg.pids_limit, cfg.max_pids),
+            ("cpus_limit", "max_cpus", cfg.cpus_limit, cfg.max_cpus or cfg.cpus_limit)):
+        if value > most:
+            node = nodes.get(default) or nodes[maximum]
+            raise node.error(f"the default ({value}) is more than its maximum ({most}); "
+                             f"raise limits.{maximum} or lower the default")
 
 
 def example(layout: Layout) -> str:

@@ -11,6 +11,7 @@ import collections
 import contextlib
 import grp
 import logging
+import math
 import os
 import socket as stdsocket
 import struct
@@ -20,7 +21,7 @@ from pathlib import Path
 import trio
 
 from . import protocol
-from .errors import EfciError, RequestError, internal_error
+from .errors import Conflict, EfciError, RequestError, internal_error
 from .model import Requester
 
 log = logging.getLogger(__name__)
@@ -95,10 +96,14 @@ class ControlServer:
     """Serves the socket; knows how many requests are being handled so a
     stopping agent can let them finish (up to a deadline) before it closes."""
 
-    def __init__(self, sock: stdsocket.socket, handler: Handler, ops: protocol.Schemas) -> None:
+    def __init__(self, sock: stdsocket.socket, handler: Handler, ops: protocol.Schemas, *,
+                 max_connections: int = 1000, idle_timeout: float = 120) -> None:
         self._sock = sock
         self._handler = handler
         self._ops = ops
+        self._max_connections = max_connections
+        self._idle_timeout = idle_timeout
+        self._connections = 0
         self._in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -111,8 +116,31 @@ class ControlServer:
             task_status.started()
             while True:
                 stream = await listener.accept()
-                nursery.start_soon(serve_connection, stream, peer_credentials(stream.socket),
-                                   self._tracked, self._ops)
+                requester = peer_credentials(stream.socket)
+                if self._connections >= self._max_connections:
+                    nursery.start_soon(self._refuse, stream, requester)
+                    continue
+                nursery.start_soon(self._connection, stream, requester)
+
+    async def _connection(self, stream: trio.SocketStream, requester: Requester) -> None:
+        self._connections += 1
+        try:
+            await serve_connection(stream, requester, self._tracked, self._ops,
+                                   idle_timeout=self._idle_timeout)
+        finally:
+            self._connections -= 1
+
+    async def _refuse(self, stream: trio.SocketStream, requester: Requester) -> None:
+        """Past the limit: a clear error, then closed (bounded in time, so a
+        flood of refused clients holds nothing either)."""
+        log.warning("refused a client (pid %d): %d clients are connected "
+                    "(socket.max_connections)", requester.pid, self._connections)
+        error = Conflict(f"the agent has {self._connections} clients connected, its limit "
+                             "(socket.max_connections in agent.yml); try again shortly")
+        async with stream:
+            with trio.move_on_after(LINGER_SECONDS), contextlib.suppress(
+                    trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(protocol.error(None, error))
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
@@ -162,12 +190,22 @@ class Connection:
 
 
 async def serve_connection(stream: trio.abc.HalfCloseableStream, requester: Requester,
-                           handler: Handler, ops: protocol.Schemas) -> None:
-    """Answer one client's requests, in order, until it hangs up."""
+                           handler: Handler, ops: protocol.Schemas, *,
+                           idle_timeout: float = math.inf) -> None:
+    """Answer one client's requests, in order, until it hangs up or sends
+    no request for ``idle_timeout`` seconds."""
     conn = Connection(stream, requester)
     async with stream:
         try:
-            while (line := await conn.receive_line()) is not None:
+            while True:
+                with trio.move_on_after(idle_timeout) as idle:
+                    line = await conn.receive_line()
+                if idle.cancelled_caught:
+                    log.info("disconnected a client (pid %d) that sent no request for %ds",
+                             requester.pid, idle_timeout)
+                    break
+                if line is None:
+                    break
                 if line.strip():
                     await _one_request(line, handler, ops, conn)
         except protocol.LineTooLong as e:

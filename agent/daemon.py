@@ -10,8 +10,10 @@ exits.  SIGHUP reloads the declarations, like ``efci reload``.
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,8 @@ log = logging.getLogger("efci.agent")
 
 # How long in-flight requests may take to finish once the agent is stopping.
 SHUTDOWN_GRACE = 5
+# Files the agent holds besides clients: state, logs, PTYs, docker pipes.
+OWN_FILES = 4096
 
 
 class Agent:
@@ -102,7 +106,8 @@ class Agent:
         parsed = declarations.parse_all(self.cfg.declarations_dir,
                                         default_owner=self.cfg.owner,
                                         secrets_base=self.cfg.secrets_base,
-                                        gitea_api=self.cfg.gitea_api)
+                                        gitea_api=self.cfg.gitea_api,
+                                        most=self.cfg.max_limits)
         refs = declarations.image_refs(parsed, self.decls)
         present = await self.engine.present_images(refs)
         self.decls = declarations.assemble(parsed, existing_images=present, previous=self.decls)
@@ -134,8 +139,30 @@ class Agent:
         return await ops.dispatch(self, call, request)
 
 
+def _open_files_for(cfg: AgentConfig) -> None:
+    """Room for socket.max_connections clients besides the agent's own
+    files: the soft limit raised as far as the hard one allows (1024 by
+    default, which 1000 clients plus runs' PTYs and logs would pass)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = cfg.socket_max_connections + OWN_FILES
+    if soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        if raised < wanted:
+            log.warning("open files are limited to %d; socket.max_connections %d needs %d",
+                        raised, cfg.socket_max_connections, wanted)
+
+
 async def serve(cfg: AgentConfig) -> None:
-    """Run the agent until SIGTERM or SIGINT."""
+    """Run the agent until SIGTERM or SIGINT.  The signals are ours from
+    the start to the end: one that comes while starting is acted on once
+    serving, and one that comes while stopping cannot cut the cleanup short."""
+    _open_files_for(cfg)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        await _serve(cfg, signals)
+
+
+async def _serve(cfg: AgentConfig, signals: AsyncIterator[int]) -> None:
     engine = DockerCLI(cfg.docker)
     try:
         version = await engine.version()
@@ -146,7 +173,7 @@ async def serve(cfg: AgentConfig) -> None:
     try:
         agent = Agent(cfg, engine, state, LogStore(cfg.log_dir, limit=cfg.log_limit))
         agent.docker_version = version
-        agent.docker_root = await engine.root_dir()
+        agent.docker_root = agent.runs.docker_root = await engine.root_dir()
         log.info("efforting-ci %s starting: config %s, state %s, docker %s", __version__,
                  cfg.source, cfg.state_dir, version)
         await agent.runs.recover()
@@ -159,7 +186,7 @@ async def serve(cfg: AgentConfig) -> None:
                 log.warning("no %s to probe the network rules with", cfg.base_image)
             sock = bind_socket(cfg.socket_path, mode=cfg.socket_mode, group=cfg.socket_group)
             try:
-                await _serve_until_signal(agent, sock)
+                await _serve_until_signal(agent, sock, signals)
             finally:
                 sock.close()
                 if cfg.socket_path.is_socket():
@@ -172,27 +199,39 @@ async def serve(cfg: AgentConfig) -> None:
     log.info("efforting-ci stopped")
 
 
-async def _serve_until_signal(agent: Agent, sock: Any) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(agent.runs.serve)
-            await nursery.start(agent.statuses.serve)
-            await nursery.start(agent.caches.serve)
-            await nursery.start(agent.gc.serve)
-            server = ControlServer(sock, agent.handle, ops.schemas())
-            await nursery.start(server.serve)
-            log.info("listening on %s", agent.cfg.socket_path)
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    log.info("SIGHUP: reloading declarations")
-                    await agent.reload()
-                    continue
-                log.info("%s: stopping (%d active runs)", signal.Signals(signum).name,
-                         len(agent.runs.active))
-                break
+async def _serve_until_signal(agent: Agent, sock: Any, signals: AsyncIterator[int]) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.runs.serve)
+        await nursery.start(agent.statuses.serve)
+        await nursery.start(agent.caches.serve)
+        await nursery.start(agent.gc.serve)
+        server = ControlServer(sock, agent.handle, ops.schemas(),
+                               max_connections=agent.cfg.socket_max_connections,
+                               idle_timeout=agent.cfg.socket_idle_timeout)
+        await nursery.start(server.serve)
+        log.info("listening on %s", agent.cfg.socket_path)
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP: reloading declarations")
+                await agent.reload()
+                continue
+            log.info("%s: stopping (%d active runs)", signal.Signals(signum).name,
+                     len(agent.runs.active))
+            break
+        async with trio.open_nursery() as stopping:
+            stopping.start_soon(_hurry_on_signal, signals, agent)
             await agent.runs.shutdown()
-            # Followers of the cancelled runs now get their last bytes and
-            # status; give in-flight requests a moment, then close.
-            with trio.move_on_after(SHUTDOWN_GRACE):
-                await server.wait_idle()
-            nursery.cancel_scope.cancel()
+            stopping.cancel_scope.cancel()
+        # Followers of the cancelled runs now get their last bytes and
+        # status; give in-flight requests a moment, then close.
+        with trio.move_on_after(SHUTDOWN_GRACE):
+            await server.wait_idle()
+        nursery.cancel_scope.cancel()
+
+
+async def _hurry_on_signal(signals: AsyncIterator[int], agent: Agent) -> None:
+    """A second SIGTERM or SIGINT while draining cancels the running runs now."""
+    async for signum in signals:
+        if signum != signal.SIGHUP:
+            log.info("%s again: cancelling the running runs now", signal.Signals(signum).name)
+            agent.runs.hurry()

@@ -19,18 +19,22 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import names
 from .errors import ConfigError
 from .host.git import ssh_host
-from .model import CacheUse, Image, Network, PushTrigger, Repository, Stage, Task
+from .model import CacheUse, Image, Limits, Network, PushTrigger, Repository, Stage, Task
 from .yamlconf import Node, load_file
 
 TASK_KEYS = {"image", "command", "env", "checkout", "secrets", "caches", "deploy_target",
-             "deploy_targets", "network", "time_limit", "stages", "on"}
+             "deploy_targets", "network", "time_limit", "stages", "on", "limits"}
 REPO_KEYS = {"repo_url", "revision", "mutable", "key", "submodules", "name"}
+MIN_MEMORY = 6 << 20  # docker refuses less
+UNBOUNDED = Limits()  # no maxima (the agent passes agent.yml's)
 
 
 @dataclass
@@ -216,8 +220,44 @@ def _deploy_targets(fields: dict[str, Node]) -> tuple[str, ...]:
     return tuple(targets)
 
 
+def _limits(node: Node, most: Limits) -> Limits:
+    """A task's resources; none past agent.yml's maxima."""
+    fields = node.mapping(optional={"cpus", "memory", "swap", "pids"})
+
+    def at_most(key: str, value: float, limit: float | None, shown: str) -> None:
+        if limit is not None and value > limit:
+            raise fields[key].error(f"{shown} is more than this agent allows: at most "
+                                    f"{_shown(key, limit)} (limits.max_{key} in agent.yml)")
+
+    found: dict[str, Any] = {}
+    if "cpus" in fields:
+        text = fields["cpus"].raw_scalar().strip()
+        if not re.fullmatch(r"[0-9]{1,4}(\.[0-9]{1,2})?", text) or float(text) < 0.01:
+            raise fields["cpus"].error(f"must be a number of CPUs such as 2 or 0.5, not {text!r}")
+        found["cpus"] = float(text)
+    if "memory" in fields:
+        found["memory"] = fields["memory"].size()
+        if found["memory"] < MIN_MEMORY:
+            raise fields["memory"].error(f"must be at least {names.format_size(MIN_MEMORY)} "
+                                         "(docker's least)")
+    if "swap" in fields:
+        found["swap"] = (0 if fields["swap"].raw_scalar().strip() == "0"
+                         else fields["swap"].size())
+    if "pids" in fields:
+        found["pids"] = fields["pids"].integer(minimum=64)
+    for key, value in found.items():
+        at_most(key, value, getattr(most, key), _shown(key, value))
+    return Limits(**found)
+
+
+def _shown(key: str, value: float) -> str:
+    if key in ("memory", "swap"):
+        return names.format_size(int(value))
+    return f"{value:g}"
+
+
 def _task(name: str, owner: str, node: Node, fields: dict[str, Node],
-          checkout: tuple[tuple[Repository, ...], bool]) -> Task:
+          checkout: tuple[tuple[Repository, ...], bool], most: Limits) -> Task:
     if "checkout" in fields:
         checkout = _checkout(fields["checkout"])
     repositories, unchecked_host_keys = checkout
@@ -246,6 +286,7 @@ def _task(name: str, owner: str, node: Node, fields: dict[str, Node],
         stages=_stages(fields["stages"]) if "stages" in fields else (),
         unchecked_host_keys=unchecked_host_keys,
         on_push=_on(fields["on"], repositories) if "on" in fields else None,
+        limits=_limits(fields["limits"], most) if "limits" in fields else Limits(),
     )
 
 
@@ -307,7 +348,7 @@ def _image_decl(name: str, node: Node, base_dir: Path) -> Image:
 # -- files --------------------------------------------------------------------
 
 def parse_file(path: Path, *, default_owner: str, secrets_base: Path,
-               gitea_api: str = "") -> FileDeclarations:
+               gitea_api: str = "", most: Limits = UNBOUNDED) -> FileDeclarations:
     """Parse one declaration file; raises ConfigError for the first problem."""
     root = load_file(path)
     out = FileDeclarations(str(path))
@@ -331,7 +372,7 @@ def parse_file(path: Path, *, default_owner: str, secrets_base: Path,
         if "checkout" in top and "checkout" in fields:
             raise fields["checkout"].error("checkout: is already given at the top of the file")
         checkout = _checkout(top["checkout"]) if "checkout" in top else ((), False)
-        out.tasks[name] = _task(name, owner, top["task"], fields, checkout)
+        out.tasks[name] = _task(name, owner, top["task"], fields, checkout, most)
         if "secrets_base" in top:
             declared = Path(top["secrets_base"].string())
             if declared != secrets_base:
@@ -355,7 +396,7 @@ def parse_file(path: Path, *, default_owner: str, secrets_base: Path,
             if not names.is_name(name):
                 raise node.error(f"task name {name!r} is not {names.NAME_HELP}")
             fields = node.mapping(required={"image"}, optional=TASK_KEYS)
-            out.tasks[name] = _task(name, owner, node, fields, ((), False))
+            out.tasks[name] = _task(name, owner, node, fields, ((), False), most)
     return out
 
 
@@ -411,7 +452,8 @@ def _not_a_declaration(path: Path, directory: Path) -> FileDeclarations | Config
 
 
 def parse_all(directory: Path, *, default_owner: str, secrets_base: Path,
-              gitea_api: str = "") -> dict[str, FileDeclarations | ConfigError]:
+              gitea_api: str = "",
+              most: Limits = UNBOUNDED) -> dict[str, FileDeclarations | ConfigError]:
     """Every file's parse, or its error."""
     results: dict[str, FileDeclarations | ConfigError] = {}
     for path in declaration_files(directory):
@@ -421,7 +463,8 @@ def parse_all(directory: Path, *, default_owner: str, secrets_base: Path,
             continue
         try:
             results[str(path)] = parse_file(path, default_owner=default_owner,
-                                            secrets_base=secrets_base, gitea_api=gitea_api)
+                                            secrets_base=secrets_base, gitea_api=gitea_api,
+                                            most=most)
         except ConfigError as e:
             results[str(path)] = e
     return results

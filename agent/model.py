@@ -66,6 +66,17 @@ class Image:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """A task container's resources, as its declaration sets them (None:
+    agent.yml's default; a declaration cannot go past agent.yml's maxima)."""
+
+    cpus: float | None = None
+    memory: int | None = None  # bytes of memory, swap not included
+    swap: int | None = None  # bytes of swap beyond memory
+    pids: int | None = None  # processes and threads at once
+
+
+@dataclass(frozen=True)
 class PushTrigger:
     """``on: {push: {branches: [...], tags: [...]}}``: glob patterns (``*``
     within a path component, ``**`` across them) of the refs that start it."""
@@ -97,6 +108,7 @@ class Task:
     # Only when the declaration asks: clone from hosts whose key is not pinned.
     unchecked_host_keys: bool = False
     on_push: PushTrigger | None = None  # None: started by hand only
+    limits: Limits = field(default_factory=lambda: Limits())
 
     @property
     def qualified_name(self) -> str:

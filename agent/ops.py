@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import trio
 
-from . import __version__, names, protocol, triggers
+from . import __version__, diskspace, names, protocol, triggers
 from .errors import Conflict, EfciError, NotFound, Refused, RequestError
 from .gitea import repository_on
 from .images import image_tag
@@ -117,6 +117,8 @@ async def status(agent: Agent, call: Call) -> object:
         "state": str(agent.state.path),
         "docker": agent.docker_version,
         "active_runs": sorted(agent.runs.active),
+        "queued_runs": [r.id for r in agent.runs.queue.waiting],
+        "max_parallel": agent.cfg.max_parallel,
         "network": {"problems": await agent.network.problems(),
                     "last_probe": agent.network.last_probe.__dict__
                     if agent.network.last_probe else None},
@@ -131,18 +133,9 @@ def _resources(agent: Agent) -> dict[str, Any]:
     """The agent's own memory and descriptors, and the room left where it
     and dockerd write (a full disk is what stops a CI host)."""
     me = psutil.Process()
-    places = {"state": agent.cfg.state_dir, "logs": agent.cfg.log_dir,
-              "docker": agent.docker_root}
-    disks = {}
-    for name, path in places.items():
-        if path is None:
-            continue
-        try:
-            usage = psutil.disk_usage(str(path))
-        except OSError:
-            continue
-        disks[name] = {"path": str(path), "free": usage.free, "total": usage.total}
-    return {"memory": me.memory_info().rss, "open_files": me.num_fds(), "disks": disks}
+    return {"memory": me.memory_info().rss, "open_files": me.num_fds(),
+            "disks": diskspace.usage(agent.runs.disk_places(), agent.cfg.min_free),
+            "min_free": agent.cfg.min_free, "short_of_space": agent.runs.short_of_space}
 
 
 @op
@@ -191,7 +184,8 @@ async def runs(agent: Agent, call: Call, *, task: str | None = None, status: str
                owner: str | None = None, limit: int = 20) -> object:
     records = await agent.runs.records(task=task, status=status, owner=owner,
                                        limit=min(limit, 1000))
-    return [r.to_wire() for r in records]
+    return [{**r.to_wire(), "queue_position": agent.runs.queue_position(r.id)}
+            for r in records]
 
 
 @op
@@ -281,7 +275,8 @@ async def run_wire(agent: Agent, run_id: int) -> dict[str, Any]:
     worktrees = await agent.state.call(agent.state.run_worktrees, run_id)
     statuses = await agent.state.call(agent.state.run_statuses, run_id)
     stages = await agent.state.call(agent.state.run_stages, run_id)
-    return {**record.to_wire(), "log_start": agent.logs.start(run_id),
+    return {**record.to_wire(), "queue_position": agent.runs.queue_position(run_id),
+            "log_start": agent.logs.start(run_id),
             "log_size": agent.logs.end(run_id), "worktrees": worktrees,
             "commit_statuses": statuses, "stages": stages}
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -32,6 +33,7 @@ from typing import Any
 
 import trio
 
+from . import diskspace
 from .access import deploy_targets, host_mounts, sweep_target
 from .caches import Caches
 from .checkout import Checkouts, Worktree
@@ -54,6 +56,7 @@ from .logstore import LogStore, LogWriter
 from .model import (
     CacheUse,
     Image,
+    Limits,
     Network,
     PushTrigger,
     Repository,
@@ -66,6 +69,7 @@ from .mutations import Mutations
 from .names import format_size
 from .network import TaskNetwork
 from .progress import MOUNT_POINT, ProgressChannels, Update
+from .runqueue import RunQueue
 from .state import RunRecord, StateStore
 
 log = logging.getLogger(__name__)
@@ -74,6 +78,7 @@ log = logging.getLogger(__name__)
 TEARDOWN_SLACK = 30
 PIDS_POLL_INTERVAL = 0.5
 SAVE_RETRY_INTERVAL = 2.0
+SPACE_POLL_INTERVAL = 5.0
 
 
 def task_to_wire(task: Task) -> dict[str, Any]:
@@ -106,6 +111,7 @@ def task_from_wire(data: dict[str, Any]) -> Task:
             "deploy_targets": tuple_or_none(s.get("deploy_targets"))}) for s in data["stages"]),
         "on_push": None if data.get("on_push") is None else PushTrigger(
             branches=tuple(data["on_push"]["branches"]), tags=tuple(data["on_push"]["tags"])),
+        "limits": Limits(**data.get("limits", {})),  # none in snapshots before limits
     })
 
 
@@ -151,6 +157,7 @@ def container_spec(cfg: AgentConfig, instance: str, run_id: int, task: Task,
     ``views`` are the run's overlay views of its worktrees (host path, mount
     name); each appears writable at /src/<name>."""
     cols, rows = cfg.terminal_size
+    limits, _ = limits_of(cfg, task)
     return ContainerSpec(
         name=task_container_name(instance, run_id),
         image=task.image,
@@ -163,9 +170,24 @@ def container_spec(cfg: AgentConfig, instance: str, run_id: int, task: Task,
         mounts=(*(Mount("bind", str(path), f"/src/{name}", readonly=False)
                   for path, name in views), *host_mounts),
         tty=True,
-        memory=cfg.memory_limit,
-        pids=cfg.pids_limit,
+        memory=limits.memory,
+        swap=limits.swap,
+        pids=limits.pids,
+        cpus=limits.cpus,
     )
+
+
+def limits_of(cfg: AgentConfig, task: Task) -> tuple[Limits, dict[str, str]]:
+    """The task container's resources: its declaration's, else agent.yml's
+    defaults; and where each came from, for messages."""
+    default = cfg.default_limits
+    found, source = {}, {}
+    for key in ("cpus", "memory", "swap", "pids"):
+        declared = getattr(task.limits, key)
+        found[key] = getattr(default, key) if declared is None else declared
+        source[key] = (f"limits.{key} in agent.yml" if declared is None
+                       else f"limits.{key} in {task.source}")
+    return Limits(**found), source
 
 
 @dataclass
@@ -186,7 +208,41 @@ class ActiveRun:
     queued_at: float = field(default_factory=time.monotonic)
     done: trio.Event = field(default_factory=trio.Event)
     waiting: bool = True  # queued for a slot (max_parallel), nothing of it started yet
+    keep_queued: bool = False  # the agent stops while it waits: it stays queued in the store
     pushed_ref: str = ""  # the ref whose push started it, if one did
+
+    def launch_state(self) -> str:
+        """What the run needs to start after an agent restart, kept in the
+        state store while it is queued (its task is the run's snapshot)."""
+        return json.dumps({
+            "image": _image_to_wire(self.image), "build_only": self.build_only,
+            "attempt": self.attempt, "container_id": self.container_id,
+            "stage_images": {k: _image_to_wire(v) for k, v in self.stage_images.items()},
+            "from_stage": self.from_stage, "restart_stage": self.restart_stage,
+            "pushed_ref": self.pushed_ref})
+
+    @classmethod
+    def relaunched(cls, run_id: int, task: Task, state: str) -> ActiveRun:
+        data = json.loads(state)
+        return cls(run_id, task, _image_from_wire(data["image"]), data["build_only"],
+                   data["attempt"], container_id=data["container_id"],
+                   stage_images={k: img for k, v in data["stage_images"].items()
+                                 if (img := _image_from_wire(v)) is not None},
+                   from_stage=data["from_stage"], restart_stage=data["restart_stage"],
+                   pushed_ref=data["pushed_ref"])
+
+
+def _image_to_wire(image: Image | None) -> dict[str, Any] | None:
+    return None if image is None else {
+        "name": image.name, "source": image.source, "context": str(image.context),
+        "dockerfile": None if image.dockerfile is None else str(image.dockerfile),
+        "inline": image.inline}
+
+
+def _image_from_wire(data: dict[str, Any] | None) -> Image | None:
+    return None if data is None else Image(
+        data["name"], data["source"], Path(data["context"]),
+        None if data["dockerfile"] is None else Path(data["dockerfile"]), data["inline"])
 
 
 class Runs:
@@ -215,11 +271,16 @@ class Runs:
         self.guards = mounts.Guards()
         self.instance = instance
         self.active: dict[int, ActiveRun] = {}
-        self._slots = trio.CapacityLimiter(cfg.max_parallel)
+        self.queue: RunQueue[ActiveRun] = RunQueue(cfg.max_parallel)
+        self.docker_root: Path | None = None  # told by the daemon, once dockerd answers
+        self.short_of_space: list[str] = []  # why queued runs wait, if they do
+        self._requeued: list[RunRecord] = []  # queued when the last agent stopped
         # Told of each run's end once it is recorded (the Gitea commit status).
         self.on_end: Callable[[int, Task, RunStatus], Awaitable[None]] | None = None
         self._nursery: trio.Nursery | None = None
         self._stopping = False
+        self._drain = trio.CancelScope()  # the graceful stop's wait for running runs
+        self._hurried = False
         self._claimed: set[int] = set()  # finished runs with an efci shell open
         # Ends of runs the state store could not take (a full disk): kept,
         # shown, and saved as soon as it can take them again.
@@ -230,6 +291,9 @@ class Runs:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self.logs.sync_forever)
+            for record in self._requeued:  # ahead of every new run, in their order
+                await self._requeue(record)
+            self._requeued = []
             task_status.started()
             while True:
                 await trio.sleep(SAVE_RETRY_INTERVAL)
@@ -280,13 +344,14 @@ class Runs:
                     build_only: bool = False, trigger: dict[str, Any] | None = None,
                     stage_images: dict[str, Image] | None = None) -> int:
         assert self._nursery is not None, "Runs.serve must be running"
-        if self._stopping:
-            raise Conflict("the agent is stopping; no new runs are started")
-        run_id = await self.state.call(self.state.create_run, task, requester,
-                                       task_to_wire(task), trigger)
-        pushed_ref = str(trigger.get("ref", "")) if trigger else ""
-        await self._launch(ActiveRun(run_id, task, image, build_only, pushed_ref=pushed_ref,
-                                     stage_images=stage_images or {}), requester)
+        self._admit()
+        run = ActiveRun(0, task, image, build_only,
+                        pushed_ref=str(trigger.get("ref", "")) if trigger else "",
+                        stage_images=stage_images or {})
+        run.id = run_id = await self.state.call(self.state.create_run, task, requester,
+                                                task_to_wire(task), trigger,
+                                                queued=run.launch_state())
+        await self._launch(run, requester)
         log.info("run %d of %s queued (uid %d)", run_id, task.qualified_name, requester.uid)
         return run_id
 
@@ -294,8 +359,7 @@ class Runs:
         """Start a finished run's container again: same upper layers, same
         container state; its output is appended to the run's log.  In a
         pipeline, the container of ``stage`` (only that stage runs)."""
-        if self._stopping:
-            raise Conflict("the agent is stopping; no new runs are started")
+        self._admit()
         record = await self._finished_record(run_id)
         if record.container_id is None or record.removed_at is not None:
             raise Conflict(f"run {run_id} has no container to restart"
@@ -303,11 +367,12 @@ class Runs:
         task = task_from_wire(await self.state.call(self.state.run_declaration, run_id))
         index = await self.stage_with_container(run_id, task, stage, "to start again")
         attempt = record.attempts + 1
+        run = ActiveRun(run_id, task, None, False, attempt, container_id=record.container_id,
+                        restart_stage=index)
         await self.state.call(self.state.update_run, run_id, status=RunStatus.QUEUED,
-                              attempts=attempt, finished_at=None, exit_code=None, error=None)
-        await self._launch(ActiveRun(run_id, task, None, False, attempt,
-                                     container_id=record.container_id, restart_stage=index),
-                           requester)
+                              attempts=attempt, finished_at=None, exit_code=None, error=None,
+                              queued=run.launch_state())
+        await self._launch(run, requester)
         log.info("run %d restarted as attempt %d%s (uid %d)", run_id, attempt,
                  f", stage {stage}" if stage else "", requester.uid)
 
@@ -335,8 +400,7 @@ class Runs:
         stages before it are not run again, their layers are what it starts
         from; the old containers and layers of ``stage`` and the ones after
         it are removed first."""
-        if self._stopping:
-            raise Conflict("the agent is stopping; no new runs are started")
+        self._admit()
         record = await self._finished_record(run_id)
         task = task_from_wire(await self.state.call(self.state.run_declaration, run_id))
         names = [s.name for s in task.stages]
@@ -366,14 +430,41 @@ class Runs:
                                   started_at=None, finished_at=None, exit_code=None,
                                   container=None, error=None, patched_attempt=None)
         attempt = record.attempts + 1
+        run = ActiveRun(run_id, task, None, False, attempt, from_stage=index)
         await self.state.call(self.state.update_run, run_id, status=RunStatus.QUEUED,
-                              attempts=attempt, finished_at=None, exit_code=None, error=None)
-        await self._launch(ActiveRun(run_id, task, None, False, attempt, from_stage=index),
-                           requester)
+                              attempts=attempt, finished_at=None, exit_code=None, error=None,
+                              queued=run.launch_state())
+        await self._launch(run, requester)
         log.info("run %d retried from stage %s as attempt %d (uid %d)", run_id, stage, attempt,
                  requester.uid)
 
-    async def _launch(self, run: ActiveRun, requester: Requester) -> None:
+    def _admit(self) -> None:
+        """Refuse a new run (or attempt) while stopping, or past runs.max_queued."""
+        if self._stopping:
+            raise Conflict("the agent is stopping; no new runs are started")
+        if len(self.queue.waiting) >= self.cfg.max_queued:
+            raise Conflict(f"the queue is full: {len(self.queue.waiting)} runs wait for one of "
+                           f"{self.cfg.max_parallel} slots (runs.max_queued and "
+                           "runs.max_parallel in agent.yml); try again once some have started")
+
+    def queue_position(self, run_id: int) -> int | None:
+        run = self.active.get(run_id)
+        return None if run is None else self.queue.position(run)
+
+    async def _requeue(self, record: RunRecord) -> None:
+        """A run that was queued when the last agent stopped: queued again,
+        with what it was started with."""
+        assert record.queued is not None
+        task = task_from_wire(await self.state.call(self.state.run_declaration, record.id))
+        cut = self.logs.recover(record.id)
+        if cut:
+            log.warning("run %d: %d bytes of a torn last record cut off", record.id, cut)
+        await self._launch(ActiveRun.relaunched(record.id, task, record.queued),
+                           Requester(record.requested_uid, record.requested_gid,
+                                     record.requested_pid),
+                           again="still queued: the agent restarted")
+
+    async def _launch(self, run: ActiveRun, requester: Requester, again: str = "") -> None:
         # Opened here, not in the run's task, so a follower that asks right
         # after start() already sees a live log.
         try:
@@ -385,8 +476,11 @@ class Runs:
                                   finished_at=time.time(), error=error)
             raise EfciError(f"run {run.id} not started: {error}") from e
         self.active[run.id] = run
+        self.queue.enqueue(run)
         what = "queued" if run.attempt == 1 else f"attempt {run.attempt} queued"
-        writer.message(f"run {run.id} of {run.task.qualified_name} {what} by uid {requester.uid}")
+        writer.message(f"run {run.id} of {run.task.qualified_name} " + (
+            f"{again} (position {self.queue.position(run)})" if again
+            else f"{what} by uid {requester.uid}"))
         assert self._nursery is not None
         self._nursery.start_soon(self._execute, run, writer, name=f"run {run.id}")
 
@@ -430,12 +524,33 @@ class Runs:
             await self.cancel(run.id, f"replaced by run {by}, of a newer push of {ref}")
         return [r.id for r in replaced]
 
+    def hurry(self) -> None:
+        """Cut a graceful stop's drain short (a second SIGTERM)."""
+        self._hurried = True
+        self._drain.cancel()
+
     async def shutdown(self) -> None:
-        """Cancel every active run and wait for each to record its end."""
+        """Drain: start nothing more (queued runs stay queued, in the state
+        store, for the next agent), let running runs go on for up to
+        runs.drain, then cancel them and wait for each to record its end."""
         self._stopping = True
+        for run in list(self.active.values()):
+            if run.waiting:
+                run.keep_queued = True
+                run.cancel_reason = "the agent is stopping"
+                run.scope.cancel()
+        running = list(self.active.values())
+        if running and self.cfg.drain:
+            log.info("waiting up to %ds (runs.drain) for %d running runs to finish; "
+                     "signal again to cancel them now", self.cfg.drain, len(running))
+            with trio.move_on_after(self.cfg.drain) as self._drain:
+                for run in running:
+                    await run.done.wait()
         runs = list(self.active.values())
         for run in runs:
-            run.cancel_reason = "the agent is stopping"
+            run.cancel_reason = "the agent is stopping" + (
+                f" (runs.drain of {self.cfg.drain}s ran out)"
+                if self.cfg.drain and not self._hurried else "")
             run.scope.cancel()
         for run in runs:
             await run.done.wait()
@@ -451,6 +566,10 @@ class Runs:
         tell ``on_end``), sweep their deploy targets, and unmount what it
         left mounted."""
         for record in await self.state.call(self.state.unfinished_runs):
+            if record.status is RunStatus.QUEUED and record.queued is not None:
+                self._requeued.append(record)  # it keeps its place: see serve
+                log.info("run %d is still queued; it starts when its turn comes", record.id)
+                continue
             status, fields = await self._settle(record)
             fields["finished_at"] = time.time()
             await self.state.call(self.state.settle_stages, record.id)
@@ -507,9 +626,10 @@ class Runs:
         try:
             status, fields = RunStatus.ERROR, dict[str, Any]()
             with run.scope:
-                async with self._slots:
-                    run.waiting = False
-                    status, fields = await self._run(run, writer)
+                await self.queue.take(run)
+                run.waiting = False
+                await self._wait_for_space(writer)
+                status, fields = await self._run(run, writer)
             if run.scope.cancelled_caught:
                 status, fields = RunStatus.CANCELLED, {"error": run.cancel_reason}
         except RunFailed as e:
@@ -523,8 +643,38 @@ class Runs:
             log.exception("run %d: unexpected error", run.id)
             status, fields = RunStatus.ERROR, {"error": internal_error(e).message}
         finally:
-            with trio.CancelScope(shield=True):
-                await self._finish(run, writer, status, fields)
+            if run.keep_queued and run.waiting:
+                writer.message("the agent is stopping; the run stays queued and starts when "
+                               "the agent is back")
+                self._leave(run, writer)
+            else:
+                # The slot is given back once the end is recorded, so no more
+                # than max_parallel runs are ever between start and end.
+                with trio.CancelScope(shield=True):
+                    await self._finish(run, writer, status, fields)
+                if not run.waiting:
+                    self.queue.release()
+
+    def disk_places(self) -> dict[str, Path | None]:
+        return {"state": self.cfg.state_dir, "logs": self.cfg.log_dir,
+                "docker": self.docker_root, "caches": self.cfg.caches_root}
+
+    async def _wait_for_space(self, writer: LogWriter) -> None:
+        """Start nothing while a disk it writes to is nearly full: the run
+        stays queued (and says why) until runs.min_free is free again."""
+        said = False
+        while self.cfg.min_free and (short := diskspace.shortages(self.disk_places(),
+                                                                  self.cfg.min_free)):
+            if not said:
+                writer.message("waiting for free space: " + "; ".join(short))
+                if short != self.short_of_space:
+                    log.warning("runs wait for free space: %s", "; ".join(short))
+                said = True
+            self.short_of_space = short
+            await trio.sleep(SPACE_POLL_INTERVAL)
+        if said:
+            writer.message("there is free space again; starting")
+        self.short_of_space = []
 
     async def _finish(self, run: ActiveRun, writer: LogWriter, status: RunStatus,
                       fields: dict[str, Any]) -> None:
@@ -556,10 +706,13 @@ class Runs:
         except Exception:
             log.exception("run %d: could not record its end (%s)", run.id, status.value)
         finally:
-            writer.close()
-            self.caches.forget(run.id)
-            del self.active[run.id]
-            run.done.set()
+            self._leave(run, writer)
+
+    def _leave(self, run: ActiveRun, writer: LogWriter) -> None:
+        writer.close()
+        self.caches.forget(run.id)
+        del self.active[run.id]
+        run.done.set()
 
     async def _run(self, run: ActiveRun, writer: LogWriter) -> tuple[RunStatus, dict[str, Any]]:
         """Refusals and the image, then the task's container (created, or
@@ -605,7 +758,7 @@ class Runs:
         if state is None:
             return RunStatus.ERROR, {"error": f"container {container[:12]} disappeared"}
         status, fields = ended(state)
-        limits = self._limits_reached(run, state)
+        limits = self._limits_reached(run, task, state)
         status = RunStatus.TIMED_OUT if timed_out else status
         full = await self.caches.after_run(run.id, succeeded=status is RunStatus.SUCCEEDED,
                                            say=writer.message)
@@ -706,7 +859,7 @@ class Runs:
                 writer.message("the network rules were not in place (" + "; ".join(restored)
                                + "); they were restored before this run")
         await self.state.call(self.state.update_run, run.id, status=RunStatus.RUNNING,
-                              started_at=time.time())
+                              started_at=time.time(), queued=None)
         writer.event(Kind.STATUS, {"status": RunStatus.RUNNING.value, "attempt": run.attempt})
         if run.image is not None:
             tag = await self.images.ensure(run.image, writer, force=run.build_only)
@@ -782,16 +935,21 @@ class Runs:
             command=(*entrypoint[1:], *command)), env, host_mounts(self.cfg, task), writer,
             entrypoint=entrypoint[0] if entrypoint else "")
 
-    def _limits_reached(self, run: ActiveRun, state: ContainerState) -> list[str]:
-        """Which of agent.yml's limits the task ran into, in words."""
+    def _limits_reached(self, run: ActiveRun, task: Task,
+                        state: ContainerState) -> list[str]:
+        """Which of its limits the task ran into, in words: docker's record
+        of the kernel's OOM kill, the pids cgroup's count of failed forks."""
+        limits, source = limits_of(self.cfg, task)
         found = []
         if state.oom_killed:
+            assert limits.memory is not None
+            swap = f" and {format_size(limits.swap)} of swap" if limits.swap else ""
             found.append(f"the kernel's OOM killer stopped a process of it: it reached its "
-                         f"memory limit of {format_size(self.cfg.memory_limit)} "
-                         "(limits.memory in agent.yml)")
+                         f"memory limit of {format_size(limits.memory)}{swap} "
+                         f"({source['memory']})")
         if run.pids_limit_reached:
-            found.append(f"it reached its limit of {self.cfg.pids_limit} processes "
-                         f"(limits.pids in agent.yml): {run.pids_limit_reached} forks failed")
+            found.append(f"it reached its limit of {limits.pids} processes "
+                         f"({source['pids']}): {run.pids_limit_reached} forks failed")
         return found
 
     def _progress_reporter(self, run: ActiveRun, writer: LogWriter) -> Update:

@@ -180,6 +180,9 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE run_stages ADD COLUMN patched_attempt INTEGER;
     """,
+    """
+    ALTER TABLE runs ADD COLUMN queued TEXT;
+    """,
 )
 
 
@@ -224,9 +227,11 @@ class RunRecord:
     removed_why: str | None  # efci rm by whom, or what gc policy evicted it
     log_removed_at: float | None  # gc removed its log (the record stays)
     patched_attempt: int | None  # the attempt that runs on what efci shell left
+    queued: str | None  # JSON: how to start it, while it waits for its turn (runs.py)
 
     def to_wire(self) -> dict[str, Any]:
-        return {**self.__dict__, "status": self.status.value,
+        fields = {k: v for k, v in self.__dict__.items() if k != "queued"}
+        return {**fields, "status": self.status.value,
                 "trigger": json.loads(self.trigger) if self.trigger else
                 {"kind": "manual", "uid": self.requested_uid}}
 
@@ -315,15 +320,15 @@ class StateStore:
     # -- runs ----------------------------------------------------------------
 
     def create_run(self, task: Task, requester: Requester, declaration: dict[str, Any],
-                   trigger: dict[str, Any] | None = None) -> int:
+                   trigger: dict[str, Any] | None = None, queued: str | None = None) -> int:
         with self._transaction():
             cur = self._db.execute(
                 "INSERT INTO runs (task, owner, status, created_at, requested_uid,"
-                " requested_gid, requested_pid, image, declaration, trigger)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " requested_gid, requested_pid, image, declaration, trigger, queued)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (task.name, task.owner, RunStatus.QUEUED.value, time.time(), requester.uid,
                  requester.gid, requester.pid, task.image, json.dumps(declaration),
-                 json.dumps(trigger) if trigger else None))
+                 json.dumps(trigger) if trigger else None, queued))
             return int(cur.lastrowid)  # type: ignore[arg-type]
 
     # -- commit statuses: the outbox -----------------------------------------------

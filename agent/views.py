@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from .errors import printable
+from .names import human_size as size
 
 
 def when(ts: float | None) -> str:
@@ -36,16 +37,6 @@ def progress(run: dict[str, Any]) -> str:
     return printable(" ".join(parts)) or "-"
 
 
-def size(count: int) -> str:
-    """Bytes for a person: 512 B, 3.4 MiB, 12.0 GiB."""
-    value, unit = float(count), "B"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            break
-        value /= 1024
-    return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
-
-
 def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
 
@@ -65,14 +56,20 @@ def status(st: dict[str, Any]) -> int:
     print(f"  state:        {st['state']}")
     print(f"  docker:       {st['docker']}")
     print(f"  declarations: {d['tasks']} tasks, {d['images']} images from {d['directory']}")
-    print(f"  active runs:  {', '.join(map(str, st['active_runs'])) or 'none'}")
+    running = [r for r in st["active_runs"] if r not in st["queued_runs"]]
+    print(f"  runs:         {len(running)} active (at most {st['max_parallel']} at once)"
+          + (f": {', '.join(map(str, running))}" if running else "")
+          + (f"; {len(st['queued_runs'])} queued" if st["queued_runs"] else ""))
     net, probe = st["network"], st["network"]["last_probe"]
     print(f"  network:      {'rules in place' if not net['problems'] else 'RULES NOT IN PLACE'}"
           + (f", last probe {'passed' if probe['passed'] else 'FAILED'}" if probe else ""))
     print(f"  agent:        {size(st['memory'])} of memory, {st['open_files']} open files")
     for name, disk in st["disks"].items():
         print(f"  free space:   {size(disk['free'])} of {size(disk['total'])} for {name} "
-              f"({disk['path']})")
+              f"({disk['path']})" + (" LOW" if disk["free"] < disk["low_water"] else ""))
+    if st["short_of_space"]:
+        print("  WAITING:      queued runs wait for free space: "
+              + "; ".join(st["short_of_space"]))
     web = st.get("web")
     print(f"  web page:     {web['url']} (pid {web['pid']}); log in with efci web-login" if web
           else "  web page:     not running (systemctl start efforting-ci-web, or efci web)")
@@ -125,7 +122,8 @@ def queued(run: dict[str, Any]) -> int:
 
 
 def runs(found: list[dict[str, Any]]) -> int:
-    table([[str(r["id"]), r["task"], r["status"],
+    table([[str(r["id"]), r["task"], r["status"] + (
+                f" #{r['queue_position']}" if r.get("queue_position") else ""),
             "-" if r["exit_code"] is None else str(r["exit_code"]),
             when(r["created_at"]), duration(r), short_trigger(r["trigger"]), progress(r)]
            for r in found],
@@ -141,8 +139,10 @@ def short_trigger(t: dict[str, Any]) -> str:
 
 
 def show(run: dict[str, Any]) -> int:
-    for key in ("id", "task", "owner", "status", "exit_code", "error", "attempts", "image",
-                "image_id", "container_name", "container_id", "log_size"):
+    for key in ("id", "task", "owner", "status", "queue_position", "exit_code", "error",
+                "attempts", "image", "image_id", "container_name", "container_id", "log_size"):
+        if key == "queue_position" and run.get(key) is None:
+            continue
         print(printable(f"{key + ':':16}{'-' if run.get(key) is None else run[key]}"))
     for key in ("created_at", "started_at", "finished_at"):
         print(f"{key + ':':16}{when(run[key])}")

@@ -76,10 +76,13 @@ def create_argv(docker: str, spec: ContainerSpec) -> list[str]:
             "--security-opt", "no-new-privileges"]
     for capability in DROPPED_CAPABILITIES:
         argv += ["--cap-drop", capability]
-    if spec.memory is not None:  # --memory-swap the same: no swap beyond it
-        argv += ["--memory", str(spec.memory), "--memory-swap", str(spec.memory)]
+    if spec.memory is not None:  # --memory-swap counts memory and swap together
+        argv += ["--memory", str(spec.memory),
+                 "--memory-swap", str(spec.memory + (spec.swap or 0))]
     if spec.pids is not None:
         argv += ["--pids-limit", str(spec.pids)]
+    if spec.cpus is not None:
+        argv += ["--cpus", f"{spec.cpus:g}"]
     if spec.tty:
         # Output is read through the attached client; docker need not keep
         # a second copy in its json-file log.

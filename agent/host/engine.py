@@ -46,8 +46,10 @@ class ContainerSpec:
     tty: bool = False
     interactive: bool = False  # keep stdin open (efci shell)
     entrypoint: str | None = None
-    memory: int | None = None  # bytes, swap included
+    memory: int | None = None  # bytes of memory
+    swap: int | None = None  # bytes of swap beyond memory (with memory only)
     pids: int | None = None  # processes and threads at once
+    cpus: float | None = None  # CPU time, in CPUs
 
 
 @dataclass(frozen=True)

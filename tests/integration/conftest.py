@@ -106,10 +106,17 @@ class AgentProcess:
                                  f"stdout: {result.stdout!r}\nstderr: {result.stderr!r}")
         return result
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 90) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 90, *,
+             drain: bool = False) -> int:
+        """Stop the agent with ``sig``; a SIGTERM is sent twice (the second
+        cancels running runs at once) unless the test wants the drain."""
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+            if sig == signal.SIGTERM and not drain:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    return self.proc.wait(timeout=1)
+                self.proc.send_signal(sig)
         return self.proc.wait(timeout=timeout)
 
     def instance(self) -> str | None:
@@ -139,6 +146,10 @@ class AgentProcess:
         then remove whatever is left of it, even after a failed test."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self.proc.terminate()  # again: cancel running runs now, not after runs.drain
             try:
                 self.proc.wait(timeout=90)
             except subprocess.TimeoutExpired:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import stat
@@ -214,3 +215,48 @@ tasks:
     record = show(agent, 1)
     assert (result.returncode, record["status"], record["exit_code"]) == (137, "failed", 137)
     assert "OOM killer" in record["error"] and "memory limit of 4GiB" in record["error"]
+
+
+def test_a_declaration_s_own_limits_bind_and_are_named(agent: AgentProcess) -> None:
+    """Limits from the declaration, not agent.yml's defaults: the memory hog
+    stops at 64MiB, the fork bomb at 128 processes, each message naming the
+    limit, its value and the declaration's line; --cpus reaches docker."""
+    agent.declare("t.yml", f"""
+tasks:
+  hog:
+    image: {BASE_IMAGE}
+    limits: {{memory: 64MiB, cpus: 0.5}}
+    command: [python3, -c, "chunks = []\\nwhile True: chunks.append(b'x' * (16 << 20))"]
+  bomb:
+    image: {BASE_IMAGE}
+    time_limit: 10s
+    limits: {{pids: 128}}
+    command: "bomb() {{ bomb | bomb & }}; bomb; sleep 30"
+""")
+    agent.start()
+    agent.efci("run", "--follow", "hog", check=False, timeout=300)
+    record = show(agent, 1)
+    assert (record["status"], record["exit_code"]) == ("failed", 137), record
+    conf = agent.conf_d / "t.yml"
+    assert re.search(rf"memory limit of 64MiB \(limits.memory in {conf}:\d+\)",
+                     record["error"]), record
+    nano_cpus = subprocess.run(["docker", "inspect", "--format", "{{.HostConfig.NanoCpus}}",
+                                record["container_id"]], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    assert nano_cpus == "500000000"
+    agent.efci("run", "--follow", "bomb", check=False, timeout=300)
+    record = show(agent, 2)
+    assert re.search(rf"limit of 128 processes \(limits.pids in {conf}:\d+\)",
+                     record["error"]), record
+
+
+def test_a_declaration_past_agent_yml_s_maxima_is_refused(agent: AgentProcess) -> None:
+    agent.configure("limits: {max_memory: 1GiB}\n")
+    agent.declare("t.yml", f"tasks:\n  big:\n    image: {BASE_IMAGE}\n"
+                           "    limits: {memory: 2GiB}\n")
+    agent.start()
+    st = json.loads(agent.efci("--json", "status").stdout)
+    assert any("2GiB is more than this agent allows: at most 1GiB (limits.max_memory in "
+               "agent.yml)" in e for e in st["declarations"]["errors"].values()), st
+    refused = agent.efci("run", "big", check=False)
+    assert refused.returncode != 0 and b"no task 'big'" in refused.stderr

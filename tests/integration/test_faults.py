@@ -86,7 +86,11 @@ def restart_dockerd() -> None:
 
 
 def test_dockerd_going_away_during_a_run_is_said_plainly(agent: AgentProcess) -> None:
-    agent.declare("t.yml", f"tasks:\n  sleeper: {{image: {BASE_IMAGE}, command: [sleep, '600']}}\n")
+    """The run in progress fails with the reason in words; the agent stays
+    up, and once dockerd is back runs the next run (on the task bridge, its
+    rules checked again first)."""
+    agent.declare("t.yml", f"tasks:\n  sleeper: {{image: {BASE_IMAGE}, command: [sleep, '600']}}\n"
+                           f"  bridged: {{image: {BASE_IMAGE}, command: [echo, back]}}\n")
     agent.start()
     run = json.loads(agent.efci("--json", "run", "sleeper").stdout)["id"]
     wait_for(lambda: agent.containers(running=True), what="the container")
@@ -100,3 +104,6 @@ def test_dockerd_going_away_during_a_run_is_said_plainly(agent: AgentProcess) ->
     assert record["error"].startswith("dockerd stopped answering during the run"), record
     assert "docker container inspect" not in record["error"]
     assert agent.efci("status").returncode == 0  # the agent itself carried on
+    again = agent.efci("run", "--follow", "bridged", check=False, timeout=300)
+    assert again.returncode == 0 and again.stdout == b"back\r\n", again.stderr
+    assert json.loads(agent.efci("--json", "status").stdout)["network"]["problems"] == []

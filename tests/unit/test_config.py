@@ -48,9 +48,12 @@ def test_example_is_complete_and_loads_to_the_defaults(tmp_path: Path) -> None:
     assert documented == {  # what efci-agent.yml(5) documents, every key written out
         "owner", "deploy_targets",
         "paths.declarations", "paths.state", "paths.logs", "paths.secrets", "paths.caches",
-        "socket.path", "socket.group", "socket.mode", "docker.program", "docker.base_image",
-        "runs.time_limit", "runs.stop_grace", "runs.max_parallel", "runs.log_limit",
-        "runs.terminal_size", "limits.memory", "limits.pids", "network.name",
+        "socket.path", "socket.group", "socket.mode", "socket.max_connections",
+        "socket.idle_timeout", "docker.program", "docker.base_image",
+        "runs.time_limit", "runs.stop_grace", "runs.max_parallel", "runs.max_queued",
+        "runs.min_free", "runs.drain", "runs.log_limit", "runs.terminal_size",
+        "limits.memory", "limits.swap", "limits.cpus", "limits.pids", "limits.max_memory",
+        "limits.max_swap", "limits.max_pids", "limits.max_cpus", "network.name",
         "network.bridge", "network.subnet", "network.blocked", "network.checkout",
         "network.git_endpoints", "web.listen", "web.public_url", "web.session_lifetime",
         "web.login_lifetime", "gitea.webhook_secret", "gitea.api", "gitea.token",
@@ -120,3 +123,13 @@ def test_the_gitea_hosts_are_the_apis_unless_named(tmp_path: Path) -> None:
     assert config.load(layout, write(tmp_path, api)).gitea_hosts == {"gitea.example.org"}
     named = config.load(layout, write(tmp_path, api + "  git_hosts: [git.example.org]\n"))
     assert named.gitea_hosts == {"gitea.example.org", "git.example.org"}
+
+
+def test_a_default_limit_past_its_maximum_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"agent.yml:1: .*the default \(4096\) is more than "
+                                          r"its maximum \(1000\); raise limits.max_pids"):
+        config.load(config.Layout.under(tmp_path), write(tmp_path, "limits: {max_pids: 1000}\n"))
+    cfg = config.load(config.Layout.under(tmp_path), write(
+        tmp_path, "limits: {cpus: 1.5, swap: 1GiB, max_cpus: 2}\nruns: {min_free: 0}\n"))
+    assert (cfg.default_limits.cpus, cfg.default_limits.swap, cfg.max_limits.cpus,
+            cfg.min_free) == (1.5, 1 << 30, 2.0, 0)

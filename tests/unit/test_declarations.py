@@ -8,7 +8,7 @@ import pytest
 
 from agent import declarations as d
 from agent.errors import ConfigError
-from agent.model import Network
+from agent.model import Limits, Network
 
 from ..seed import seed_file
 
@@ -315,3 +315,28 @@ def test_too_many_stages_are_refused(tmp_path: Path) -> None:
     stages = ", ".join(f"{{name: s{i}}}" for i in range(33))
     with pytest.raises(ConfigError, match="33 stages are more than 32"):
         parse(tmp_path, f"tasks:\n  t:\n    image: x\n    stages: [{stages}]\n")
+
+
+def test_limits_within_agent_yml_s_maxima(tmp_path: Path) -> None:
+    most = Limits(cpus=2.0, memory=8 << 30, swap=1 << 30, pids=1000)
+    path = tmp_path / "t.yml"
+    path.write_text("tasks:\n  t:\n    image: x:1\n    limits: {cpus: 0.5, memory: 512MiB,"
+                    " swap: 0, pids: 200}\n")
+    task = d.parse_file(path, default_owner="o", secrets_base=SECRETS, most=most).tasks["t"]
+    assert task.limits == Limits(cpus=0.5, memory=512 << 20, swap=0, pids=200)
+    for limits, line_words in [
+            ("{memory: 16GiB}", "16GiB is more than this agent allows: at most 8GiB "
+                                "(limits.max_memory in agent.yml)"),
+            ("{cpus: 3}", "3 is more than this agent allows: at most 2 (limits.max_cpus"),
+            ("{pids: 5000}", "at most 1000 (limits.max_pids"),
+            ("{swap: 2GiB}", "at most 1GiB (limits.max_swap"),
+            ("{memory: 1MiB}", "at least 6MiB"),
+            ("{cpus: -1}", "a number of CPUs"),
+            ("{cpus: '2; rm -rf /'}", "a number of CPUs"),
+            ("{pids: 10}", "at least 64"),
+            ("{disk: 1GiB}", "disk"),
+            ("[1]", "limits")]:
+        path.write_text(f"tasks:\n  t:\n    image: x:1\n    limits: {limits}\n")
+        with pytest.raises(ConfigError) as e:
+            d.parse_file(path, default_owner="o", secrets_base=SECRETS, most=most)
+        assert line_words in str(e.value) and ":4" in str(e.value), (limits, str(e.value))

@@ -7,7 +7,7 @@ import pytest
 from agent import config
 from agent.host import docker
 from agent.host.engine import ContainerSpec, Mount, NetworkSpec, OneShot
-from agent.model import Network, Task
+from agent.model import Limits, Network, Task
 from agent.runs import container_spec
 
 CFG = config.defaults(config.Layout.under(Path("/tmp/x")))
@@ -47,12 +47,18 @@ def test_image_default_command_is_kept() -> None:
 
 
 def test_limits_reach_the_container() -> None:
-    spec = ContainerSpec(name="n", image="img:1", command=None, network="none",
-                                memory=4 << 30, pids=4096)
-    argv = docker.create_argv("docker", spec)
+    """agent.yml's defaults, unless the declaration sets its own."""
+    argv = docker.create_argv("docker", container_spec(CFG, "a", 1, task()))
     assert argv[argv.index("--memory") + 1] == str(4 << 30)
-    assert argv[argv.index("--memory-swap") + 1] == str(4 << 30)
+    assert argv[argv.index("--memory-swap") + 1] == str(4 << 30)  # no swap beyond it
     assert argv[argv.index("--pids-limit") + 1] == "4096"
+    assert "--cpus" not in argv
+    declared = task(limits=Limits(cpus=1.5, memory=1 << 30, swap=512 << 20, pids=100))
+    argv = docker.create_argv("docker", container_spec(CFG, "a", 1, declared))
+    assert argv[argv.index("--memory") + 1] == str(1 << 30)
+    assert argv[argv.index("--memory-swap") + 1] == str((1 << 30) + (512 << 20))
+    assert argv[argv.index("--pids-limit") + 1] == "100"
+    assert argv[argv.index("--cpus") + 1] == "1.5"
 
 
 def test_a_one_shot_container_keeps_only_what_it_is_given() -> None:
