@@ -488,7 +488,10 @@ def _check_limits(cfg: AgentConfig, nodes: dict[str, Node]) -> None:
             ("cpus_limit", "max_cpus", cfg.cpus_limit, cfg.max_cpus or cfg.cpus_limit)):
         if value > most:
             node = nodes.get(default) or nodes[maximum]
-            raise node.error(f"the default ({value}) is more than its maximum ({most}); "
+            size = default in ("memory_limit", "swap_limit")
+            shown = [names.format_size(int(v)) if size else f"{v:g}" for v in (value, most)]
+            raise node.error(f"the default ({shown[0]}) is more than its maximum "
+                             f"({shown[1]}); "
                              f"raise limits.{maximum} or lower the default")
 
 

@@ -60,6 +60,9 @@ MIN_SEGMENT = 64 << 10
 SYNC_INTERVAL = 1.0  # seconds between fsyncs of a live log
 INDEX_EVERY_BYTES = 1 << 20  # an index entry per MiB of records
 INDEX_EVERY_NS = 1_000_000_000  # and per second of writing
+# How long before a container's start its task-start marker may be written
+# (docker start is slow on a loaded host): where output_since_start looks.
+MARKER_SLACK_NS = 600 * 1_000_000_000
 CHUNK = MAX_PAYLOAD  # the largest payload one record holds: a bigger write is split
 
 
@@ -213,6 +216,28 @@ class LogStore:
         if not run_dir.is_dir() or run_id in self._writers:
             return 0
         return _recover(run_dir)
+
+    def output_since_start(self, run_id: int, started_ns: int,
+                           tail: int = 4096) -> tuple[int, bytes] | None:
+        """The task output the log holds since the container's last start
+        (after the last task-start marker, which is written just before it
+        starts): how many bytes, and the last ``tail`` of them.  None when
+        the log cannot say exactly: a gap (a dropped middle, a lost write)
+        lies in that part, or the marker is not there."""
+        with self.reader(run_id) as reader:
+            entries = [e for e in reader.index() if e.time_ns <= started_ns - MARKER_SLACK_NS]
+            count, last, found = 0, bytearray(), False
+            for record in reader.records_from(entries[-1].position if entries else 0):
+                if record.kind is Kind.MARKER and json.loads(record.payload) == {
+                        "step": "task", "event": "start"}:
+                    count, last, found = 0, bytearray(), True
+                elif record.kind is Kind.GAP:
+                    found = False  # uncertain until a later start marker
+                elif record.kind is Kind.OUTPUT and record.stream == TASK_STREAM:
+                    count += len(record.payload)
+                    last += record.payload
+                    del last[:-tail]
+            return (count, bytes(last)) if found else None
 
     def reader(self, run_id: int) -> LogReader:
         return LogReader(self.run_dir(run_id))

@@ -20,10 +20,12 @@ The finished container is kept, stopped, as the seed's lifecycle wants.
 
 from __future__ import annotations
 
+import calendar
 import dataclasses
 import functools
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -79,6 +81,8 @@ TEARDOWN_SLACK = 30
 PIDS_POLL_INTERVAL = 0.5
 SAVE_RETRY_INTERVAL = 2.0
 SPACE_POLL_INTERVAL = 5.0
+RESUMED_POLL_INTERVAL = 1.0  # a re-attached run's container, until it ends
+KEPT_OUTPUT_DEADLINE = 600  # reading docker's copy of a re-attached run's output
 
 
 def task_to_wire(task: Task) -> dict[str, Any]:
@@ -131,6 +135,16 @@ def ended(state: ContainerState) -> tuple[RunStatus, dict[str, Any]]:
     return status, {"exit_code": state.exit_code, "image_id": state.image_id}
 
 
+def _docker_time_ns(text: str) -> int:
+    """Docker's RFC 3339 times (2026-11-29T10:40:48.914881717Z) in ns; 0 if
+    it is not one."""
+    found = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?Z", text)
+    if not found:
+        return 0
+    seconds = calendar.timegm(time.strptime(found.group(1), "%Y-%m-%dT%H:%M:%S"))
+    return seconds * 1_000_000_000 + int((found.group(2) or "0").ljust(9, "0"))
+
+
 def _recovery_note(run_id: int, line: str) -> None:
     log.warning("run %d: %s", run_id, line)
 
@@ -170,6 +184,7 @@ def container_spec(cfg: AgentConfig, instance: str, run_id: int, task: Task,
         mounts=(*(Mount("bind", str(path), f"/src/{name}", readonly=False)
                   for path, name in views), *host_mounts),
         tty=True,
+        log_keep=cfg.log_limit,
         memory=limits.memory,
         swap=limits.swap,
         pids=limits.pids,
@@ -209,6 +224,7 @@ class ActiveRun:
     done: trio.Event = field(default_factory=trio.Event)
     waiting: bool = True  # queued for a slot (max_parallel), nothing of it started yet
     keep_queued: bool = False  # the agent stops while it waits: it stays queued in the store
+    resumed: RunRecord | None = None  # its container outlived the last agent: re-attached
     pushed_ref: str = ""  # the ref whose push started it, if one did
 
     def launch_state(self) -> str:
@@ -275,6 +291,7 @@ class Runs:
         self.docker_root: Path | None = None  # told by the daemon, once dockerd answers
         self.short_of_space: list[str] = []  # why queued runs wait, if they do
         self._requeued: list[RunRecord] = []  # queued when the last agent stopped
+        self._resumed: list[RunRecord] = []  # running when it stopped, and still running
         # Told of each run's end once it is recorded (the Gitea commit status).
         self.on_end: Callable[[int, Task, RunStatus], Awaitable[None]] | None = None
         self._nursery: trio.Nursery | None = None
@@ -291,9 +308,11 @@ class Runs:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self.logs.sync_forever)
+            for record in self._resumed:  # they hold slots: first
+                await self._relaunch(record, resumed=True)
             for record in self._requeued:  # ahead of every new run, in their order
-                await self._requeue(record)
-            self._requeued = []
+                await self._relaunch(record)
+            self._resumed, self._requeued = [], []
             task_status.started()
             while True:
                 await trio.sleep(SAVE_RETRY_INTERVAL)
@@ -451,18 +470,25 @@ class Runs:
         run = self.active.get(run_id)
         return None if run is None else self.queue.position(run)
 
-    async def _requeue(self, record: RunRecord) -> None:
-        """A run that was queued when the last agent stopped: queued again,
-        with what it was started with."""
-        assert record.queued is not None
+    async def _relaunch(self, record: RunRecord, *, resumed: bool = False) -> None:
+        """A run the last agent left queued (queued again, with what it was
+        started with), or running in a container that still runs (resumed:
+        re-attached to it)."""
         task = task_from_wire(await self.state.call(self.state.run_declaration, record.id))
         cut = self.logs.recover(record.id)
         if cut:
             log.warning("run %d: %d bytes of a torn last record cut off", record.id, cut)
-        await self._launch(ActiveRun.relaunched(record.id, task, record.queued),
-                           Requester(record.requested_uid, record.requested_gid,
-                                     record.requested_pid),
-                           again="still queued: the agent restarted")
+        if resumed:
+            run = ActiveRun(record.id, task, None, False, record.attempts,
+                            container_id=record.container_id or "",
+                            container_name=record.container_name or "", resumed=record)
+            again = "still running: the agent restarted and re-attaches to it"
+        else:
+            assert record.queued is not None
+            run = ActiveRun.relaunched(record.id, task, record.queued)
+            again = "still queued: the agent restarted"
+        await self._launch(run, Requester(record.requested_uid, record.requested_gid,
+                                          record.requested_pid), again=again)
 
     async def _launch(self, run: ActiveRun, requester: Requester, again: str = "") -> None:
         # Opened here, not in the run's task, so a follower that asks right
@@ -479,8 +505,8 @@ class Runs:
         self.queue.enqueue(run)
         what = "queued" if run.attempt == 1 else f"attempt {run.attempt} queued"
         writer.message(f"run {run.id} of {run.task.qualified_name} " + (
-            f"{again} (position {self.queue.position(run)})" if again
-            else f"{what} by uid {requester.uid}"))
+            f"{again}" + ("" if run.resumed else f" (position {self.queue.position(run)})")
+            if again else f"{what} by uid {requester.uid}"))
         assert self._nursery is not None
         self._nursery.start_soon(self._execute, run, writer, name=f"run {run.id}")
 
@@ -570,6 +596,10 @@ class Runs:
                 self._requeued.append(record)  # it keeps its place: see serve
                 log.info("run %d is still queued; it starts when its turn comes", record.id)
                 continue
+            if await self._still_running(record):
+                self._resumed.append(record)
+                log.info("run %d is still running; the agent re-attaches to it", record.id)
+                continue
             status, fields = await self._settle(record)
             fields["finished_at"] = time.time()
             await self.state.call(self.state.settle_stages, record.id)
@@ -586,6 +616,92 @@ class Runs:
             for target in targets:
                 await sweep_target(target.path, functools.partial(_recovery_note, record.id))
         await self.mutations.unmount_all()
+
+    async def _still_running(self, record: RunRecord) -> bool:
+        """Whether a run's container still runs and can be re-attached to:
+        one container (not a pipeline's stage), whose output docker keeps."""
+        if record.status is not RunStatus.RUNNING or not record.container_name:
+            return False
+        if task_from_wire(await self.state.call(self.state.run_declaration, record.id)).stages:
+            return False
+        found = await self.engine.inspect(record.container_name)
+        return found is not None and found.status == "running" and found.keeps_output
+
+    async def _resume(self, run: ActiveRun, record: RunRecord,
+                      writer: LogWriter) -> tuple[RunStatus, dict[str, Any]]:
+        """A run whose container kept running while no agent did: what it
+        printed meanwhile (docker kept it) from the byte the log stops at,
+        then the rest as it comes, and its end; within what is left of its
+        time limit."""
+        container = run.container_name
+        state = await self.engine.inspect(container)
+        if state is None:
+            return RunStatus.ERROR, {"error": f"container {container} disappeared while the "
+                                              "agent was not running"}
+        started_ns = _docker_time_ns(state.started_at) or int((record.started_at or 0) * 1e9)
+        held = await trio.to_thread.run_sync(self.logs.output_since_start, run.id, started_ns)
+        where = (f"from byte {held[0]} on" if held is not None else
+                 "all of it since it started, as the log has a gap (some may be above)")
+        writer.message(f"re-attached to container {container}, which ran on while the agent "
+                       f"did not; its output ({where}) is added from docker's copy when it ends")
+        limit = run.task.time_limit or self.cfg.time_limit
+        left = limit - (time.time() - (record.started_at or time.time()))
+        started = state.started_at
+        with trio.move_on_after(max(left, 0)) as timer:
+            try:
+                while state is not None and state.status in ("running", "paused", "restarting"):
+                    await trio.sleep(RESUMED_POLL_INTERVAL)
+                    state = await self.engine.inspect(container)
+            finally:
+                if timer.cancel_called or run.scope.cancel_called:
+                    await shielded(f"stopping run {run.id}'s container", self._stop, run,
+                                   deadline=self.cfg.stop_grace + TEARDOWN_SLACK)()
+        # Its output, however the wait ended (a cancel too), within a bound.
+        with trio.move_on_after(KEPT_OUTPUT_DEADLINE) as reading:
+            reading.shield = True
+            async with self.engine.kept_output(container, started) as output:
+                await self._copy_kept(output, held, writer)
+        if reading.cancelled_caught:
+            writer.message(f"reading docker's copy of the output took more than "
+                           f"{KEPT_OUTPUT_DEADLINE}s; the rest of it is not in the log")
+        writer.event(Kind.MARKER, {"step": "task", "event": "end"})
+        state = await self.engine.inspect(container)
+        if state is None:
+            return RunStatus.ERROR, {"error": f"container {container} disappeared"}
+        status, fields = ended(state)
+        errors = [f"time limit of {limit}s reached"] if timer.cancelled_caught else []
+        errors += self._limits_reached(run, run.task, state)
+        errors += await self.caches.after_run(run.id, succeeded=status is RunStatus.SUCCEEDED
+                                              and not errors, say=writer.message)
+        for target in deploy_targets(self.cfg, run.task):
+            await sweep_target(target.path, writer.message)
+        if errors:
+            fields["error"] = "; ".join(errors)
+        return RunStatus.TIMED_OUT if timer.cancelled_caught else status, fields
+
+    @staticmethod
+    async def _copy_kept(output: trio.abc.ReceiveStream, held: tuple[int, bytes] | None,
+                         writer: LogWriter) -> None:
+        """Docker's copy of the output into the log, past the bytes the log
+        already holds; the last of those are compared with docker's, and a
+        difference is said, not hidden."""
+        skip, tail = held if held is not None else (0, b"")
+        before = bytearray()  # docker's bytes up to where the log stops, their last few
+        while data := await output.receive_some(1 << 16):
+            if skip:
+                taken = min(skip, len(data))
+                before += data[:taken]
+                del before[:max(len(before) - len(tail), 0)]
+                skip -= taken
+                data = data[taken:]
+                if not skip and before != tail:
+                    writer.message("docker's copy of the output differs from the log just "
+                                   "before this point: bytes may be missing or repeated here")
+            if data:
+                writer.output(data)
+        if skip:
+            writer.message(f"docker kept {skip} bytes less of the output than the log holds "
+                           "(its copy rotated): what it printed while no agent ran is missing")
 
     async def _settle(self, record: RunRecord) -> tuple[RunStatus, dict[str, Any]]:
         """How an unfinished run ended, from what its container says now."""
@@ -628,8 +744,11 @@ class Runs:
             with run.scope:
                 await self.queue.take(run)
                 run.waiting = False
-                await self._wait_for_space(writer)
-                status, fields = await self._run(run, writer)
+                if run.resumed:
+                    status, fields = await self._resume(run, run.resumed, writer)
+                else:
+                    await self._wait_for_space(writer)
+                    status, fields = await self._run(run, writer)
             if run.scope.cancelled_caught:
                 status, fields = RunStatus.CANCELLED, {"error": run.cancel_reason}
         except RunFailed as e:

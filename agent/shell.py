@@ -83,7 +83,8 @@ async def serve_shell(runs: Runs, call: protocol.Call, run_id: int, cols: int, r
         mounts = [dataclasses.replace(m, readonly=True) for m in host_mounts(runs.cfg, task)]
         spec = dataclasses.replace(
             container_spec(runs.cfg, runs.instance, run_id, task, env.views, mounts),
-            name=name, image=image, command=None, entrypoint=SHELL, interactive=True)
+            name=name, image=image, command=None, entrypoint=SHELL, interactive=True,
+            log_keep=None)
         await engine.remove(name)  # one left by a killed agent
         await engine.create(spec)
         log.info("shell in %s opened by uid %d", where, call.requester.uid)

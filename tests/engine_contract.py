@@ -20,6 +20,8 @@ from agent.host.engine import ContainerSpec, Engine, OneShot
 PRINT_AND_EXIT = ("sh", "-c", "printf 'hi there'; exit 3")
 SAY_AND_FAIL = ("sh", "-c", "echo said; exit 2")
 SLEEP = ("sleep", "600")
+PRINT_PAUSE_PRINT = ("sh", "-c",
+                     "printf '\\377\\376\\000 before, '; sleep 2; printf after; exit 4")
 
 
 async def check_engine(engine: Engine, image: str) -> None:
@@ -28,6 +30,7 @@ async def check_engine(engine: Engine, image: str) -> None:
     await a_container_runs_attached_and_keeps_its_exit_status(engine, image)
     await a_running_container_stops(engine, image)
     await one_shot_containers_leave_nothing(engine, image)
+    await a_container_keeps_its_output_for_a_later_reader(engine, image)
     await volumes_come_and_go_by_label(engine)
 
 
@@ -84,6 +87,30 @@ async def a_running_container_stops(engine: Engine, image: str) -> None:
             state = await engine.inspect(container)
             assert state is not None and state.status == "exited" and state.exit_code != 0
             await engine.stop(container, grace=1)  # again: nothing to do
+    finally:
+        await engine.remove(name)
+
+
+async def a_container_keeps_its_output_for_a_later_reader(engine: Engine, image: str) -> None:
+    """With log_keep, what a TTY container printed can be read again from
+    its last start on, byte for byte, by a reader that comes later (an agent
+    that restarted: tests/integration/test_reliability.py has that story)."""
+    name = _name("kept")
+    await engine.create(ContainerSpec(name=name, image=image, command=PRINT_PAUSE_PRINT,
+                                      network="none", tty=True, log_keep=1 << 20))
+    try:
+        attached = b""
+        async with engine.attach(name, cols=80, rows=24) as terminal:
+            while data := await terminal.receive_some():
+                attached += data
+        state = await engine.inspect(name)
+        assert state is not None and state.keeps_output
+        assert (state.status, state.exit_code) == ("exited", 4)
+        kept = b""
+        async with engine.kept_output(name, state.started_at) as output:
+            while data := await output.receive_some(65536):
+                kept += data
+        assert kept == attached == b"\xff\xfe\x00 before, after", (kept, attached)
     finally:
         await engine.remove(name)
 

@@ -37,8 +37,11 @@ class FakeTerminal:
         self._send, self._receive = trio.open_memory_channel[bytes](1000)
         self.typed = bytearray()
         self.exit_status: int | None = None
+        self.kept: bytearray | None = None  # the container's kept output (log_keep)
 
     async def write(self, data: bytes) -> None:
+        if self.kept is not None:
+            self.kept += data
         await self._send.send(data)
 
     async def receive_some(self, max_bytes: int = 65536) -> bytes:
@@ -88,6 +91,7 @@ class FakeContainer:
     starts: int = 0
     stops: int = 0
     scope: trio.CancelScope | None = None  # its program's, while it runs
+    kept: bytearray | None = None  # its output since its last start, if docker keeps it
 
 
 @dataclass
@@ -147,7 +151,8 @@ class FakeEngine:
             raise CommandFailed(["docker", "create"], 125, b"",
                                 f"Unable to find image '{spec.image}' locally".encode())
         c = FakeContainer(secrets.token_hex(32), spec.name, spec.command or (), image=spec.image,
-                          labels={LABEL_PREFIX + k: v for k, v in spec.labels.items()})
+                          labels={LABEL_PREFIX + k: v for k, v in spec.labels.items()},
+                          kept=bytearray() if spec.tty and spec.log_keep else None)
         self.containers[c.id] = c
         return c.id
 
@@ -155,6 +160,9 @@ class FakeEngine:
         """The container's program; the terminal ends when it does."""
         program = self.programs.get(c.command, prints(b""))
         c.status, c.starts = "running", c.starts + 1
+        if c.kept is not None:
+            c.kept.clear()
+            terminal.kept = c.kept
         async with terminal._send:  # closed last: a reader at its end sees the exit
             status = 137
             with trio.CancelScope() as c.scope:
@@ -196,7 +204,16 @@ class FakeEngine:
     async def inspect(self, container: str) -> ContainerState | None:
         await trio.lowlevel.checkpoint()
         c = self._find(container)
-        return None if c is None else ContainerState(c.status, c.exit_code, "sha256:f", False)
+        return None if c is None else ContainerState(c.status, c.exit_code, "sha256:f", False,
+                                                     "", c.kept is not None)
+
+    @asynccontextmanager
+    async def kept_output(self, container: str,
+                          since: str) -> AsyncIterator[trio.abc.ReceiveStream]:
+        c = self._find(container)
+        if c is None or c.kept is None:
+            raise CommandFailed(["docker", "logs"], 1, b"", b"no kept output")
+        yield _KeptOutput(c)
 
     async def stop(self, container: str, *, grace: int) -> None:
         c = self._find(container)
@@ -292,3 +309,21 @@ class FakeNetwork:
 
     async def problems(self) -> list[str]:
         return []
+
+
+class _KeptOutput(trio.abc.ReceiveStream):
+    """What the container kept, up to now."""
+
+    def __init__(self, c: FakeContainer) -> None:
+        self._c = c
+        self._at = 0
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        assert self._c.kept is not None
+        await trio.lowlevel.checkpoint()
+        data = bytes(self._c.kept[self._at:self._at + (max_bytes or 65536)])
+        self._at += len(data)
+        return data
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()

@@ -10,6 +10,7 @@ them.
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -37,6 +38,8 @@ DROPPED_CAPABILITIES = ("NET_RAW", "MKNOD", "SETFCAP")
 
 # Longest a one-shot container's removal may take once its run is cut short.
 CLEANUP_DEADLINE = 30
+# Files docker's local log driver rotates a task container's output over.
+LOG_FILES = 4
 
 
 def mount_option(mount: Mount) -> str:
@@ -84,9 +87,17 @@ def create_argv(docker: str, spec: ContainerSpec) -> list[str]:
     if spec.cpus is not None:
         argv += ["--cpus", f"{spec.cpus:g}"]
     if spec.tty:
-        # Output is read through the attached client; docker need not keep
-        # a second copy in its json-file log.
-        argv += ["--tty", "--log-driver", "none"]
+        argv.append("--tty")
+    if spec.tty and spec.log_keep:
+        # Output is read through the attached client; docker keeps its own
+        # copy only so that an agent that restarts can read what it missed
+        # (the local driver is binary-safe; json-file is not).  Rotation is
+        # bounded by the run's own log limit.
+        part = max(spec.log_keep // LOG_FILES, 1 << 20)
+        argv += ["--log-driver", "local", "--log-opt", f"max-size={part}",
+                 "--log-opt", f"max-file={LOG_FILES}", "--log-opt", "compress=false"]
+    else:
+        argv += ["--log-driver", "none"]
     if spec.interactive:
         argv.append("--interactive")
     if spec.entrypoint is not None:
@@ -253,16 +264,30 @@ class DockerCLI:
 
     async def inspect(self, container: str) -> ContainerState | None:
         argv = [self.program, "container", "inspect", "--format",
-                "{{json .State}} {{json .Image}}", container]
+                "{{json .HostConfig.LogConfig.Type}} {{json .State}} {{json .Image}}", container]
         result = await command.run(argv, check=False)
         if result.returncode != 0:
             if _missing(result.stderr):
                 return None
             raise CommandFailed(argv, result.returncode, result.stdout, result.stderr)
-        state_json, image_json = result.stdout.decode().rsplit(" ", 1)
+        driver_json, rest = result.stdout.decode().split(" ", 1)
+        state_json, image_json = rest.rsplit(" ", 1)
         state = json.loads(state_json)
         return ContainerState(state["Status"], int(state["ExitCode"]), json.loads(image_json),
-                              bool(state.get("OOMKilled")))
+                              bool(state.get("OOMKilled")), state.get("StartedAt", ""),
+                              json.loads(driver_json) == "local")
+
+    @asynccontextmanager
+    async def kept_output(self, container: str,
+                          since: str) -> AsyncIterator[trio.abc.ReceiveStream]:
+        # Not --follow: dockerd 20.10's follow of the local driver can end
+        # before the last entries (and reads slowly); a finished container's
+        # copy, read once, is whole.
+        argv = [self.program, "logs", "--since", since, container]
+        async with command.spawned(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL) as process:
+            assert process.stdout is not None
+            yield process.stdout
 
     async def stop(self, container: str, *, grace: int) -> None:
         await self._destroy("stop", "--time", str(grace), container)

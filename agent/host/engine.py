@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import trio
+
 LABEL_PREFIX = "org.efforting-ci."
 
 
@@ -46,6 +48,9 @@ class ContainerSpec:
     tty: bool = False
     interactive: bool = False  # keep stdin open (efci shell)
     entrypoint: str | None = None
+    # docker keeps this much of its output itself (a TTY container's), so
+    # that what it prints while no agent reads can be read later; None: none
+    log_keep: int | None = None
     memory: int | None = None  # bytes of memory
     swap: int | None = None  # bytes of swap beyond memory (with memory only)
     pids: int | None = None  # processes and threads at once
@@ -74,6 +79,8 @@ class ContainerState:
     exit_code: int
     image_id: str
     oom_killed: bool  # the kernel's OOM killer stopped a process in it
+    started_at: str = ""  # when it last started (RFC 3339, as docker gives it)
+    keeps_output: bool = False  # docker keeps its output (log_keep): kept_output works
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,11 @@ class Engine(Protocol):
 
     async def inspect(self, container: str) -> ContainerState | None:
         """Its state, or None if there is no such container."""
+
+    def kept_output(self, container: str,
+                    since: str) -> AbstractAsyncContextManager[trio.abc.ReceiveStream]:
+        """What a TTY container printed since ``since`` (its last start) as
+        docker kept it (``log_keep``), byte for byte, up to now."""
 
     async def stop(self, container: str, *, grace: int) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds."""

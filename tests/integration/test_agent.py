@@ -129,14 +129,28 @@ def test_sigterm_cancels_runs_cleanly_and_removes_the_socket(hello: AgentProcess
 
 
 def test_recovery_after_the_agent_is_killed(hello: AgentProcess) -> None:
+    """A run whose container outlives a killed agent is re-attached to and
+    can be cancelled as usual; one whose container ended meanwhile is
+    settled, never as a success."""
     hello.efci("run", "sleeper")
     wait_for(lambda: hello.containers(running=True), what="container running")
     hello.stop(signal.SIGKILL)
     assert hello.containers(running=True), "the container outlives a killed agent"
-    hello.start()  # stale socket replaced; recovery stops the orphan
+    hello.start()  # stale socket replaced; recovery re-attaches
     run = show(hello, 1)
-    assert run["status"] == "cancelled" and "stopped while it ran" in run["error"]
-    assert hello.containers(running=True) == []
+    assert run["status"] == "running" and hello.containers(running=True)
+    assert b"re-attached to container" in hello.efci("logs", "1").stderr
+    cancelled = json.loads(hello.efci("--json", "cancel", "1").stdout)
+    assert cancelled["status"] == "cancelled" and hello.containers(running=True) == []
+
+    hello.efci("run", "ticker")  # 2 s of ticks
+    wait_for(lambda: hello.containers(running=True), what="the ticker running")
+    hello.stop(signal.SIGKILL)
+    time.sleep(4)  # it ends while no agent runs
+    hello.start()
+    run = show(hello, 2)
+    assert run["status"] == "error" and "finished while the agent was not running" in \
+        run["error"]
 
 
 BAD_DECLARATIONS = {

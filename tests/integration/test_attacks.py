@@ -251,7 +251,7 @@ tasks:
 
 
 def test_a_declaration_past_agent_yml_s_maxima_is_refused(agent: AgentProcess) -> None:
-    agent.configure("limits: {max_memory: 1GiB}\n")
+    agent.configure("limits: {memory: 512MiB, max_memory: 1GiB}\n")
     agent.declare("t.yml", f"tasks:\n  big:\n    image: {BASE_IMAGE}\n"
                            "    limits: {memory: 2GiB}\n")
     agent.start()

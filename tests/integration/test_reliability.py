@@ -4,6 +4,7 @@ graceful stop, the wait for free space, idle and surplus clients."""
 from __future__ import annotations
 
 import json
+import select
 import signal
 import socket
 import sqlite3
@@ -58,6 +59,10 @@ def test_queued_runs_survive_a_kill_9_and_start_after_it_in_order(agent: AgentPr
 
     agent.stop(signal.SIGKILL)
     agent.start()
+    # The sleeper runs on, re-attached, in its slot; the queue waits behind it.
+    assert show(agent, running)["status"] == "running"
+    assert [show(agent, r)["queue_position"] for r in (queued[0], *queued[2:])] == [1, 2, 3]
+    agent.efci("cancel", str(running))
     kept = [queued[0], *queued[2:]]
     wait_for(lambda: all(show(agent, r)["status"] == "succeeded" for r in kept),
              what="the queued runs to run after the restart")
@@ -196,7 +201,7 @@ def test_idle_clients_hold_nothing_and_surplus_ones_are_told(agent: AgentProcess
     """500 clients that connect and say nothing: status still answers, they
     are dropped when idle too long, and the agent's memory and descriptors
     come back; past socket.max_connections a client gets an error."""
-    agent.configure("socket: {max_connections: 520, idle_timeout: 10s}\n")
+    agent.configure("socket: {max_connections: 520, idle_timeout: 20s}\n")
     agent.declare("t.yml", TASKS)
     agent.start()
     before = status(agent)
@@ -208,20 +213,18 @@ def test_idle_clients_hold_nothing_and_surplus_ones_are_told(agent: AgentProcess
             idle.append(s)
         during = wait_for(lambda: (st := status(agent))["open_files"] >= before["open_files"]
                           + 500 and st, what="the agent to hold the 500 connections")
-        assert agent.efci("run", "--follow", "quick").returncode == 0
         surplus = []
-        for _ in range(25):  # 520 allowed: some of these are told
+        for _ in range(25):  # 520 allowed: the last few of these are told
             s = socket.socket(socket.AF_UNIX)
             s.connect(str(agent.root / "run/agent.sock"))
             surplus.append(s)
-        told = 0
+        readable, _, _ = select.select(surplus, [], [], 3)
+        told = sum(b"clients connected, its limit (socket.max_connections" in s.recv(65536)
+                   for s in readable)
+        assert 1 <= told <= 5 and told == len(readable), (told, len(readable))
         for s in surplus:
-            s.settimeout(10)
-            with_error = s.recv(65536)
-            if b"clients connected, its limit (socket.max_connections" in with_error:
-                told += 1
             s.close()
-        assert told >= 5, told
+        assert agent.efci("run", "--follow", "quick").returncode == 0
         for s in idle:  # the idle timeout closes them from the agent's side
             s.settimeout(60)
             assert s.recv(1) == b""

@@ -126,6 +126,9 @@ def test_nothing_stays_mounted_after_the_agent_stops_or_dies(setup: Setup) -> No
              timeout=120, what="the container running over its overlay")
     setup.agent.stop(signal.SIGKILL)
     assert mounted_under(mounts), "a killed agent leaves its mount"
-    setup.agent.start()  # recovery stops the container and unmounts
+    setup.agent.start()  # recovery unmounts; the container runs on, re-attached
     assert mounted_under(mounts) == []
+    assert show(setup.agent, 2)["status"] == "running"
+    setup.agent.efci("cancel", "2")
     assert show(setup.agent, 2)["status"] == "cancelled"
+    assert mounted_under(mounts) == []

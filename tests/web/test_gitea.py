@@ -481,8 +481,9 @@ def test_gitea_check_says_what_the_token_may_do(
 
 def test_a_pushed_run_the_agent_lost_gets_its_final_status(
         gitea_api: tuple[Web, GitServer, FakeGitea]) -> None:
-    """kill -9 while a pushed run runs: recovery settles it, and Gitea hears
-    the verdict rather than a pending that never ends."""
+    """kill -9 while a pushed run runs: the next agent re-attaches to it, and
+    when it ends (cancelled here) Gitea hears the verdict rather than a
+    pending that never ends."""
     web, server, fake = gitea_api
     fake.start()
     site_yml = web.agent.conf_d / "site.yml"
@@ -498,7 +499,8 @@ def test_a_pushed_run_the_agent_lost_gets_its_final_status(
     run = found[0]["id"]
     wait_delivered(web, run, ["pending"])
     web.agent.stop(signal.SIGKILL)
-    web.agent.start()
+    web.agent.start()  # the run is re-attached to, and ends when cancelled
+    web.agent.efci("cancel", str(run))
     shown = wait_delivered(web, run, ["pending", "error"])
     assert shown["status"] == "cancelled"
     assert [(g["body"]["state"], g["path"].rsplit("/", 1)[1]) for g in fake.statuses()] == [
