@@ -498,6 +498,11 @@ def test_a_pushed_run_the_agent_lost_gets_its_final_status(
         time.sleep(0.2)
     run = found[0]["id"]
     wait_delivered(web, run, ["pending"])
+    while subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}",
+                          f"efci-{web.agent.instance()}-{run}"], capture_output=True,
+                         text=True).stdout.strip() != "true":  # the task's, past its checkout
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
     web.agent.stop(signal.SIGKILL)
     web.agent.start()  # the run is re-attached to, and ends when cancelled
     web.agent.efci("cancel", str(run))
