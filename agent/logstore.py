@@ -239,6 +239,19 @@ class LogStore:
                     del last[:-tail]
             return (count, bytes(last)) if found else None
 
+    def last_status(self, run_id: int) -> dict[str, Any] | None:
+        """The last status event of a run's log (a run's end is its log's
+        last record), from the last index entry on: no whole-log read."""
+        if not self.run_dir(run_id).is_dir():
+            return None
+        with self.reader(run_id) as reader:
+            entries = reader.index()
+            found = None
+            for record in reader.records_from(entries[-1].position if entries else 0):
+                if record.kind is Kind.STATUS:
+                    found = json.loads(record.payload)
+            return found
+
     def reader(self, run_id: int) -> LogReader:
         return LogReader(self.run_dir(run_id))
 

@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -81,6 +82,7 @@ TEARDOWN_SLACK = 30
 PIDS_POLL_INTERVAL = 0.5
 SAVE_RETRY_INTERVAL = 2.0
 SPACE_POLL_INTERVAL = 5.0
+FINAL_STATUSES = {s.value for s in RunStatus if s.finished}
 RESUMED_POLL_INTERVAL = 1.0  # a re-attached run's container, until it ends
 KEPT_OUTPUT_DEADLINE = 600  # reading docker's copy of a re-attached run's output
 
@@ -596,16 +598,25 @@ class Runs:
                 self._requeued.append(record)  # it keeps its place: see serve
                 log.info("run %d is still queued; it starts when its turn comes", record.id)
                 continue
-            if await self._still_running(record):
+            logged = self.logs.last_status(record.id)
+            if logged is not None and logged.get("status") in FINAL_STATUSES:
+                # The end reached the log, not the store: the log's is the one.
+                status = RunStatus(logged["status"])
+                fields: dict[str, Any] = {k: logged[k] for k in ("exit_code", "error")
+                                          if k in logged}
+            elif await self._resumable(record):
                 self._resumed.append(record)
-                log.info("run %d is still running; the agent re-attaches to it", record.id)
+                log.info("run %d: its container outlived the last agent; the agent "
+                         "re-attaches to it", record.id)
                 continue
-            status, fields = await self._settle(record)
+            else:
+                status, fields = await self._settle(record)
+                self._close_log_of_recovered(record.id, status, fields)
             fields["finished_at"] = time.time()
             await self.state.call(self.state.settle_stages, record.id)
             await self.state.call(self.state.update_run, record.id, status=status, **fields)
-            self._close_log_of_recovered(record.id, status, fields)
-            log.warning("recovered run %d: %s (%s)", record.id, status.value, fields["error"])
+            log.warning("recovered run %d: %s (%s)", record.id, status.value,
+                        fields.get("error"))
             task = task_from_wire(await self.state.call(self.state.run_declaration, record.id))
             if self.on_end is not None:  # a pushed run's commit status, say
                 await self.on_end(record.id, task, status)
@@ -617,15 +628,16 @@ class Runs:
                 await sweep_target(target.path, functools.partial(_recovery_note, record.id))
         await self.mutations.unmount_all()
 
-    async def _still_running(self, record: RunRecord) -> bool:
-        """Whether a run's container still runs and can be re-attached to:
-        one container (not a pipeline's stage), whose output docker keeps."""
+    async def _resumable(self, record: RunRecord) -> bool:
+        """Whether a run's container started (it may have ended since) and
+        can be re-attached to: one container (not a pipeline's stage), whose
+        output docker keeps, so its log can be made whole."""
         if record.status is not RunStatus.RUNNING or not record.container_name:
             return False
         if task_from_wire(await self.state.call(self.state.run_declaration, record.id)).stages:
             return False
         found = await self.engine.inspect(record.container_name)
-        return found is not None and found.status == "running" and found.keeps_output
+        return found is not None and found.status != "created" and found.keeps_output
 
     async def _resume(self, run: ActiveRun, record: RunRecord,
                       writer: LogWriter) -> tuple[RunStatus, dict[str, Any]]:
@@ -647,7 +659,7 @@ class Runs:
         limit = run.task.time_limit or self.cfg.time_limit
         left = limit - (time.time() - (record.started_at or time.time()))
         started = state.started_at
-        with trio.move_on_after(max(left, 0)) as timer:
+        with trio.move_on_after(max(left, 0) if state.status == "running" else math.inf) as timer:
             try:
                 while state is not None and state.status in ("running", "paused", "restarting"):
                     await trio.sleep(RESUMED_POLL_INTERVAL)
@@ -671,8 +683,12 @@ class Runs:
         status, fields = ended(state)
         errors = [f"time limit of {limit}s reached"] if timer.cancelled_caught else []
         errors += self._limits_reached(run, run.task, state)
-        errors += await self.caches.after_run(run.id, succeeded=status is RunStatus.SUCCEEDED
-                                              and not errors, say=writer.message)
+        # The promotion on success is decided where the caches were mounted:
+        # by the agent that is gone.  Said, so the administrator can do it.
+        for use in run.task.caches:
+            if use.promote_on_success and status is RunStatus.SUCCEEDED and not errors:
+                writer.message(f"cache {use.name}: not promoted, as the run was re-attached "
+                               f"to; efci cache promote {run.id} {use.name} does it")
         for target in deploy_targets(self.cfg, run.task):
             await sweep_target(target.path, writer.message)
         if errors:

@@ -3,7 +3,9 @@ graceful stop, the wait for free space, idle and surplus clients."""
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import select
 import signal
 import socket
@@ -12,8 +14,12 @@ import subprocess
 import threading
 import time
 
-from .conftest import BASE_IMAGE, AgentProcess
+from agent.host.mounts import mounted_under
+
+from .conftest import BASE_IMAGE, AgentProcess, Setup, task
 from .test_agent import show, wait_for
+from .test_logs import efci_argv
+from .test_worktrees import make_repo
 
 TASKS = f"""
 tasks:
@@ -235,3 +241,56 @@ def test_idle_clients_hold_nothing_and_surplus_ones_are_told(agent: AgentProcess
     finally:
         for s in idle:
             s.close()
+
+
+def test_kill_9_during_a_checkout_leaves_one_status_and_a_usable_worktree(
+        setup: Setup) -> None:
+    """The agent dies while the checkout container clones: the run is
+    settled once, with the reason; nothing stays mounted or running; the
+    next run of the task checks the worktree out again and succeeds."""
+    make_repo(setup)
+    setup.server.commit("lib", {"big.bin": os.urandom(96 << 20)}, "a big file")
+    setup.declare({"look": task(
+        checkout={"repositories": [setup.entry("lib", "main", mutable=True)]},
+        command=["sh", "-c", "ls -l /src/lib/big.bin | wc -l"])})
+    agent = setup.agent
+    run = start(agent, "look")
+    wait_for(lambda: b"checkout" in agent.efci("logs", str(run)).stderr.lower(),
+             what="the checkout to start")
+    agent.stop(signal.SIGKILL)
+    agent.start()
+    record = show(agent, run)
+    assert record["status"] == "cancelled", record
+    assert record["error"] == "the agent stopped before the run's container ran"
+    assert b"cancelled: the agent stopped" in agent.efci("logs", str(run)).stderr
+    assert mounted_under(agent.root) == []
+    wait_for(lambda: not agent.containers(running=True), what="the checkout container's end")
+    status, again = setup.run("look")
+    assert (status, again["status"]) == (0, "succeeded"), again
+    assert setup.output(again["id"]) == b"1\r\n"
+
+
+def test_kill_9_around_a_run_s_end_settles_it_once(agent: AgentProcess) -> None:
+    """Killed at several points of a short run's end (the container exiting,
+    its log closing, teardown): each run ends with exactly one final status
+    in its record and its log, never stuck, never a success it cannot vouch
+    for, and with its output whole when it succeeded."""
+    agent.declare("t.yml", TASKS)
+    agent.start()
+    for delay in (0.3, 0.6, 0.9, 1.2, 1.5):
+        run = start(agent, "second")  # sleeps 1 s, prints, exits
+        time.sleep(delay)
+        agent.stop(signal.SIGKILL)
+        agent.start()
+        record = wait_for(lambda r=run: (x := show(agent, r))["status"] not in (
+            "queued", "running") and x, what=f"run {run}'s end")
+        assert record["status"] in ("succeeded", "error", "cancelled"), record
+        log = subprocess.run([*efci_argv(agent), "--json", "logs", str(run)],
+                             capture_output=True, check=True).stdout.splitlines()
+        finals = [json.loads(base64.b64decode(r["data"]))["status"]
+                  for r in map(json.loads, log[:-1]) if r["kind"] == "status"]
+        finals = [s for s in finals if s not in ("running", "queued")]
+        assert finals == [record["status"]], (delay, finals, record)
+        if record["status"] == "succeeded":
+            assert agent.efci("logs", "--raw", str(run)).stdout == b"second\r\n"
+        assert mounted_under(agent.root) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -317,3 +318,29 @@ def test_a_writer_on_a_full_disk_still_closes(tmp_path: Path,
     w.output(b"x" * 1000)
     w.close()  # the gap record cannot be written either; close still ends the log
     assert not store.is_live(2) and w.lost_bytes == 1000
+
+
+def test_what_the_log_holds_of_the_containers_last_start(tmp_path: Path) -> None:
+    """For a re-attach: the output after the last task-start marker, its
+    tail, and none at all when a gap makes the count uncertain; and the
+    log's last status."""
+    store = LogStore(tmp_path, limit=1 << 30)
+    w = store.open_writer(1)
+    w.event(fmt.Kind.STATUS, {"status": "running"})
+    w.event(fmt.Kind.MARKER, {"step": "task", "event": "start"})
+    w.output(b"first attempt\r\n")
+    w.event(fmt.Kind.MARKER, {"step": "task", "event": "start"})  # a restart
+    w.output(b"abc")
+    w.message("an agent message is not task output")
+    w.output(b"defg" * 2000)  # os.write, unbuffered: readable at once
+    now = time.time_ns()
+    count, tail = store.output_since_start(1, now, tail=5)  # type: ignore[misc]
+    assert (count, tail) == (3 + 8000, b"gdefg")
+    assert store.last_status(1) == {"status": "running"}
+    w.event(fmt.Kind.GAP, {"lost_bytes": 10})
+    w.output(b"more")
+    assert store.output_since_start(1, now) is None  # a gap: cannot say exactly
+    w.event(fmt.Kind.STATUS, {"status": "failed", "exit_code": 2})
+    w.close()
+    assert store.last_status(1) == {"status": "failed", "exit_code": 2}
+    assert store.last_status(2) is None
