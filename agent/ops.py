@@ -184,8 +184,8 @@ async def runs(agent: Agent, call: Call, *, task: str | None = None, status: str
                owner: str | None = None, limit: int = 20) -> object:
     records = await agent.runs.records(task=task, status=status, owner=owner,
                                        limit=min(limit, 1000))
-    return [{**r.to_wire(), "queue_position": agent.runs.queue_position(r.id)}
-            for r in records]
+    positions = agent.runs.queue_positions()
+    return [{**r.to_wire(), "queue_position": positions.get(r.id)} for r in records]
 
 
 @op
@@ -275,7 +275,7 @@ async def run_wire(agent: Agent, run_id: int) -> dict[str, Any]:
     worktrees = await agent.state.call(agent.state.run_worktrees, run_id)
     statuses = await agent.state.call(agent.state.run_statuses, run_id)
     stages = await agent.state.call(agent.state.run_stages, run_id)
-    return {**record.to_wire(), "queue_position": agent.runs.queue_position(run_id),
+    return {**record.to_wire(), "queue_position": agent.runs.queue_positions().get(run_id),
             "log_start": agent.logs.start(run_id),
             "log_size": agent.logs.end(run_id), "worktrees": worktrees,
             "commit_statuses": statuses, "stages": stages}

@@ -21,6 +21,7 @@ T = TypeVar("T")
 
 class RunQueue(Generic[T]):
     def __init__(self, slots: int) -> None:
+        """Items are told apart by identity (a run's record may equal another's)."""
         self.slots = slots
         self.busy = 0
         self.waiting: list[T] = []
@@ -31,10 +32,7 @@ class RunQueue(Generic[T]):
 
     def position(self, item: T) -> int | None:
         """1 for the next to start; None once it has started (or never queued)."""
-        try:
-            return self.waiting.index(item) + 1
-        except ValueError:
-            return None
+        return next((i + 1 for i, x in enumerate(self.waiting) if x is item), None)
 
     async def take(self, item: T) -> None:
         """Wait for ``item``'s turn and a free slot, and take the slot (give
@@ -44,7 +42,7 @@ class RunQueue(Generic[T]):
             while not (self.busy < self.slots and self.waiting[0] is item):
                 await self._changed.park()
         except BaseException:
-            self.waiting.remove(item)
+            self.waiting = [x for x in self.waiting if x is not item]
             self._changed.unpark_all()
             raise
         self.waiting.pop(0)

@@ -468,9 +468,9 @@ class Runs:
                            f"{self.cfg.max_parallel} slots (runs.max_queued and "
                            "runs.max_parallel in agent.yml); try again once some have started")
 
-    def queue_position(self, run_id: int) -> int | None:
-        run = self.active.get(run_id)
-        return None if run is None else self.queue.position(run)
+    def queue_positions(self) -> dict[int, int]:
+        """Each queued run's place: 1 starts next."""
+        return {run.id: i + 1 for i, run in enumerate(self.queue.waiting)}
 
     async def _relaunch(self, record: RunRecord, *, resumed: bool = False) -> None:
         """A run the last agent left queued (queued again, with what it was

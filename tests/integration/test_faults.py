@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -55,6 +56,11 @@ def test_a_full_state_disk_ends_the_run_honestly_and_loses_nothing_silently(
         assert b"failed unexpectedly" not in again.stderr + again.stdout
         assert b"internal error" not in again.stderr + again.stdout
 
+        db = sqlite3.connect(state / "state.db")  # consistent even while full
+        try:
+            assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        finally:
+            db.close()
         subprocess.run(["mount", "-o", "remount,size=200m", str(state)], check=True)
         wait_for(lambda: "not saved yet" not in (show(agent, 1)["error"] or ""),
                  what="the run's end to be saved")
