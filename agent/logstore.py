@@ -218,26 +218,27 @@ class LogStore:
         return _recover(run_dir)
 
     def output_since_start(self, run_id: int, started_ns: int,
-                           tail: int = 4096) -> tuple[int, bytes] | None:
-        """The task output the log holds since the container's last start
-        (after the last task-start marker, which is written just before it
-        starts): how many bytes, and the last ``tail`` of them.  None when
-        the log cannot say exactly: a gap (a dropped middle, a lost write)
-        lies in that part, or the marker is not there."""
+                           tail: int = 4096) -> tuple[int, bytes, int] | None:
+        """The task output the log holds since the container's last start,
+        which follows the last task-start marker (written just before the
+        start): how many bytes, the last ``tail`` of them, and the marker's
+        time, before any output of that start.  None when the log cannot say
+        exactly: a gap (a dropped middle, a lost write) lies in that part, or
+        the marker is not there."""
         with self.reader(run_id) as reader:
             entries = [e for e in reader.index() if e.time_ns <= started_ns - MARKER_SLACK_NS]
-            count, last, found = 0, bytearray(), False
+            count, last, marker = 0, bytearray(), None
             for record in reader.records_from(entries[-1].position if entries else 0):
                 if record.kind is Kind.MARKER and json.loads(record.payload) == {
                         "step": "task", "event": "start"}:
-                    count, last, found = 0, bytearray(), True
+                    count, last, marker = 0, bytearray(), record.time_ns
                 elif record.kind is Kind.GAP:
-                    found = False  # uncertain until a later start marker
+                    marker = None  # uncertain until a later start marker
                 elif record.kind is Kind.OUTPUT and record.stream == TASK_STREAM:
                     count += len(record.payload)
                     last += record.payload
                     del last[:-tail]
-            return (count, bytes(last)) if found else None
+            return (count, bytes(last), marker) if marker is not None else None
 
     def last_status(self, run_id: int) -> dict[str, Any] | None:
         """The last status event of a run's log (a run's end is its log's

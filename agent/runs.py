@@ -658,7 +658,12 @@ class Runs:
                        f"did not; its output ({where}) is added from docker's copy when it ends")
         limit = run.task.time_limit or self.cfg.time_limit
         left = limit - (time.time() - (record.started_at or time.time()))
-        started = state.started_at
+        # Docker stamps an entry when it reads it, and a task's first output
+        # can be read before docker records the start (State.StartedAt):
+        # its copy is taken from the task-start marker, written just before
+        # the start and after the previous start's last output.
+        since = (f"{held[2] // 1_000_000_000}.{held[2] % 1_000_000_000:09d}" if held
+                 else f"{started_ns // 1_000_000_000 - 2}")
         with trio.move_on_after(max(left, 0) if state.status == "running" else math.inf) as timer:
             try:
                 while state is not None and state.status in ("running", "paused", "restarting"):
@@ -671,7 +676,7 @@ class Runs:
         # Its output, however the wait ended (a cancel too), within a bound.
         with trio.move_on_after(KEPT_OUTPUT_DEADLINE) as reading:
             reading.shield = True
-            async with self.engine.kept_output(container, started) as output:
+            async with self.engine.kept_output(container, since) as output:
                 await self._copy_kept(output, held, writer)
         if reading.cancelled_caught:
             writer.message(f"reading docker's copy of the output took more than "
@@ -696,12 +701,12 @@ class Runs:
         return RunStatus.TIMED_OUT if timer.cancelled_caught else status, fields
 
     @staticmethod
-    async def _copy_kept(output: trio.abc.ReceiveStream, held: tuple[int, bytes] | None,
+    async def _copy_kept(output: trio.abc.ReceiveStream, held: tuple[int, bytes, int] | None,
                          writer: LogWriter) -> None:
         """Docker's copy of the output into the log, past the bytes the log
         already holds; the last of those are compared with docker's, and a
         difference is said, not hidden."""
-        skip, tail = held if held is not None else (0, b"")
+        skip, tail = held[:2] if held is not None else (0, b"")
         before = bytearray()  # docker's bytes up to where the log stops, their last few
         while data := await output.receive_some(1 << 16):
             if skip:

@@ -167,8 +167,9 @@ class Engine(Protocol):
 
     def kept_output(self, container: str,
                     since: str) -> AbstractAsyncContextManager[trio.abc.ReceiveStream]:
-        """What a TTY container printed since ``since`` (its last start) as
-        docker kept it (``log_keep``), byte for byte, up to now."""
+        """What a TTY container printed since ``since`` (RFC 3339 or Unix
+        seconds.nanoseconds, as docker logs --since takes them) as docker
+        kept it (``log_keep``), byte for byte, up to now."""
 
     async def stop(self, container: str, *, grace: int) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds."""

@@ -334,8 +334,8 @@ def test_what_the_log_holds_of_the_containers_last_start(tmp_path: Path) -> None
     w.message("an agent message is not task output")
     w.output(b"defg" * 2000)  # os.write, unbuffered: readable at once
     now = time.time_ns()
-    count, tail = store.output_since_start(1, now, tail=5)  # type: ignore[misc]
-    assert (count, tail) == (3 + 8000, b"gdefg")
+    count, tail, marker = store.output_since_start(1, now, tail=5)  # type: ignore[misc]
+    assert (count, tail) == (3 + 8000, b"gdefg") and 0 < marker <= now
     assert store.last_status(1) == {"status": "running"}
     w.event(fmt.Kind.GAP, {"lost_bytes": 10})
     w.output(b"more")
