@@ -14,7 +14,6 @@ import resource
 import signal
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -66,7 +65,6 @@ class Agent:
         self.decls = declarations.DeclarationSet()
         self.started_at = time.time()
         self.docker_version = ""
-        self.docker_root: Path | None = None
         self.web: dict[str, Any] | None = None  # efci web's announcement, while it is up
         self.statuses = StatusSender(state, self.gitea)
         self.gc = Collector(self)
@@ -112,7 +110,7 @@ class Agent:
         present = await self.engine.present_images(refs)
         self.decls = declarations.assemble(parsed, existing_images=present, previous=self.decls)
         if self.caches.problem:  # not checked yet, or mounted by the administrator since
-            await self.caches.check(self.docker_root)
+            await self.caches.check(self.runs.docker_root)
         await self.caches.claim(list(self.decls.tasks.values()))
         await self.caches.sweep()  # claims just released may be past their grace
         for file, message in self.decls.errors.items():
@@ -173,7 +171,7 @@ async def _serve(cfg: AgentConfig, signals: AsyncIterator[int]) -> None:
     try:
         agent = Agent(cfg, engine, state, LogStore(cfg.log_dir, limit=cfg.log_limit))
         agent.docker_version = version
-        agent.docker_root = agent.runs.docker_root = await engine.root_dir()
+        agent.runs.docker_root = await engine.root_dir()
         log.info("efforting-ci %s starting: config %s, state %s, docker %s", __version__,
                  cfg.source, cfg.state_dir, version)
         await agent.runs.recover()

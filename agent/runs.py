@@ -20,13 +20,11 @@ The finished container is kept, stopped, as the seed's lifecycle wants.
 
 from __future__ import annotations
 
-import calendar
 import dataclasses
 import functools
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -135,16 +133,6 @@ def ended(state: ContainerState) -> tuple[RunStatus, dict[str, Any]]:
     """How a run ended, by its container's exit status: the one mapping."""
     status = RunStatus.SUCCEEDED if state.exit_code == 0 else RunStatus.FAILED
     return status, {"exit_code": state.exit_code, "image_id": state.image_id}
-
-
-def _docker_time_ns(text: str) -> int:
-    """Docker's RFC 3339 times (2026-11-29T10:40:48.914881717Z) in ns; 0 if
-    it is not one."""
-    found = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?Z", text)
-    if not found:
-        return 0
-    seconds = calendar.timegm(time.strptime(found.group(1), "%Y-%m-%dT%H:%M:%S"))
-    return seconds * 1_000_000_000 + int((found.group(2) or "0").ljust(9, "0"))
 
 
 def _recovery_note(run_id: int, line: str) -> None:
@@ -641,16 +629,17 @@ class Runs:
 
     async def _resume(self, run: ActiveRun, record: RunRecord,
                       writer: LogWriter) -> tuple[RunStatus, dict[str, Any]]:
-        """A run whose container kept running while no agent did: what it
-        printed meanwhile (docker kept it) from the byte the log stops at,
-        then the rest as it comes, and its end; within what is left of its
-        time limit."""
+        """A run whose container started under an agent that is gone: wait
+        for it to end (within what is left of its time limit), then add what
+        it printed that the log lacks, from docker's copy, and record its end."""
         container = run.container_name
         state = await self.engine.inspect(container)
         if state is None:
             return RunStatus.ERROR, {"error": f"container {container} disappeared while the "
                                               "agent was not running"}
-        started_ns = _docker_time_ns(state.started_at) or int((record.started_at or 0) * 1e9)
+        # The attempt's start as the agent recorded it: before its container
+        # was made, so before its task-start marker and any of its output.
+        started_ns = int((record.started_at or 0) * 1e9)
         held = await trio.to_thread.run_sync(self.logs.output_since_start, run.id, started_ns)
         where = (f"from byte {held[0]} on" if held is not None else
                  "all of it since it started, as the log has a gap (some may be above)")
@@ -662,17 +651,15 @@ class Runs:
         # can be read before docker records the start (State.StartedAt):
         # its copy is taken from the task-start marker, written just before
         # the start and after the previous start's last output.
-        since = (f"{held[2] // 1_000_000_000}.{held[2] % 1_000_000_000:09d}" if held
-                 else f"{started_ns // 1_000_000_000 - 2}")
+        since_ns = held[2] if held else started_ns
+        since = f"{since_ns // 1_000_000_000}.{since_ns % 1_000_000_000:09d}"
         with trio.move_on_after(max(left, 0) if state.status == "running" else math.inf) as timer:
             try:
                 while state is not None and state.status in ("running", "paused", "restarting"):
                     await trio.sleep(RESUMED_POLL_INTERVAL)
                     state = await self.engine.inspect(container)
             finally:
-                if timer.cancel_called or run.scope.cancel_called:
-                    await shielded(f"stopping run {run.id}'s container", self._stop, run,
-                                   deadline=self.cfg.stop_grace + TEARDOWN_SLACK)()
+                await self._stop_if_cut(run, timer)
         # Its output, however the wait ended (a cancel too), within a bound.
         with trio.move_on_after(KEPT_OUTPUT_DEADLINE) as reading:
             reading.shield = True
@@ -888,9 +875,7 @@ class Runs:
                                        else self._create(run, task, env, binds, writer))
                     await self._attach(run, container, writer)
                 finally:
-                    if timer.cancel_called or run.scope.cancel_called:
-                        await shielded(f"stopping run {run.id}'s container", self._stop, run,
-                                       deadline=self.cfg.stop_grace + TEARDOWN_SLACK)()
+                    await self._stop_if_cut(run, timer)
         timed_out = {"error": f"time limit of {limit}s reached"} if timer.cancelled_caught else {}
         if not container:  # the time limit struck during the checkout
             return RunStatus.TIMED_OUT, timed_out
@@ -1040,6 +1025,12 @@ class Runs:
         await self.state.call(self.state.update_run, run.id, container_id=run.container_id)
         writer.message(f"container {spec.name} ({run.container_id[:12]}) from {spec.image}")
         return run.container_id
+
+    async def _stop_if_cut(self, run: ActiveRun, timer: trio.CancelScope) -> None:
+        """Its container stopped, shielded, if its time ran out or it was cancelled."""
+        if timer.cancel_called or run.scope.cancel_called:
+            await shielded(f"stopping run {run.id}'s container", self._stop, run,
+                           deadline=self.cfg.stop_grace + TEARDOWN_SLACK)()
 
     async def _stop(self, run: ActiveRun) -> None:
         """By name: it may have been created without us learning its id."""
