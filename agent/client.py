@@ -9,6 +9,7 @@ import getpass
 import grp
 import itertools
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,18 @@ class Client:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         try:
-            self._sock.connect(str(socket_path))
+            self._connect(timeout)
         except PermissionError:
             self._sock.close()
             raise AgentUnreachable(_permission_denied(socket_path)) from None
+        except BlockingIOError:
+            self._sock.close()
+            raise AgentUnreachable(
+                f"the efforting-ci agent at {socket_path} accepted no connection within "
+                f"{timeout:g} s (Resource temporarily unavailable: its queue of new "
+                "connections stayed full). It is overloaded or stuck; see its log "
+                "(`journalctl -u efforting-ci`)."
+            ) from None
         except OSError as e:
             self._sock.close()
             raise AgentUnreachable(
@@ -66,6 +75,21 @@ class Client:
         self._frames = protocol.FrameDecoder()
         self._messages: list[dict[str, Any]] = []
         self._ids = itertools.count(1)
+
+    def _connect(self, timeout: float | None) -> None:
+        """Connect, waiting while the agent's listen backlog is full: a unix socket
+        with a timeout answers EAGAIN then rather than blocking (a burst of clients)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.005
+        while True:
+            try:
+                self._sock.connect(str(self.socket_path))
+                return
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() + pause > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 0.2)
 
     def close(self) -> None:
         self._sock.close()

@@ -83,7 +83,9 @@ def bind_socket(path: Path, *, mode: int, group: str) -> stdsocket.socket:
             raise SocketInUse(f"cannot give {path} to group {group}: the agent's user must "
                               f"be a member of {group} (or have CAP_CHOWN)") from None
         os.rename(tmp, path)
-        sock.listen(64)
+        # The kernel caps this at net.core.somaxconn; a burst of clients beyond the
+        # backlog would get EAGAIN from connect() before the agent could accept them.
+        sock.listen(stdsocket.SOMAXCONN)
     except BaseException:
         sock.close()
         with contextlib.suppress(FileNotFoundError):
