@@ -86,10 +86,12 @@ class AgentConfig:
     pids_limit: int
     cpus_limit: float
     swap_limit: int
+    disk_limit: int
     max_memory: int
     max_swap: int
     max_pids: int
     max_cpus: float
+    max_disk: int
     network_name: str
     network_bridge: str
     network_subnet: str
@@ -119,14 +121,14 @@ class AgentConfig:
     @property
     def default_limits(self) -> Limits:
         return Limits(cpus=self.cpus_limit or None, memory=self.memory_limit,
-                      swap=self.swap_limit, pids=self.pids_limit)
+                      swap=self.swap_limit, pids=self.pids_limit, disk=self.disk_limit)
 
     @property
     def max_limits(self) -> Limits:
         """What a declaration may ask for at most (cpus: the host's count
         when agent.yml sets no maximum)."""
         return Limits(cpus=self.max_cpus or float(os.cpu_count() or 1), memory=self.max_memory,
-                      swap=self.max_swap, pids=self.max_pids)
+                      swap=self.max_swap, pids=self.max_pids, disk=self.max_disk)
 
     @property
     def web_url(self) -> str:
@@ -341,6 +343,10 @@ SETTINGS: tuple[Setting, ...] = (
             _const(4096), "4096",
             "Processes and threads a task container may have at once (a fork bomb stops "
             "there, not at the host's pid_max)."),
+    Setting("limits.disk", "disk_limit", Node.size, _const(10 << 30), "10GiB",
+            "Bytes a task may write into its writable layers (the upper layers over its "
+            "worktrees and its container's own layer) if it declares no limit; past it the "
+            "run is stopped (README: Limits)."),
     Setting("limits.max_memory", "max_memory", Node.size, _const(16 << 30), "16GiB",
             "The most memory a declaration may give its task."),
     Setting("limits.max_swap", "max_swap", _size_or_zero, _const(4 << 30), "4GiB",
@@ -349,6 +355,8 @@ SETTINGS: tuple[Setting, ...] = (
             _const(32768), "32768", "The most processes a declaration may give its task."),
     Setting("limits.max_cpus", "max_cpus", _cpus, _const(0.0), "0",
             "The most CPUs a declaration may give its task; 0: the host's count."),
+    Setting("limits.max_disk", "max_disk", Node.size, _const(100 << 30), "100GiB",
+            "The most a declaration may let its task write into its writable layers."),
     Setting("network.name", "network_name", Node.name, _const("efci"), "efci",
             "Docker network task containers join."),
     Setting("network.bridge", "network_bridge", _bridge, _const("efci0"), "efci0",
@@ -485,10 +493,11 @@ def _check_limits(cfg: AgentConfig, nodes: dict[str, Node]) -> None:
             ("memory_limit", "max_memory", cfg.memory_limit, cfg.max_memory),
             ("swap_limit", "max_swap", cfg.swap_limit, cfg.max_swap),
             ("pids_limit", "max_pids", cfg.pids_limit, cfg.max_pids),
+            ("disk_limit", "max_disk", cfg.disk_limit, cfg.max_disk),
             ("cpus_limit", "max_cpus", cfg.cpus_limit, cfg.max_cpus or cfg.cpus_limit)):
         if value > most:
             node = nodes.get(default) or nodes[maximum]
-            size = default in ("memory_limit", "swap_limit")
+            size = default in ("memory_limit", "swap_limit", "disk_limit")
             shown = [names.format_size(int(v)) if size else f"{v:g}" for v in (value, most)]
             raise node.error(f"the default ({shown[0]}) is more than its maximum "
                              f"({shown[1]}); "

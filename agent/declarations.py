@@ -34,6 +34,7 @@ TASK_KEYS = {"image", "command", "env", "checkout", "secrets", "caches", "deploy
              "deploy_targets", "network", "time_limit", "stages", "on", "limits"}
 REPO_KEYS = {"repo_url", "revision", "mutable", "key", "submodules", "name"}
 MIN_MEMORY = 6 << 20  # docker refuses less
+MIN_DISK = 1 << 20  # less would stop a task at its first few files
 UNBOUNDED = Limits()  # no maxima (the agent passes agent.yml's)
 
 
@@ -222,7 +223,7 @@ def _deploy_targets(fields: dict[str, Node]) -> tuple[str, ...]:
 
 def _limits(node: Node, most: Limits) -> Limits:
     """A task's resources; none past agent.yml's maxima."""
-    fields = node.mapping(optional={"cpus", "memory", "swap", "pids"})
+    fields = node.mapping(optional={"cpus", "memory", "swap", "pids", "disk"})
 
     def at_most(key: str, value: float, limit: float | None, shown: str) -> None:
         if limit is not None and value > limit:
@@ -245,13 +246,17 @@ def _limits(node: Node, most: Limits) -> Limits:
                          else fields["swap"].size())
     if "pids" in fields:
         found["pids"] = fields["pids"].integer(minimum=64)
+    if "disk" in fields:
+        found["disk"] = fields["disk"].size()
+        if found["disk"] < MIN_DISK:
+            raise fields["disk"].error(f"must be at least {names.format_size(MIN_DISK)}")
     for key, value in found.items():
         at_most(key, value, getattr(most, key), _shown(key, value))
     return Limits(**found)
 
 
 def _shown(key: str, value: float) -> str:
-    if key in ("memory", "swap"):
+    if key in ("memory", "swap", "disk"):
         return names.format_size(int(value))
     return f"{value:g}"
 

@@ -2,11 +2,16 @@
 logs, Docker's data root (images, containers, volumes: the worktrees and
 upper layers) and the caches.  A full one of these is what stops a CI
 host, so queued runs wait while any has less than ``runs.min_free``
-(psutil's statvfs: no process, no I/O)."""
+(psutil's statvfs: no process, no I/O).
+
+And the space a run's writable layers take, which its ``limits.disk``
+bounds (:func:`space_taken`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import stat
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +54,39 @@ def shortages(places: Mapping[str, Path | None], min_free: int) -> list[str]:
                          f"than {human_size(mark)} (runs.min_free"
                          + (")" if mark == min_free else ", or a tenth of its filesystem)"))
     return found
+
+
+def space_taken(roots: Iterable[Path]) -> int:
+    """Bytes the files under ``roots`` take on disk (allocated blocks, as
+    du(1) counts them: a hard-linked file once, sparse holes not at all),
+    without following symbolic links or crossing into another filesystem.
+    For the run's writable layers, which are plain directories that no
+    filesystem quota covers; a vanishing entry (the task deletes as it
+    goes) is skipped."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for root in roots:
+        try:
+            device = os.lstat(root).st_dev
+        except OSError:
+            continue
+        stack = [str(root)]
+        while stack:
+            try:
+                entries = os.scandir(stack.pop())
+            except OSError:
+                continue
+            with entries:
+                for entry in entries:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                        if (st.st_dev, st.st_ino) in seen:
+                            continue
+                        seen.add((st.st_dev, st.st_ino))
+                    total += st.st_blocks * 512
+                    if stat.S_ISDIR(st.st_mode) and st.st_dev == device:
+                        stack.append(entry.path)
+    return total

@@ -74,6 +74,7 @@ class Limits:
     memory: int | None = None  # bytes of memory, swap not included
     swap: int | None = None  # bytes of swap beyond memory
     pids: int | None = None  # processes and threads at once
+    disk: int | None = None  # bytes in its writable layers: /src's upper layers, its own layer
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,12 @@ class Mutations:
                 with contextlib.suppress(OSError):
                     directory.rmdir()
 
+    async def layer_dirs(self, run_id: int, worktrees: int, stage: int) -> list[Path]:
+        """Where the run's upper layers are, the stages' up to ``stage``
+        (what its ``limits.disk`` counts, with its container's own layer)."""
+        return [await self.engine.volume_path(self.volume_name(run_id, index, earlier))
+                for index in range(worktrees) for earlier in range(stage + 1)]
+
     async def layers_exist(self, run_id: int, worktrees: int, stage: int) -> bool:
         return all([await self.engine.volume_exists(self.volume_name(run_id, index, stage))
                     for index in range(worktrees)])

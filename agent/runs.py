@@ -78,6 +78,7 @@ log = logging.getLogger(__name__)
 # Longest stopping a container may take beyond its grace period.
 TEARDOWN_SLACK = 30
 PIDS_POLL_INTERVAL = 0.5
+DISK_POLL_INTERVAL = 1.0  # at least this long between counts of a run's writable layers
 SAVE_RETRY_INTERVAL = 2.0
 SPACE_POLL_INTERVAL = 5.0
 FINAL_STATUSES = {s.value for s in RunStatus if s.finished}
@@ -187,7 +188,7 @@ def limits_of(cfg: AgentConfig, task: Task) -> tuple[Limits, dict[str, str]]:
     defaults; and where each came from, for messages."""
     default = cfg.default_limits
     found, source = {}, {}
-    for key in ("cpus", "memory", "swap", "pids"):
+    for key in ("cpus", "memory", "swap", "pids", "disk"):
         declared = getattr(task.limits, key)
         found[key] = getattr(default, key) if declared is None else declared
         source[key] = (f"limits.{key} in agent.yml" if declared is None
@@ -208,6 +209,7 @@ class ActiveRun:
     from_stage: int = 0  # a retry of a pipeline: the first stage to run again
     restart_stage: int | None = None  # efci restart --stage: that stage's container again
     pids_limit_reached: int = 0  # forks that failed at limits.pids
+    disk_taken: int = 0  # what its writable layers took when limits.disk stopped it
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     cancel_reason: str = ""
     queued_at: float = field(default_factory=time.monotonic)
@@ -873,7 +875,7 @@ class Runs:
                 try:
                     container = await (self._again(run, task, env, writer) if again
                                        else self._create(run, task, env, binds, writer))
-                    await self._attach(run, container, writer)
+                    await self._attach(run, task, stage, container, writer)
                 finally:
                     await self._stop_if_cut(run, timer)
         timed_out = {"error": f"time limit of {limit}s reached"} if timer.cancelled_caught else {}
@@ -1081,6 +1083,11 @@ class Runs:
         if run.pids_limit_reached:
             found.append(f"it reached its limit of {limits.pids} processes "
                          f"({source['pids']}): {run.pids_limit_reached} forks failed")
+        if run.disk_taken:
+            assert limits.disk is not None
+            found.append(f"it was stopped when its writable layers (its changes under /src and "
+                         f"to its container) took {format_size(run.disk_taken)}, past its "
+                         f"limit of {format_size(limits.disk)} ({source['disk']})")
         return found
 
     def _progress_reporter(self, run: ActiveRun, writer: LogWriter) -> Update:
@@ -1094,15 +1101,19 @@ class Runs:
             writer.event(Kind.STATUS, {"progress": progress, "message": message})
         return report
 
-    async def _attach(self, run: ActiveRun, container: str, writer: LogWriter) -> None:
+    async def _attach(self, run: ActiveRun, task: Task, stage: int, container: str,
+                      writer: LogWriter) -> None:
         """Start the container attached to a terminal and copy every byte of
-        its output into the log, watching its pids cgroup meanwhile.
-        Leaving detaches; the container itself goes on until stopped."""
+        its output into the log, watching its pids cgroup and the space its
+        writable layers take meanwhile.  Leaving detaches; the container
+        itself goes on until stopped."""
         cols, rows = self.cfg.terminal_size
+        run.pids_limit_reached = run.disk_taken = 0  # this container's, not an earlier stage's
         writer.event(Kind.RESIZE, {"cols": cols, "rows": rows}, stream=TASK_STREAM)
         writer.event(Kind.MARKER, {"step": "task", "event": "start"})
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_pids, run)
+            nursery.start_soon(self._watch_disk, run, task, stage)
             async with self.engine.attach(container, cols=cols, rows=rows) as terminal:
                 while data := await terminal.receive_some(1 << 16):
                     writer.output(data)
@@ -1120,6 +1131,34 @@ class Runs:
             if events is not None:
                 run.pids_limit_reached = max(run.pids_limit_reached,
                                              cgroups.limit_reached(events))
+
+    async def _watch_disk(self, run: ActiveRun, task: Task, stage: int) -> None:
+        """Stop the container once its writable layers (the upper layers
+        over its worktrees, its own layer) take more than its limits.disk.
+        No filesystem quota covers them (they are plain directories where
+        docker keeps volumes and containers), so they are measured: often
+        enough that a task overshoots by at most what it writes in
+        DISK_POLL_INTERVAL, and seldom enough (twenty times what the last
+        count took) that counting a large tree costs under 5% of a core."""
+        limit = limits_of(self.cfg, task)[0].disk
+        assert limit is not None
+        await trio.sleep(DISK_POLL_INTERVAL)
+        layers = await self.mutations.layer_dirs(run.id, len(task.repositories), stage)
+        state = await self.engine.inspect(run.container_id)
+        if state is not None and state.writable_dir:
+            layers.append(Path(state.writable_dir))
+        elif run.container_id:
+            log.warning("run %d: docker names no writable layer of its container (a storage "
+                        "driver other than overlay2?); limits.disk counts /src only", run.id)
+        while True:
+            began = time.monotonic()
+            taken = await trio.to_thread.run_sync(diskspace.space_taken, layers,
+                                                  abandon_on_cancel=True)
+            if taken > limit:
+                run.disk_taken = taken
+                await self._stop(run)
+                return
+            await trio.sleep(max(DISK_POLL_INTERVAL, 20 * (time.monotonic() - began)))
 
     # -- for efci shell ------------------------------------------------------------------
 

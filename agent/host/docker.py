@@ -264,18 +264,19 @@ class DockerCLI:
 
     async def inspect(self, container: str) -> ContainerState | None:
         argv = [self.program, "container", "inspect", "--format",
-                "{{json .HostConfig.LogConfig.Type}} {{json .State}} {{json .Image}}", container]
+                "[{{json .HostConfig.LogConfig.Type}}, {{json .State}}, {{json .Image}}, "
+                "{{json .GraphDriver.Data}}]", container]
         result = await command.run(argv, check=False)
         if result.returncode != 0:
             if _missing(result.stderr):
                 return None
             raise CommandFailed(argv, result.returncode, result.stdout, result.stderr)
-        driver_json, rest = result.stdout.decode().split(" ", 1)
-        state_json, image_json = rest.rsplit(" ", 1)
-        state = json.loads(state_json)
-        return ContainerState(state["Status"], int(state["ExitCode"]), json.loads(image_json),
+        log_driver, state, image, layers = json.loads(result.stdout)
+        return ContainerState(state["Status"], int(state["ExitCode"]), image,
                               bool(state.get("OOMKilled")), state.get("StartedAt", ""),
-                              json.loads(driver_json) == "local")
+                              log_driver == "local",
+                              # overlay2's; other storage drivers name none
+                              (layers or {}).get("UpperDir", ""))
 
     @asynccontextmanager
     async def kept_output(self, container: str,

@@ -81,6 +81,7 @@ class ContainerState:
     oom_killed: bool  # the kernel's OOM killer stopped a process in it
     started_at: str = ""  # when it last started (RFC 3339, as docker gives it)
     keeps_output: bool = False  # docker keeps its output (log_keep): kept_output works
+    writable_dir: str = ""  # the host directory of its own writable layer, if docker says
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ def test_a_client_waits_while_the_backlog_is_full(tmp_path: Path) -> None:
             pass
     finally:
         t.join()
-        for s in fillers + accepted + [listener]:
+        for s in [*fillers, *accepted, listener]:
             s.close()
     assert len(accepted) == len(fillers) + 1
 
@@ -57,5 +57,5 @@ def test_a_client_gives_up_on_a_backlog_that_stays_full(tmp_path: Path) -> None:
         with pytest.raises(AgentUnreachable, match="Resource temporarily unavailable"):
             Client(tmp_path / "s", timeout=0.2)
     finally:
-        for s in fillers + [listener]:
+        for s in [*fillers, listener]:
             s.close()

@@ -318,12 +318,12 @@ def test_too_many_stages_are_refused(tmp_path: Path) -> None:
 
 
 def test_limits_within_agent_yml_s_maxima(tmp_path: Path) -> None:
-    most = Limits(cpus=2.0, memory=8 << 30, swap=1 << 30, pids=1000)
+    most = Limits(cpus=2.0, memory=8 << 30, swap=1 << 30, pids=1000, disk=4 << 30)
     path = tmp_path / "t.yml"
     path.write_text("tasks:\n  t:\n    image: x:1\n    limits: {cpus: 0.5, memory: 512MiB,"
-                    " swap: 0, pids: 200}\n")
+                    " swap: 0, pids: 200, disk: 2GiB}\n")
     task = d.parse_file(path, default_owner="o", secrets_base=SECRETS, most=most).tasks["t"]
-    assert task.limits == Limits(cpus=0.5, memory=512 << 20, swap=0, pids=200)
+    assert task.limits == Limits(cpus=0.5, memory=512 << 20, swap=0, pids=200, disk=2 << 30)
     for limits, line_words in [
             ("{memory: 16GiB}", "16GiB is more than this agent allows: at most 8GiB "
                                 "(limits.max_memory in agent.yml)"),
@@ -334,7 +334,9 @@ def test_limits_within_agent_yml_s_maxima(tmp_path: Path) -> None:
             ("{cpus: -1}", "a number of CPUs"),
             ("{cpus: '2; rm -rf /'}", "a number of CPUs"),
             ("{pids: 10}", "at least 64"),
-            ("{disk: 1GiB}", "disk"),
+            ("{disk: 8GiB}", "at most 4GiB (limits.max_disk"),
+            ("{disk: 512KiB}", "at least 1MiB"),
+            ("{disks: 1GiB}", "disks"),
             ("[1]", "limits")]:
         path.write_text(f"tasks:\n  t:\n    image: x:1\n    limits: {limits}\n")
         with pytest.raises(ConfigError) as e:
