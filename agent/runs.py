@@ -67,7 +67,7 @@ from .model import (
     Task,
 )
 from .mutations import Mutations
-from .names import format_size
+from .names import format_size, human_size
 from .network import TaskNetwork
 from .progress import MOUNT_POINT, ProgressChannels, Update
 from .runqueue import RunQueue
@@ -1086,7 +1086,7 @@ class Runs:
         if run.disk_taken:
             assert limits.disk is not None
             found.append(f"it was stopped when its writable layers (its changes under /src and "
-                         f"to its container) took {format_size(run.disk_taken)}, past its "
+                         f"to its container) took {human_size(run.disk_taken)}, past its "
                          f"limit of {format_size(limits.disk)} ({source['disk']})")
         return found
 

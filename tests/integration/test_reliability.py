@@ -1,11 +1,13 @@
 """Reliability under load and faults: the durable queue, the drain on a
-graceful stop, the wait for free space, idle and surplus clients."""
+graceful stop, the wait for free space, idle and surplus clients, the
+limit on a run's writable layers."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -13,6 +15,7 @@ import sqlite3
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 from agent.host.mounts import mounted_under
 
@@ -294,3 +297,43 @@ def test_kill_9_around_a_run_s_end_settles_it_once(agent: AgentProcess) -> None:
         if record["status"] == "succeeded":
             assert agent.efci("logs", "--raw", str(run)).stdout == b"second\r\n"
         assert mounted_under(agent.root) == []
+
+
+def test_writes_past_the_disk_limit_stop_the_run_and_say_so(setup: Setup) -> None:
+    """limits.disk counts what a run writes under /src (its upper layers)
+    and elsewhere in its container (docker's writable layer): a task that
+    writes past it is stopped, its error naming the limit and where it was
+    set; the base worktree and the host keep nothing of it; a task within
+    its limit succeeds."""
+    make_repo(setup)
+    setup.agent.configure("limits: {disk: 48MiB}\n")
+    setup.agent.stop()
+    setup.agent.start()
+    # 4 MiB a step, a quarter second apart, for at most 400 MiB: the
+    # watchdog stops it long before, whatever this machine's disk speed.
+    fill = ('i=0; while [ $i -lt 100 ]; do head -c 4194304 /dev/zero >> "$1"; '
+            'i=$((i+1)); sleep 0.25; done; echo "wrote it all"')
+    repo = {"repositories": [setup.entry("lib", "main", mutable=True)]}
+    setup.declare({
+        "into-src": task(checkout=repo, command=["sh", "-c", fill, "-", "/src/lib/fill"],
+                         limits={"disk": "32MiB"}),
+        "into-tmp": task(command=["sh", "-c", fill, "-", "/var/tmp/fill"]),
+        "within": task(checkout=repo, command=["sh", "-c",
+                                               "head -c 16777216 /dev/zero > /src/lib/f; "
+                                               "head -c 16777216 /dev/zero > /tmp/f; echo fits"]),
+    })
+    conf = setup.agent.root / "etc/conf.d/tasks.yml"
+    for name, limit, where in [("into-src", "32MiB", rf"{conf}:\d+"),
+                               ("into-tmp", "48MiB", "agent.yml")]:
+        status, record = setup.run(name)
+        assert status != 0 and record["status"] == "failed", record
+        assert re.search(r"its writable layers \(its changes under /src and to its container\) "
+                         rf"took [0-9.]+ MiB, past its limit of {limit} \(limits.disk in {where}\)",
+                         record["error"]), record["error"]
+        assert b"wrote it all" not in setup.output(record["id"])
+    status, record = setup.run("within")
+    assert (status, record["status"]) == (0, "succeeded"), record
+    assert setup.output(record["id"]).endswith(b"fits\r\n")
+    base = subprocess.run(["docker", "volume", "inspect", "--format", "{{.Mountpoint}}",
+                           setup.volumes[0]], capture_output=True, text=True, check=True)
+    assert not (Path(base.stdout.strip()) / "fill").exists()  # the base never saw it
