@@ -12,7 +12,9 @@ reused half-made.  Checkouts of one volume never overlap.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import trio
 
+from . import timings
 from .config import AgentConfig
 from .errors import EfciError, RunFailed
 from .gitea import GiteaAPI, repository_on
@@ -29,6 +32,7 @@ from .host.engine import Engine
 from .host.git import (
     HEAD_LINE,
     checkout_container,
+    checkout_steps,
     ssh_host,
     volume_labels,
     worktree_volume_name,
@@ -275,11 +279,13 @@ class Checkouts:
                                    "event": "start"})
         tail = b""
         cols, rows = self.cfg.terminal_size
+        began = time.monotonic()
         async with self.engine.run_attached(container, cols=cols, rows=rows) as terminal:
             while data := await terminal.receive_some():
                 writer.output(data, stream)
                 tail = (tail + data)[-4096:]
             status = await terminal.wait()
+        _time_steps(began, checkout_steps(tail))
         writer.event(Kind.MARKER, {"step": "checkout", "name": repo.mount_name, "event": "end"})
         heads = HEAD_LINE.findall(tail)
         if status != 0 or not heads:
@@ -287,3 +293,15 @@ class Checkouts:
                 f"checkout of {repo.repo_url} at {repo.revision!r} failed (exit status "
                 f"{status}); its output is in the log, stream checkout:{repo.mount_name}")
         return str(heads[-1].decode())
+
+
+def _time_steps(began: float, steps: list[tuple[str, float]]) -> None:
+    """The checkout container's phases: its start (docker's part, until the
+    program's first clock reading), each step the program timed, its exit
+    (until docker told us)."""
+    if not steps or not began <= steps[0][1] <= steps[-1][1] <= time.monotonic():
+        return  # no readings, or not on this clock: only the whole is known
+    timings.add("container start", began, steps[0][1])
+    for (_, start), (name, end) in itertools.pairwise(steps):
+        timings.add(name, start, end)
+    timings.since("container exit", steps[-1][1])

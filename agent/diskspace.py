@@ -9,6 +9,7 @@ bounds (:func:`space_taken`)."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import stat
 from collections.abc import Iterable, Mapping
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import trio
 
 from .names import human_size
 
@@ -90,3 +92,15 @@ def space_taken(roots: Iterable[Path]) -> int:
                     if stat.S_ISDIR(st.st_mode) and st.st_dev == device:
                         stack.append(entry.path)
     return total
+
+
+# Debian 12's trio (0.22) calls it cancellable; newer ones abandon_on_cancel.
+_ABANDON = ("abandon_on_cancel" if "abandon_on_cancel" in
+            inspect.signature(trio.to_thread.run_sync).parameters else "cancellable")
+
+
+async def space_taken_in_thread(roots: list[Path]) -> int:
+    """:func:`space_taken` in a worker thread, left to finish alone if the
+    caller is cancelled (counting a huge tree must not hold up a teardown)."""
+    abandon: dict[str, Any] = {_ABANDON: True}
+    return int(await trio.to_thread.run_sync(space_taken, roots, **abandon))

@@ -17,6 +17,7 @@ from typing import Any
 
 import trio
 
+from . import timings
 from .access import sweep_target
 from .caches import Caches
 from .checkout import Checkouts, Worktree
@@ -84,13 +85,15 @@ class Environments:
             await take(worktrees)
             stack.push_async_callback(shielded(f"unmounting run {run_id}'s views",
                                                self.mutations.unmount, run_id))
-            views = [(await self.mutations.mount(run_id, i, w.volume, w.mount_name, stage),
-                      w.mount_name) for i, w in enumerate(worktrees)]
+            with timings.phase("overlay mounts"):
+                views = [(await self.mutations.mount(run_id, i, w.volume, w.mount_name, stage),
+                          w.mount_name) for i, w in enumerate(worktrees)]
             caches: list[Mount] = []
             if task is not None and task.caches:
                 stack.push_async_callback(shielded(f"giving back run {run_id}'s caches",
                                                    self.caches.unmount, run_id))
-                caches = await self.caches.mount(run_id, task, say)
+                with timings.phase("cache mounts"):
+                    caches = await self.caches.mount(run_id, task, say)
             progress_dir = None
             if report is not None:
                 progress_dir = await stack.enter_async_context(self.progress.open(run_id, report))

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from . import diskspace
 from .errors import EfciError
 from .host.git import worktree_volume_name
 from .images import image_tag
@@ -61,14 +61,9 @@ class Removal:
 
 
 def tree_size(path: Path) -> int:
-    """Bytes of the files under ``path`` (what removing it frees, roughly:
+    """Bytes the files under ``path`` take (what removing it frees, roughly:
     extents shared with a lower layer are counted as if they were not)."""
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):  # gone meanwhile
-                total += os.lstat(os.path.join(root, name)).st_size
-    return total
+    return diskspace.space_taken([path])
 
 
 def _days(seconds: float) -> str:

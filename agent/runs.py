@@ -34,7 +34,7 @@ from typing import Any
 
 import trio
 
-from . import diskspace
+from . import diskspace, timings
 from .access import deploy_targets, host_mounts, sweep_target
 from .caches import Caches
 from .checkout import Checkouts, Worktree
@@ -72,6 +72,7 @@ from .network import TaskNetwork
 from .progress import MOUNT_POINT, ProgressChannels, Update
 from .runqueue import RunQueue
 from .state import RunRecord, StateStore
+from .timings import Timings
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ class ActiveRun:
     disk_taken: int = 0  # what its writable layers took when limits.disk stopped it
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     cancel_reason: str = ""
-    queued_at: float = field(default_factory=time.monotonic)
+    timings: Timings = field(default_factory=Timings)  # from its queueing on
     done: trio.Event = field(default_factory=trio.Event)
     waiting: bool = True  # queued for a slot (max_parallel), nothing of it started yet
     keep_queued: bool = False  # the agent stops while it waits: it stays queued in the store
@@ -751,8 +752,10 @@ class Runs:
     async def _execute(self, run: ActiveRun, writer: LogWriter) -> None:
         try:
             status, fields = RunStatus.ERROR, dict[str, Any]()
+            timings.current.set(run.timings)
             with run.scope:
-                await self.queue.take(run)
+                with timings.phase("queued"):
+                    await self.queue.take(run)
                 run.waiting = False
                 if run.resumed:
                     status, fields = await self._resume(run, run.resumed, writer)
@@ -791,7 +794,7 @@ class Runs:
     async def _wait_for_space(self, writer: LogWriter) -> None:
         """Start nothing while a disk it writes to is nearly full: the run
         stays queued (and says why) until runs.min_free is free again."""
-        said = False
+        said, began = False, time.monotonic()
         while self.cfg.min_free and (short := diskspace.shortages(self.disk_places(),
                                                                   self.cfg.min_free)):
             if not said:
@@ -802,6 +805,7 @@ class Runs:
             self.short_of_space = short
             await trio.sleep(SPACE_POLL_INTERVAL)
         if said:
+            timings.since("waiting for free space", began)
             writer.message("there is free space again; starting")
         self.short_of_space = []
 
@@ -814,11 +818,13 @@ class Runs:
             status, fields = RunStatus.ERROR, with_log_loss(fields, writer)
         try:
             exit_part = f", exit status {fields['exit_code']}" if "exit_code" in fields else ""
-            took = f" after {time.monotonic() - run.queued_at:.1f}s"
+            took = f" after {time.monotonic() - run.timings.origin:.1f}s"
             writer.message(f"run {run.id} {status.value}{exit_part}{took}"
                            + (f": {fields['error']}" if fields.get("error") else ""))
             writer.event(Kind.STATUS, {"status": status.value, **fields})
-            end = {"status": status, "finished_at": time.time(), **fields}
+            timings.since("recording the end", run.timings.last_end())
+            end = {"status": status, "finished_at": time.time(), "timings": run.timings.to_json(),
+                   **fields}
             try:
                 if run.task.stages:
                     await self.state.call(self.state.settle_stages, run.id)
@@ -866,18 +872,21 @@ class Runs:
         container, attached; how it ended."""
         limit = task.time_limit or self.cfg.time_limit
         run.container_name = name or task_container_name(self.instance, run.id)
-        container = ""
+        container, exited = "", time.monotonic()
         with trio.move_on_after(limit) as timer:
             async with self.environments.open(run.id, take, targets=targets, task=task,
                                               stage=stage,
                                               report=self._progress_reporter(run, writer),
                                               say=writer.message) as env:
                 try:
-                    container = await (self._again(run, task, env, writer) if again
-                                       else self._create(run, task, env, binds, writer))
-                    await self._attach(run, task, stage, container, writer)
+                    with timings.phase("container create"):
+                        container = await (self._again(run, task, env, writer) if again
+                                           else self._create(run, task, env, binds, writer))
+                    exited = await self._attach(run, task, stage, container, writer)
                 finally:
+                    exited = time.monotonic() if timer.cancel_called else exited
                     await self._stop_if_cut(run, timer)
+        timings.since("teardown", exited)
         timed_out = {"error": f"time limit of {limit}s reached"} if timer.cancelled_caught else {}
         if not container:  # the time limit struck during the checkout
             return RunStatus.TIMED_OUT, timed_out
@@ -948,9 +957,10 @@ class Runs:
                 await self.guards.ensure(path)
             take = (self._check_out(run, writer) if index == 0 and run.attempt == 1
                     else self._worktrees_of(run.id))
-            result, details = await self._step(run, task, binds, targets, take, writer,
-                                               again=run.restart_stage == index, stage=index,
-                                               name=name)
+            with timings.phase(f"stage {stage.name}"):
+                result, details = await self._step(run, task, binds, targets, take, writer,
+                                                   again=run.restart_stage == index,
+                                                   stage=index, name=name)
         except EfciError as e:  # refused (a deploy target, an image): this stage's error
             result, details = RunStatus.ERROR, {"error": e.message}
         await self.state.call(self.state.update_stage, run.id, index, status=result.value,
@@ -972,24 +982,26 @@ class Runs:
         running, build its image.  Returns the first attempt's host mounts
         and the deploy targets' paths."""
         binds = []
-        if run.attempt == 1:
-            self.checkouts.check(run.task)
-            await self.checkouts.verify_commits(run.task, writer)
-            binds = host_mounts(self.cfg, run.task)
-        targets = [t.path for t in deploy_targets(self.cfg, run.task)]
-        for path in targets:
-            await self.guards.ensure(path)  # nosuid,nodev while a task can write it
-        if run.task.network is Network.DEFAULT or (
-                run.task.repositories and self.cfg.network_checkout == "bridge"):
-            restored = await self.network.check()  # fail closed
-            if restored:
-                writer.message("the network rules were not in place (" + "; ".join(restored)
-                               + "); they were restored before this run")
-        await self.state.call(self.state.update_run, run.id, status=RunStatus.RUNNING,
-                              started_at=time.time(), queued=None)
+        with timings.phase("checks"):
+            if run.attempt == 1:
+                self.checkouts.check(run.task)
+                await self.checkouts.verify_commits(run.task, writer)
+                binds = host_mounts(self.cfg, run.task)
+            targets = [t.path for t in deploy_targets(self.cfg, run.task)]
+            for path in targets:
+                await self.guards.ensure(path)  # nosuid,nodev while a task can write it
+            if run.task.network is Network.DEFAULT or (
+                    run.task.repositories and self.cfg.network_checkout == "bridge"):
+                restored = await self.network.check()  # fail closed
+                if restored:
+                    writer.message("the network rules were not in place (" + "; ".join(restored)
+                                   + "); they were restored before this run")
+            await self.state.call(self.state.update_run, run.id, status=RunStatus.RUNNING,
+                                  started_at=time.time(), queued=None)
         writer.event(Kind.STATUS, {"status": RunStatus.RUNNING.value, "attempt": run.attempt})
         if run.image is not None:
-            tag = await self.images.ensure(run.image, writer, force=run.build_only)
+            with timings.phase("image"):
+                tag = await self.images.ensure(run.image, writer, force=run.build_only)
             run.task = dataclasses.replace(run.task, image=tag)
         return binds, targets
 
@@ -999,10 +1011,12 @@ class Runs:
         and recorded with the run."""
         async def take(into: list[Worktree]) -> None:
             for index, repo in enumerate(run.task.repositories):
-                worktree = await self.checkouts.prepare(run.id, run.task, index, repo, writer)
-                into.append(worktree)
-                await self.state.call(self.state.add_run_worktree, run.id, worktree.volume,
-                                      worktree.mount_name, worktree.commit, worktree.reused)
+                with timings.phase(f"checkout {repo.mount_name}"):
+                    worktree = await self.checkouts.prepare(run.id, run.task, index, repo,
+                                                            writer)
+                    into.append(worktree)
+                    await self.state.call(self.state.add_run_worktree, run.id, worktree.volume,
+                                          worktree.mount_name, worktree.commit, worktree.reused)
         return take
 
     def _worktrees_of(self, run_id: int) -> Callable[[list[Worktree]], Awaitable[None]]:
@@ -1102,11 +1116,12 @@ class Runs:
         return report
 
     async def _attach(self, run: ActiveRun, task: Task, stage: int, container: str,
-                      writer: LogWriter) -> None:
+                      writer: LogWriter) -> float:
         """Start the container attached to a terminal and copy every byte of
         its output into the log, watching its pids cgroup and the space its
         writable layers take meanwhile.  Leaving detaches; the container
-        itself goes on until stopped."""
+        itself goes on until stopped.  Returns when (monotonic) its process
+        ended."""
         cols, rows = self.cfg.terminal_size
         run.pids_limit_reached = run.disk_taken = 0  # this container's, not an earlier stage's
         writer.event(Kind.RESIZE, {"cols": cols, "rows": rows}, stream=TASK_STREAM)
@@ -1114,12 +1129,20 @@ class Runs:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_pids, run)
             nursery.start_soon(self._watch_disk, run, task, stage)
+            began = time.monotonic()
             async with self.engine.attach(container, cols=cols, rows=rows) as terminal:
-                while data := await terminal.receive_some(1 << 16):
+                if data := await terminal.receive_some(1 << 16):
+                    timings.since("start to first byte", began)
+                    began = time.monotonic()
+                while data:
                     writer.output(data)
+                    data = await terminal.receive_some(1 << 16)
                 await terminal.wait()
+                timings.since("run", began)
+                exited = time.monotonic()
             nursery.cancel_scope.cancel()
         writer.event(Kind.MARKER, {"step": "task", "event": "end"})
+        return exited
 
     async def _watch_pids(self, run: ActiveRun) -> None:
         """Keep the count of forks that failed at the pids limit (the kernel
@@ -1152,8 +1175,7 @@ class Runs:
                         "driver other than overlay2?); limits.disk counts /src only", run.id)
         while True:
             began = time.monotonic()
-            taken = await trio.to_thread.run_sync(diskspace.space_taken, layers,
-                                                  abandon_on_cancel=True)
+            taken = await diskspace.space_taken_in_thread(layers)
             if taken > limit:
                 run.disk_taken = taken
                 await self._stop(run)

@@ -183,6 +183,9 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE runs ADD COLUMN queued TEXT;
     """,
+    """
+    ALTER TABLE runs ADD COLUMN timings TEXT;
+    """,
 )
 
 
@@ -228,10 +231,12 @@ class RunRecord:
     log_removed_at: float | None  # gc removed its log (the record stays)
     patched_attempt: int | None  # the attempt that runs on what efci shell left
     queued: str | None  # JSON: how to start it, while it waits for its turn (runs.py)
+    timings: str | None  # JSON: where its last attempt's time went (agent/timings.py)
 
     def to_wire(self) -> dict[str, Any]:
         fields = {k: v for k, v in self.__dict__.items() if k != "queued"}
         return {**fields, "status": self.status.value,
+                "timings": json.loads(self.timings) if self.timings else [],
                 "trigger": json.loads(self.trigger) if self.trigger else
                 {"kind": "manual", "uid": self.requested_uid}}
 

@@ -162,6 +162,11 @@ def show(run: dict[str, Any]) -> int:
     if run.get("patched_attempt"):
         print(f"{'patched:':16}attempt {run['patched_attempt']} on what efci shell left")
     print(f"{'took:':16}{duration(run)}")
+    if run.get("timings"):
+        print("where the time went (monotonic clock; parts indented under their phase):")
+        for depth, phase in phase_tree(run["timings"]):
+            name = "  " * (depth + 1) + phase["phase"]
+            print(printable(f"{name:34}{phase['seconds'] * 1000:10.1f} ms"))
     if run["removed_at"]:
         print(printable(f"{'removed:':16}{when(run['removed_at'])} (container and layers)"
                         + (f"; {run['removed_why']}" if run.get("removed_why") else "")))
@@ -181,6 +186,19 @@ def show(run: dict[str, Any]) -> int:
         print(printable(f"{'commit status:':16}{st['state']} on {st['sha'][:12]} "
                         f"({st['context']}): {fate}"))
     return 0
+
+
+def phase_tree(phases: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    """Each phase (in the order they began) with how deep it is among the
+    phases it is part of."""
+    open_: list[str] = []
+    found = []
+    for phase in phases:
+        while open_ and open_[-1] != phase["within"]:
+            open_.pop()
+        found.append((len(open_), phase))
+        open_.append(phase["phase"])
+    return found
 
 
 def trigger(t: dict[str, Any]) -> str:

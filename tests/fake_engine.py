@@ -12,6 +12,7 @@ command exits 0 at once.
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -75,8 +76,16 @@ def sleeps(seconds: float = float("inf"), status: int = 0) -> Program:
 
 
 def checks_out(sha: str = "a" * 40) -> Program:
-    """What efci-checkout prints when it succeeds."""
-    return prints(f"cloning...\r\nefci-checkout: HEAD {sha}\r\n".encode())
+    """What efci-checkout prints when it succeeds: its steps on the real
+    monotonic clock (as the container shares the host's), then HEAD."""
+    async def program(terminal: FakeTerminal) -> int:
+        now = time.monotonic()  # steps 10 µs each, over before the agent reads them
+        steps = " ".join(f"{step}={now + i / 1e5:.6f}"
+                         for i, step in enumerate(("begin", "fetch", "checkout", "mtimes")))
+        await terminal.write(f"cloning...\r\nefci-checkout: steps {steps}\r\n"
+                             f"efci-checkout: HEAD {sha}\r\n".encode())
+        return 0
+    return program
 
 
 @dataclass

@@ -19,6 +19,17 @@ from .engine import Mount, OneShot
 
 CHECKOUT_PROGRAM = "/usr/local/bin/efci-checkout"
 HEAD_LINE = re.compile(rb"efci-checkout: HEAD ([0-9a-f]{40,64})")
+STEPS_LINE = re.compile(rb"efci-checkout: steps ((?:[a-z]+=[0-9]+\.[0-9]+ ?)+)")
+
+
+def checkout_steps(output: bytes) -> list[tuple[str, float]]:
+    """The checkout program's clock readings (CLOCK_MONOTONIC): its start,
+    then the end of each step, in order; none if it printed none."""
+    found = STEPS_LINE.findall(output)
+    if not found:
+        return []
+    return [(name, float(at)) for name, _, at in
+            (pair.partition("=") for pair in found[-1].decode().split())]
 
 
 def worktree_volume_name(owner: str, entry: dict[str, object]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -60,3 +61,18 @@ def test_the_rsync_publish_experiment_runs_as_a_task(setup: Setup, tmp_path: Pat
     assert (site / "index.html").read_bytes() == b"<h1>hello</h1>\n"
     assert not (site / "old.css").exists()  # --delete honoured
     assert b"building image" not in setup.agent.efci("logs", str(run["id"])).stderr  # reused
+
+    # Where the second run's time went, from the checkout container's own steps
+    # to the recorded end, as efci show prints it and its JSON gives it.
+    phases = [(p["phase"], p["within"]) for p in run["timings"]]
+    for phase in [("queued", None), ("checkout websperiments", None),
+                  ("container start", "checkout websperiments"),
+                  ("fetch", "checkout websperiments"), ("checkout", "checkout websperiments"),
+                  ("mtimes", "checkout websperiments"), ("overlay mounts", None),
+                  ("container create", None), ("run", None), ("teardown", None),
+                  ("recording the end", None)]:
+        assert phase in phases, (phase, phases)
+    took = run["finished_at"] - run["created_at"]
+    assert sum(p["seconds"] for p in run["timings"] if p["within"] is None) <= took
+    shown = setup.agent.efci("show", str(run["id"])).stdout.decode()
+    assert re.search(r"\n    fetch +[0-9.]+ ms\n", shown), shown

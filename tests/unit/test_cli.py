@@ -53,3 +53,15 @@ def test_sizes_read_as_people_write_them() -> None:
 
     assert [size(n) for n in (0, 1023, 1536, 3 << 20, 12 << 30)] == [
         "0 B", "1023 B", "1.5 KiB", "3.0 MiB", "12.0 GiB"]
+
+
+def test_phases_are_shown_as_a_tree_of_parts() -> None:
+    from agent.views import phase_tree
+    phases = [{"phase": "queued", "within": None}, {"phase": "stage a", "within": None},
+              {"phase": "checkout lib", "within": "stage a"},
+              {"phase": "fetch", "within": "checkout lib"},
+              {"phase": "run", "within": "stage a"}, {"phase": "stage b", "within": None},
+              {"phase": "run", "within": "stage b"}, {"phase": "teardown", "within": None}]
+    assert [(depth, p["phase"]) for depth, p in phase_tree(phases)] == [
+        (0, "queued"), (0, "stage a"), (1, "checkout lib"), (2, "fetch"), (1, "run"),
+        (0, "stage b"), (1, "run"), (0, "teardown")]

@@ -10,6 +10,7 @@ import pytest
 
 from agent.host.git import (
     checkout_container,
+    checkout_steps,
     ssh_host,
     volume_labels,
     worktree_volume_name,
@@ -91,3 +92,11 @@ def test_labels_are_the_experiments() -> None:
     entry = {"owner": "o", "repo_url": REPO.repo_url, "revision": REPO.revision,
              "mutable": "true"}  # JavaScript's `${true}`
     assert volume_labels("o", REPO) == {label: entry[field] for label, field in theirs.items()}
+
+
+def test_checkout_steps_are_read_from_the_last_steps_line() -> None:
+    out = (b"$ git fetch\r\nefci-checkout: steps begin=1.5 fetch=2.25\r\n"
+           b"efci-checkout: steps begin=10.000001 fetch=11.5 mtimes=12.75\r\n"
+           b"efci-checkout: HEAD " + b"a" * 40 + b"\r\n")
+    assert checkout_steps(out) == [("begin", 10.000001), ("fetch", 11.5), ("mtimes", 12.75)]
+    assert checkout_steps(b"efci-checkout: HEAD " + b"a" * 40) == []

@@ -6,6 +6,7 @@ a shell's cleanup, and recovery after a crash, in milliseconds."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -154,6 +155,34 @@ def test_a_run_checks_out_runs_and_leaves_nothing_mounted_or_held(root: Path) ->
             assert container.status == "exited"  # kept, stopped
             assert w.mounts.points == set() and w.mounts.mounted_ever == 1
             assert await w.volume_is_free()
+
+    trio.run(main, clock=mock_clock())
+
+
+def test_a_run_records_where_its_time_went(root: Path) -> None:
+    """Every phase of the run path, in order, the checkout's steps (the
+    checkout container's own clock readings) as its parts; the phases
+    one after another, none overlapping, within the run's whole time."""
+    async def main() -> None:
+        async with world(root) as w:
+            w.program(("make",), prints(b"built\r\n"))
+            run = await w.runs.start(task(("make",)), ME)
+            await w.until_done(run)
+            record = (await w.record(run)).to_wire()
+            phases = record["timings"]
+            assert [(p["phase"], p["within"]) for p in phases] == [
+                ("queued", None), ("checks", None), ("checkout lib", None),
+                ("container start", "checkout lib"), ("fetch", "checkout lib"),
+                ("checkout", "checkout lib"), ("mtimes", "checkout lib"),
+                ("container exit", "checkout lib"), ("overlay mounts", None),
+                ("container create", None), ("start to first byte", None), ("run", None),
+                ("teardown", None), ("recording the end", None)]
+            top = [p for p in phases if p["within"] is None]
+            for before, after in itertools.pairwise(top):
+                assert before["start"] + before["seconds"] <= after["start"] + 2e-6  # rounding
+            assert all(p["seconds"] >= 0 for p in phases)
+            parts = [p for p in phases if p["within"] == "checkout lib"]
+            assert [round(p["seconds"], 5) for p in parts[1:4]] == [1e-5] * 3
 
     trio.run(main, clock=mock_clock())
 
