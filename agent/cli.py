@@ -17,10 +17,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, views
-from . import config as agentconfig
+from .layout import Layout
+
+if TYPE_CHECKING:
+    from .config import AgentConfig
 from .client import Client
 from .errors import EfciError, printable
 
@@ -189,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    layout = agentconfig.Layout.from_environment(args.root)
+    layout = Layout.from_environment(args.root)
     try:
         if args.command == "agent":
             return _agent(args, layout)
@@ -223,17 +226,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _load_config(args: argparse.Namespace,
-                 layout: agentconfig.Layout) -> agentconfig.AgentConfig:
-    return agentconfig.load(layout, args.config)
+def _load_config(args: argparse.Namespace, layout: Layout) -> AgentConfig:
+    from .config import load  # only the daemon, the page and efci config need it all
+
+    return load(layout, args.config)
 
 
-def _socket_path(args: argparse.Namespace, layout: agentconfig.Layout) -> Path:
+def _socket_path(args: argparse.Namespace, layout: Layout) -> Path:
     if args.socket:
         return Path(args.socket)
     if os.environ.get("EFCI_SOCKET"):
         return Path(os.environ["EFCI_SOCKET"])
-    return _load_config(args, layout).socket_path
+    return layout.socket_path(args.config)
 
 
 def _log_to_stderr(verbose: bool) -> None:
@@ -244,7 +248,7 @@ def _log_to_stderr(verbose: bool) -> None:
                 else "%(asctime)s %(levelname)s %(message)s"))
 
 
-def _agent(args: argparse.Namespace, layout: agentconfig.Layout) -> int:
+def _agent(args: argparse.Namespace, layout: Layout) -> int:
     import trio  # only the daemon needs it: keeps client start-up fast
 
     from . import daemon
@@ -255,7 +259,7 @@ def _agent(args: argparse.Namespace, layout: agentconfig.Layout) -> int:
     return 0
 
 
-def _web(args: argparse.Namespace, layout: agentconfig.Layout) -> int:
+def _web(args: argparse.Namespace, layout: Layout) -> int:
     import trio
 
     from .web import serve
@@ -268,9 +272,11 @@ def _web(args: argparse.Namespace, layout: agentconfig.Layout) -> int:
     return 0
 
 
-def _config(args: argparse.Namespace, layout: agentconfig.Layout) -> int:
+def _config(args: argparse.Namespace, layout: Layout) -> int:
     if args.action == "example":
-        sys.stdout.write(agentconfig.example(layout))
+        from .config import example
+
+        sys.stdout.write(example(layout))
         return 0
     cfg = _load_config(args, layout)
     print(json.dumps({"ok": True, "source": cfg.source}) if args.json

@@ -19,36 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import names
+from .layout import Layout
 from .model import Limits
 from .yamlconf import Node, load_file
-
-
-@dataclass(frozen=True)
-class Layout:
-    etc: Path
-    state: Path
-    secrets: Path
-    run: Path
-
-    @classmethod
-    def system(cls) -> Layout:
-        return cls(Path("/etc/efforting-ci"), Path("/var/lib/efforting-ci"),
-                   Path("/srv/ci-secrets"), Path("/run/efforting-ci"))
-
-    @classmethod
-    def under(cls, root: Path) -> Layout:
-        root = root.absolute()
-        return cls(root / "etc", root / "state", root / "secrets", root / "run")
-
-    @classmethod
-    def from_environment(cls, root: str | None) -> Layout:
-        """``--root`` wins over ``EFCI_ROOT``; neither means the system layout."""
-        root = root or os.environ.get("EFCI_ROOT") or None
-        return cls.under(Path(root)) if root else cls.system()
-
-    @property
-    def config_file(self) -> Path:
-        return self.etc / "agent.yml"
 
 
 @dataclass(frozen=True)
@@ -294,7 +267,7 @@ SETTINGS: tuple[Setting, ...] = (
             "The secrets store (deploy keys under git-ssh/<owner>/)."),
     Setting("paths.caches", "caches_root", _path, lambda lay: lay.state / "caches",
             "{state}/caches", "Root of cache subvolumes (a btrfs filesystem)."),
-    Setting("socket.path", "socket_path", _path, lambda lay: lay.run / "agent.sock",
+    Setting("socket.path", "socket_path", _path, lambda lay: lay.default_socket,
             "{run}/agent.sock", "The control socket efci talks to."),
     Setting("socket.group", "socket_group", _group, _const("efci-admin"), "efci-admin",
             "Group that may use the socket (if it exists)."),

@@ -134,3 +134,16 @@ def test_a_default_limit_past_its_maximum_is_refused(tmp_path: Path) -> None:
         tmp_path, "limits: {cpus: 1.5, swap: 1GiB, max_cpus: 2}\nruns: {min_free: 0}\n"))
     assert (cfg.default_limits.cpus, cfg.default_limits.swap, cfg.max_limits.cpus,
             cfg.min_free) == (1.5, 1 << 30, 2.0, 0)
+
+
+def test_the_client_finds_the_socket_without_loading_settings_it_does_not_need(
+        tmp_path: Path) -> None:
+    layout = config.Layout.under(tmp_path)
+    assert layout.socket_path() == tmp_path / "run/agent.sock"  # no agent.yml
+    layout.etc.mkdir()
+    layout.config_file.write_text("runs: {max_parallel: [not, checked, here]}\n")
+    assert layout.socket_path() == tmp_path / "run/agent.sock"  # cannot set it
+    layout.config_file.write_text("socket:\n  path: /run/elsewhere.sock\n")
+    assert layout.socket_path() == Path("/run/elsewhere.sock")
+    with pytest.raises(ConfigError):
+        layout.socket_path(tmp_path / "missing.yml")  # named, so it must exist
