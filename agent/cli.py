@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import sys
 import time
@@ -241,6 +240,8 @@ def _socket_path(args: argparse.Namespace, layout: Layout) -> Path:
 
 
 def _log_to_stderr(verbose: bool) -> None:
+    import logging  # the daemon's and the page's; the client starts faster without it
+
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
         # journald stamps lines itself; elsewhere a time helps.

@@ -7,7 +7,6 @@ command lines, so anything that is not plainly a name is refused.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 
 # Task, image, owner, key, secret, cache and deploy-target names: they become
@@ -37,6 +36,8 @@ def is_name(value: str) -> bool:
 def is_host(value: str) -> bool:
     if HOST.fullmatch(value) and len(value) <= 253:
         return True
+    import ipaddress  # seldom needed; the client starts faster without it
+
     try:
         ipaddress.ip_address(value)
     except ValueError:

@@ -22,11 +22,13 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import EfciError, RequestError
 from .logformat import Kind, Record
-from .model import Requester
+
+if TYPE_CHECKING:  # the client imports this module, and starts faster without the model
+    from .model import Requester
 
 MAX_LINE = 64 * 1024
 # Bounds on what one JSON line may hold, whoever sends it (a client, a

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import trio
 
@@ -50,7 +50,7 @@ from .errors import (
     internal_error,
 )
 from .host import cgroups, docker, mounts
-from .host.engine import ContainerSpec, ContainerState, Engine, Mount
+from .host.engine import ContainerSpec, ContainerState, Engine, Mount, Started, Terminal
 from .images import Images
 from .logformat import TASK_STREAM, Kind
 from .logstore import LogStore, LogWriter
@@ -195,6 +195,16 @@ def limits_of(cfg: AgentConfig, task: Task) -> tuple[Limits, dict[str, str]]:
         source[key] = (f"limits.{key} in agent.yml" if declared is None
                        else f"limits.{key} in {task.source}")
     return Limits(**found), source
+
+
+@dataclass
+class Attached:
+    """How a container's attach ended."""
+
+    status: int = -1  # the attached client's exit status (docker run's or start's)
+    exited: float = 0.0  # when (monotonic)
+    tail: bytes = b""  # the end of its output: docker's own words if it never started
+    first_state: ContainerState | None = None  # as docker had it just after its start
 
 
 @dataclass
@@ -879,18 +889,36 @@ class Runs:
                                               report=self._progress_reporter(run, writer),
                                               say=writer.message) as env:
                 try:
-                    with timings.phase("container create"):
-                        container = await (self._again(run, task, env, writer) if again
-                                           else self._create(run, task, env, binds, writer))
-                    exited = await self._attach(run, task, stage, container, writer)
+                    if again:
+                        with timings.phase("container create"):
+                            container = await self._again(run, task, env, writer)
+                        cols, rows = self.cfg.terminal_size
+                        attached = await self._attach(run, task, stage, writer, self.engine.attach(
+                            container, cols=cols, rows=rows), new=False)
+                    else:
+                        attached = await self._attach(run, task, stage, writer,
+                                                      await self._run_container(
+                                                          run, task, env, binds, writer),
+                                                      new=True)
+                        container = run.container_id
+                    exited = attached.exited
                 finally:
                     exited = time.monotonic() if timer.cancel_called else exited
                     await self._stop_if_cut(run, timer)
+                    if not container and not run.container_id:  # cut before docker said
+                        await shielded(f"finding run {run.id}'s container", self._learn_id,
+                                       run)()
         timings.since("teardown", exited)
         timed_out = {"error": f"time limit of {limit}s reached"} if timer.cancelled_caught else {}
-        if not container:  # the time limit struck during the checkout
-            return RunStatus.TIMED_OUT, timed_out
-        state = await self.engine.inspect(container)
+        if not container:
+            if not timed_out:  # docker ended without creating it: its output says why
+                raise CommandFailed(["docker", "run"], attached.status, b"", attached.tail)
+            return RunStatus.TIMED_OUT, timed_out  # during the checkout, or docker's create
+        # docker's state says how it ended, unless the exit status says all:
+        # a success, on the image docker named when it started.
+        state = (dataclasses.replace(attached.first_state, status="exited", exit_code=0)
+                 if attached.status == 0 and attached.first_state else
+                 await self.engine.inspect(container))
         if state is None:
             return RunStatus.ERROR, {"error": f"container {container[:12]} disappeared"}
         status, fields = ended(state)
@@ -1030,23 +1058,48 @@ class Runs:
 
     async def _create(self, run: ActiveRun, task: Task, env: Environment, binds: list[Mount],
                       writer: LogWriter, entrypoint: str | None = None) -> str:
-        assert env.progress_dir is not None
-        spec = dataclasses.replace(
-            container_spec(self.cfg, self.instance, run.id, task, env.views,
-                           [*binds, *env.caches, Mount("bind", str(env.progress_dir),
-                                                       MOUNT_POINT, readonly=True)]),
-            name=run.container_name, entrypoint=entrypoint)
+        spec = self._spec(run, task, env, binds, entrypoint)
         await self.state.call(self.state.update_run, run.id, container_name=spec.name)
         run.container_id = await self.engine.create(spec)
         await self.state.call(self.state.update_run, run.id, container_id=run.container_id)
         writer.message(f"container {spec.name} ({run.container_id[:12]}) from {spec.image}")
         return run.container_id
 
+    async def _run_container(self, run: ActiveRun, task: Task, env: Environment,
+                             binds: list[Mount], writer: LogWriter
+                             ) -> AbstractAsyncContextManager[Started]:
+        """The task's container, created and started by one docker command
+        (its name recorded first: an agent that dies before it learns the
+        id finds the container by name)."""
+        spec = self._spec(run, task, env, binds)
+        run.container_id = ""  # not an earlier stage's
+        await self.state.call(self.state.update_run, run.id, container_name=spec.name)
+        writer.message(f"container {spec.name} from {spec.image}")
+        cols, rows = self.cfg.terminal_size
+        return self.engine.run_container(spec, cols=cols, rows=rows)
+
+    def _spec(self, run: ActiveRun, task: Task, env: Environment, binds: list[Mount],
+              entrypoint: str | None = None) -> ContainerSpec:
+        assert env.progress_dir is not None
+        return dataclasses.replace(
+            container_spec(self.cfg, self.instance, run.id, task, env.views,
+                           [*binds, *env.caches, Mount("bind", str(env.progress_dir),
+                                                       MOUNT_POINT, readonly=True)]),
+            name=run.container_name, entrypoint=entrypoint)
+
     async def _stop_if_cut(self, run: ActiveRun, timer: trio.CancelScope) -> None:
         """Its container stopped, shielded, if its time ran out or it was cancelled."""
         if timer.cancel_called or run.scope.cancel_called:
             await shielded(f"stopping run {run.id}'s container", self._stop, run,
                            deadline=self.cfg.stop_grace + TEARDOWN_SLACK)()
+
+    async def _learn_id(self, run: ActiveRun) -> None:
+        """The id of a container docker run made (by its name), for the
+        record: efci restart and rm work with it."""
+        state = await self.engine.inspect(run.container_name)
+        if state is not None and state.id:
+            run.container_id = state.id
+            await self.state.call(self.state.update_run, run.id, container_id=state.id)
 
     async def _stop(self, run: ActiveRun) -> None:
         """By name: it may have been created without us learning its id."""
@@ -1115,34 +1168,67 @@ class Runs:
             writer.event(Kind.STATUS, {"progress": progress, "message": message})
         return report
 
-    async def _attach(self, run: ActiveRun, task: Task, stage: int, container: str,
-                      writer: LogWriter) -> float:
-        """Start the container attached to a terminal and copy every byte of
-        its output into the log, watching its pids cgroup and the space its
-        writable layers take meanwhile.  Leaving detaches; the container
-        itself goes on until stopped.  Returns when (monotonic) its process
-        ended."""
+    async def _attach(self, run: ActiveRun, task: Task, stage: int, writer: LogWriter,
+                      opened: AbstractAsyncContextManager[Terminal] |
+                      AbstractAsyncContextManager[Started], *, new: bool) -> Attached:
+        """Start the container attached to a terminal (``opened``: docker run
+        of a new one, or docker start of the run's own) and copy every byte
+        of its output into the log (``new``: docker creates it, and tells
+        its id, meanwhile); once it exists, read its state and
+        watch its pids cgroup and the space its writable layers take.
+        Leaving detaches; the container itself goes on until stopped."""
         cols, rows = self.cfg.terminal_size
         run.pids_limit_reached = run.disk_taken = 0  # this container's, not an earlier stage's
         writer.event(Kind.RESIZE, {"cols": cols, "rows": rows}, stream=TASK_STREAM)
         writer.event(Kind.MARKER, {"step": "task", "event": "start"})
+        attached = Attached()
+        inspected = trio.Event()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_pids, run)
-            nursery.start_soon(self._watch_disk, run, task, stage)
             began = time.monotonic()
-            async with self.engine.attach(container, cols=cols, rows=rows) as terminal:
-                if data := await terminal.receive_some(1 << 16):
-                    timings.since("start to first byte", began)
-                    began = time.monotonic()
-                while data:
+            async with opened as terminal:
+                nursery.start_soon(self._watch, run, task, stage,
+                                   cast(Started, terminal) if new else None, attached, inspected)
+                first = None
+                while data := await terminal.receive_some(1 << 16):
+                    first = first or time.monotonic()
                     writer.output(data)
-                    data = await terminal.receive_some(1 << 16)
-                await terminal.wait()
-                timings.since("run", began)
-                exited = time.monotonic()
+                    attached.tail = (attached.tail + data)[-4096:]
+                attached.status = await terminal.wait()
+                attached.exited = time.monotonic()
+            created = getattr(terminal, "created_at", None)
+            if created is not None and began <= created <= (first or attached.exited):
+                timings.add("container create", began, created)
+                began = created
+            if first is not None:
+                timings.add("start to first byte", began, first)
+                began = first
+            timings.add("run", began, attached.exited)
+            # Its id recorded, and its state as it started: a success needs
+            # no other (another reading costs a docker process).
+            await inspected.wait()
             nursery.cancel_scope.cancel()
         writer.event(Kind.MARKER, {"step": "task", "event": "end"})
-        return exited
+        return attached
+
+    async def _watch(self, run: ActiveRun, task: Task, stage: int,
+                     started: Started | None, attached: Attached,
+                     inspected: trio.Event) -> None:
+        """Once docker has created the container: its id recorded, its state
+        read (the image it runs, its writable layer), then its pids and disk
+        watched until the run's attach ends."""
+        try:
+            if started is not None:
+                created = await started.created()
+                if created is None:
+                    return  # docker ended without creating it
+                run.container_id = created
+                await self.state.call(self.state.update_run, run.id, container_id=created)
+            attached.first_state = await self.engine.inspect(run.container_id)
+        finally:
+            inspected.set()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_pids, run)
+            nursery.start_soon(self._watch_disk, run, task, stage, attached.first_state)
 
     async def _watch_pids(self, run: ActiveRun) -> None:
         """Keep the count of forks that failed at the pids limit (the kernel
@@ -1155,7 +1241,8 @@ class Runs:
                 run.pids_limit_reached = max(run.pids_limit_reached,
                                              cgroups.limit_reached(events))
 
-    async def _watch_disk(self, run: ActiveRun, task: Task, stage: int) -> None:
+    async def _watch_disk(self, run: ActiveRun, task: Task, stage: int,
+                          state: ContainerState | None) -> None:
         """Stop the container once its writable layers (the upper layers
         over its worktrees, its own layer) take more than its limits.disk.
         No filesystem quota covers them (they are plain directories where
@@ -1167,7 +1254,6 @@ class Runs:
         assert limit is not None
         await trio.sleep(DISK_POLL_INTERVAL)
         layers = await self.mutations.layer_dirs(run.id, len(task.repositories), stage)
-        state = await self.engine.inspect(run.container_id)
         if state is not None and state.writable_dir:
             layers.append(Path(state.writable_dir))
         elif run.container_id:

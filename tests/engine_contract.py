@@ -28,6 +28,7 @@ async def check_engine(engine: Engine, image: str) -> None:
     """Every check of the contract, in one go (each makes its own names)."""
     await destroys_are_idempotent(engine)
     await a_container_runs_attached_and_keeps_its_exit_status(engine, image)
+    await one_command_creates_and_starts_a_container(engine, image)
     await a_running_container_stops(engine, image)
     await one_shot_containers_leave_nothing(engine, image)
     await a_container_keeps_its_output_for_a_later_reader(engine, image)
@@ -68,6 +69,37 @@ async def a_container_runs_attached_and_keeps_its_exit_status(engine: Engine,
     finally:
         await engine.remove(name)
     assert await engine.inspect(name) is None
+
+
+async def one_command_creates_and_starts_a_container(engine: Engine, image: str) -> None:
+    """run_container: the output and exit status, the id once created, the
+    container kept after; an image that does not exist makes none."""
+    name = _name("run")
+    try:
+        output = b""
+        spec = ContainerSpec(name=name, image=image, command=PRINT_AND_EXIT, network="none",
+                             tty=True, labels={"contract": "1"})
+        async with engine.run_container(spec, cols=80, rows=24) as started:
+            while data := await started.receive_some():
+                output += data
+            status = await started.wait()
+            container = await started.created()
+        assert (output, status) == (b"hi there", 3)
+        assert container is not None and started.created_at is not None
+        state = await engine.inspect(container)
+        assert state is not None and (state.status, state.exit_code) == ("exited", 3)
+    finally:
+        await engine.remove(name)
+    missing = _name("missing")
+    # On a registry nobody serves (docker tries to pull what is missing): refused at once.
+    spec = ContainerSpec(name=missing, image=f"localhost:1/efci-contract:{secrets.token_hex(4)}",
+                         command=PRINT_AND_EXIT, network="none", tty=True)
+    async with engine.run_container(spec, cols=80, rows=24) as started:
+        while await started.receive_some():
+            pass
+        assert await started.wait() != 0
+        assert await started.created() is None
+    assert await engine.inspect(missing) is None
 
 
 async def a_running_container_stops(engine: Engine, image: str) -> None:

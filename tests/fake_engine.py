@@ -39,6 +39,12 @@ class FakeTerminal:
         self.typed = bytearray()
         self.exit_status: int | None = None
         self.kept: bytearray | None = None  # the container's kept output (log_keep)
+        self.container_id: str | None = None  # run_container's, once created
+        self.created_at: float | None = None
+
+    async def created(self) -> str | None:
+        await trio.lowlevel.checkpoint()
+        return self.container_id
 
     async def write(self, data: bytes) -> None:
         if self.kept is not None:
@@ -193,6 +199,24 @@ class FakeEngine:
             nursery.cancel_scope.cancel()  # detached: the container goes on "running"
 
     @asynccontextmanager
+    async def run_container(self, spec: ContainerSpec, *, cols: int,
+                            rows: int) -> AsyncIterator[FakeTerminal]:
+        """Like docker run: a failed create is the client's output and exit
+        status 125, with no container."""
+        try:
+            container = await self.create(spec)
+        except CommandFailed as e:
+            terminal = FakeTerminal()
+            async with terminal._send:
+                await terminal.write(e.stderr)
+            terminal.exit_status = 125
+            yield terminal
+            return
+        async with self.attach(container, cols=cols, rows=rows) as terminal:
+            terminal.container_id, terminal.created_at = container, time.monotonic()
+            yield terminal
+
+    @asynccontextmanager
     async def run_attached(self, spec: OneShot, *, cols: int,
                            rows: int) -> AsyncIterator[FakeTerminal]:
         c = FakeContainer(secrets.token_hex(32), spec.name, spec.args, image=spec.image)
@@ -214,7 +238,7 @@ class FakeEngine:
         await trio.lowlevel.checkpoint()
         c = self._find(container)
         return None if c is None else ContainerState(c.status, c.exit_code, "sha256:f", False,
-                                                     "", c.kept is not None)
+                                                     "", c.kept is not None, id=c.id)
 
     @asynccontextmanager
     async def kept_output(self, container: str,

@@ -10,7 +10,10 @@ them.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import tempfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,9 +30,10 @@ from .engine import (
     NetworkSpec,
     OneShot,
     Output,
+    Started,
     Terminal,
 )
-from .pty import open_pty_process
+from .pty import PtyProcess, open_pty_process
 
 # The seed's colour variables: tools each have their own idea of when to colour.
 COLOUR_ENV = {"TERM": "xterm-256color", "FORCE_COLOR": "1", "CLICOLOR_FORCE": "1"}
@@ -112,6 +116,15 @@ def create_argv(docker: str, spec: ContainerSpec) -> list[str]:
     return argv
 
 
+def run_container_argv(docker: str, spec: ContainerSpec, cidfile: Path) -> list[str]:
+    """``docker run`` of what :func:`create_argv` creates, started at once
+    and attached, its id written to ``cidfile``.  No --rm: the container is
+    kept.  --sig-proxy=false: a hangup of the client (its agent died) must
+    not reach the task, which the next agent re-attaches to."""
+    return [docker, "run", "--cidfile", str(cidfile), "--sig-proxy=false",
+            *create_argv(docker, spec)[2:]]
+
+
 def run_argv(docker: str, spec: OneShot, *, tty: bool) -> list[str]:
     """``docker run --rm`` of a one-shot container."""
     argv = [docker, "run", "--rm", "--name", spec.name, "--network", spec.network,
@@ -145,6 +158,52 @@ def network_argv(docker: str, spec: NetworkSpec) -> list[str]:
 def _normalise_ref(ref: str) -> str:
     last = ref.rsplit("/", 1)[-1]
     return ref if ":" in last or "@" in last else ref + ":latest"
+
+
+class _Started:
+    """``docker run``'s terminal, and the container's id from its cidfile:
+    the client creates the file empty when it starts and writes the id
+    once dockerd has created the container."""
+
+    def __init__(self, terminal: PtyProcess, cidfile: Path) -> None:
+        self._terminal = terminal
+        self._cidfile = cidfile
+        self._id: str | None = None
+        self._created_at: float | None = None
+        self.receive_some = terminal.receive_some
+        self.send_all = terminal.send_all
+        self.resize = terminal.resize
+        self.wait = terminal.wait
+
+    @property
+    def created_at(self) -> float | None:
+        return self._created_at
+
+    def _read(self) -> str | None:
+        try:
+            with open(self._cidfile, "rb") as f:
+                text = f.read().decode("ascii", "replace").strip()
+                written = os.fstat(f.fileno()).st_mtime_ns
+        except FileNotFoundError:
+            return None
+        if len(text) != 64:
+            return None
+        # The file's time is when docker wrote it: on the monotonic clock,
+        # without the delay of noticing it.
+        self._created_at = time.monotonic() - max(0, time.time_ns() - written) / 1e9
+        return text
+
+    async def created(self) -> str | None:
+        pause = 0.001
+        while self._id is None:
+            self._id = self._read()
+            if self._id is None and self._terminal.process.poll() is not None:
+                self._id = self._read()  # its last word, if any
+                return self._id
+            if self._id is None:
+                await trio.sleep(pause)
+                pause = min(pause * 2, 0.02)
+        return self._id
 
 
 def _missing(result_stderr: bytes) -> bool:
@@ -242,6 +301,15 @@ class DockerCLI:
             yield terminal
 
     @asynccontextmanager
+    async def run_container(self, spec: ContainerSpec, *, cols: int,
+                            rows: int) -> AsyncIterator[Started]:
+        with tempfile.TemporaryDirectory(prefix="efci-run-") as directory:
+            cidfile = Path(directory) / "cid"  # docker refuses one that exists
+            async with open_pty_process(run_container_argv(self.program, spec, cidfile),
+                                        cols=cols, rows=rows) as terminal:
+                yield _Started(terminal, cidfile)
+
+    @asynccontextmanager
     async def run_attached(self, spec: OneShot, *, cols: int,
                            rows: int) -> AsyncIterator[Terminal]:
         ended = False
@@ -265,18 +333,18 @@ class DockerCLI:
     async def inspect(self, container: str) -> ContainerState | None:
         argv = [self.program, "container", "inspect", "--format",
                 "[{{json .HostConfig.LogConfig.Type}}, {{json .State}}, {{json .Image}}, "
-                "{{json .GraphDriver.Data}}]", container]
+                "{{json .GraphDriver.Data}}, {{json .Id}}]", container]
         result = await command.run(argv, check=False)
         if result.returncode != 0:
             if _missing(result.stderr):
                 return None
             raise CommandFailed(argv, result.returncode, result.stdout, result.stderr)
-        log_driver, state, image, layers = json.loads(result.stdout)
+        log_driver, state, image, layers, container_id = json.loads(result.stdout)
         return ContainerState(state["Status"], int(state["ExitCode"]), image,
                               bool(state.get("OOMKilled")), state.get("StartedAt", ""),
                               log_driver == "local",
                               # overlay2's; other storage drivers name none
-                              (layers or {}).get("UpperDir", ""))
+                              (layers or {}).get("UpperDir", ""), container_id)
 
     @asynccontextmanager
     async def kept_output(self, container: str,

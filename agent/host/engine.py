@@ -82,6 +82,7 @@ class ContainerState:
     started_at: str = ""  # when it last started (RFC 3339, as docker gives it)
     keeps_output: bool = False  # docker keeps its output (log_keep): kept_output works
     writable_dir: str = ""  # the host directory of its own writable layer, if docker says
+    id: str = ""
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,18 @@ class Terminal(Protocol):
 
     async def wait(self) -> int:
         """The attached client's exit status (for a task: see inspect)."""
+
+
+class Started(Terminal, Protocol):
+    """A container that one docker command creates and starts, attached."""
+
+    async def created(self) -> str | None:
+        """Its id, once docker has created it; None if docker ended without
+        creating one (its output says why)."""
+
+    @property
+    def created_at(self) -> float | None:
+        """When (monotonic) docker had created it, once :meth:`created` knows."""
 
 
 Output = Callable[[bytes], object]
@@ -154,6 +167,13 @@ class Engine(Protocol):
                interactive: bool = False) -> AbstractAsyncContextManager[Terminal]:
         """Start the container attached to a terminal of this size.  Leaving
         the block detaches (the container itself goes on until stopped)."""
+
+    def run_container(self, spec: ContainerSpec, *, cols: int,
+                      rows: int) -> AbstractAsyncContextManager[Started]:
+        """Create and start a container attached to a terminal of this size,
+        in one step (one docker process where create and attach take two).
+        Leaving the block detaches; the container goes on until stopped,
+        and stays after it ends."""
 
     def run_attached(self, spec: OneShot, *, cols: int,
                      rows: int) -> AbstractAsyncContextManager[Terminal]:
