@@ -142,6 +142,10 @@ class LogStore:
         self.segment_size = segment_size_for(limit)
         self._writers: dict[int, LogWriter] = {}
         self._changed: dict[int, trio.Event] = {}  # set on a live log's next append
+        # A live log's latest read by a follower, (position, max_bytes, records):
+        # the followers woken by one append read it once between them.  A log
+        # only grows, so what was read at a position stays true.
+        self._last_read: dict[int, tuple[int, int, list[Record]]] = {}
 
     def run_dir(self, run_id: int) -> Path:
         return self.directory / str(run_id)
@@ -185,6 +189,7 @@ class LogStore:
 
     def _closed(self, run_id: int) -> None:
         self._writers.pop(run_id, None)
+        self._last_read.pop(run_id, None)
         event = self._changed.pop(run_id, None)
         if event is not None:
             event.set()
@@ -264,7 +269,13 @@ class LogStore:
         with self.reader(run_id) as reader:
             while True:
                 changed = self._changed.get(run_id)  # taken before reading: no lost wakeup
-                records = reader.read(position, max_bytes)
+                last = self._last_read.get(run_id)
+                if last is not None and last[:2] == (position, max_bytes) and last[2]:
+                    records = last[2]
+                else:
+                    records = reader.read(position, max_bytes)
+                    if changed is not None:  # live: others are likely to read the same
+                        self._last_read[run_id] = (position, max_bytes, records)
                 if records:
                     yield records
                     position = records[-1].end

@@ -135,8 +135,9 @@ class FrameDecoder:
             size = message.get("size", 0)
             if len(self._buf) < end + 1 + size:
                 break  # its payload is still on the way
-            if "size" in message:
-                message["payload"] = bytes(self._buf[end + 1:end + 1 + size])
+            if "size" in message:  # one copy (a bytearray slice would be a second)
+                with memoryview(self._buf) as view:
+                    message["payload"] = bytes(view[end + 1:end + 1 + size])
             del self._buf[:end + 1 + size]
             out.append(message)
         return out

@@ -7,9 +7,11 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from agent import logformat as fmt
 from agent import logstore
@@ -188,6 +190,41 @@ async def test_followers_get_every_byte_until_close(tmp_path: Path) -> None:
         w.close()
     expected = b"".join(NASTY + b"%d" % i for i in range(300))
     assert all(bytes(buf) == expected for buf in received)
+
+
+async def test_followers_at_the_live_end_read_each_append_once_between_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LogStore(tmp_path, limit=1 << 20)
+    w = store.open_writer(1)
+    reads = 0
+    real = logstore.LogReader.read
+
+    def counting(self: logstore.LogReader, position: int, max_bytes: int = 1 << 20) -> Any:
+        nonlocal reads
+        reads += 1
+        return real(self, position, max_bytes)
+
+    monkeypatch.setattr(logstore.LogReader, "read", counting)
+    received: list[bytearray] = [bytearray() for _ in range(10)]
+
+    async def follow(buf: bytearray) -> None:
+        async for batch in store.follow(1, 0, max_bytes=4096):
+            buf.extend(b"".join(r.payload for r in batch if r.kind is fmt.Kind.OUTPUT))
+
+    async with trio.open_nursery() as nursery:
+        for buf in received:
+            nursery.start_soon(follow, buf)
+        await trio.testing.wait_all_tasks_blocked()
+        reads = 0
+        for i in range(20):
+            w.output(b"line %d\n" % i)
+            await trio.testing.wait_all_tasks_blocked()
+        w.close()
+    assert all(bytes(buf) == b"".join(b"line %d\n" % i for i in range(20)) for buf in received)
+    # Per line: one read of it for all ten, and each one's look for more
+    # (reading for itself, each would read it too: 20 * 20); a last look
+    # each after the close.
+    assert reads == 20 * (1 + 10) + 10
 
 
 async def test_follow_of_a_finished_log_ends(tmp_path: Path) -> None:
