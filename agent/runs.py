@@ -1192,7 +1192,8 @@ class Runs:
                 while data := await terminal.receive_some(1 << 16):
                     first = first or time.monotonic()
                     writer.output(data)
-                    attached.tail = (attached.tail + data)[-4096:]
+                    # (not a copy of every chunk: only docker's last words matter)
+                    attached.tail = (attached.tail + data[-4096:])[-4096:]
                 attached.status = await terminal.wait()
                 attached.exited = time.monotonic()
             created = getattr(terminal, "created_at", None)

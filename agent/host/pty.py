@@ -44,21 +44,23 @@ class PtyProcess:
         ``max_bytes``: a PTY hands out about 4 KiB per read, and bigger
         chunks make fewer, larger log records without waiting any longer."""
         try:
-            data = bytearray(await self._master.receive_some(max_bytes))
+            chunks = [await self._master.receive_some(max_bytes)]
         except trio.BrokenResourceError as e:
             # Linux answers EIO once the last slave descriptor is closed.
             if isinstance(e.__cause__, OSError) and e.__cause__.errno == errno.EIO:
                 return b""
             raise
-        while len(data) < max_bytes:
+        size = len(chunks[0])
+        while size < max_bytes:
             try:
-                more = os.read(self._master_fd, max_bytes - len(data))  # non-blocking fd
+                more = os.read(self._master_fd, max_bytes - size)  # non-blocking fd
             except (BlockingIOError, OSError):
                 break  # nothing more now (or EIO at the end: the next call says so)
             if not more:
                 break
-            data += more
-        return bytes(data)
+            chunks.append(more)
+            size += len(more)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)  # one copy at most
 
     async def send_all(self, data: bytes) -> None:
         """Type into the terminal (an interactive child's input)."""
