@@ -882,7 +882,7 @@ class Runs:
         container, attached; how it ended."""
         limit = task.time_limit or self.cfg.time_limit
         run.container_name = name or task_container_name(self.instance, run.id)
-        container, exited = "", time.monotonic()
+        container, exited, attached = "", time.monotonic(), Attached()
         with trio.move_on_after(limit) as timer:
             async with self.environments.open(run.id, take, targets=targets, task=task,
                                               stage=stage,
@@ -910,6 +910,7 @@ class Runs:
                                        run)()
         timings.since("teardown", exited)
         timed_out = {"error": f"time limit of {limit}s reached"} if timer.cancelled_caught else {}
+        container = container or run.container_id  # docker run's, if its time ran out
         if not container:
             if not timed_out:  # docker ended without creating it: its output says why
                 raise CommandFailed(["docker", "run"], attached.status, b"", attached.tail)
@@ -1214,21 +1215,24 @@ class Runs:
     async def _watch(self, run: ActiveRun, task: Task, stage: int,
                      started: Started | None, attached: Attached,
                      inspected: trio.Event) -> None:
-        """Once docker has created the container: its id recorded, its state
-        read (the image it runs, its writable layer), then its pids and disk
-        watched until the run's attach ends."""
-        try:
-            if started is not None:
-                created = await started.created()
-                if created is None:
-                    return  # docker ended without creating it
-                run.container_id = created
-                await self.state.call(self.state.update_run, run.id, container_id=created)
-            attached.first_state = await self.engine.inspect(run.container_id)
-        finally:
-            inspected.set()
+        """Once docker has created the container: its pids watched from then
+        on (a fork bomb can make a docker command slow), its id recorded, its
+        state read (the image it runs, its writable layer), then its disk
+        watched, until the run's attach ends."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_pids, run)
+            try:
+                if started is not None:
+                    created = await started.created()
+                    if created is None:
+                        return  # docker ended without creating it
+                    run.container_id = created
+                nursery.start_soon(self._watch_pids, run)
+                if started is not None:
+                    await self.state.call(self.state.update_run, run.id,
+                                          container_id=run.container_id)
+                attached.first_state = await self.engine.inspect(run.container_id)
+            finally:
+                inspected.set()
             nursery.start_soon(self._watch_disk, run, task, stage, attached.first_state)
 
     async def _watch_pids(self, run: ActiveRun) -> None:

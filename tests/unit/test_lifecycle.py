@@ -221,6 +221,22 @@ def test_a_cancel_during_the_attach_stops_the_container(root: Path) -> None:
     trio.run(main, clock=mock_clock())
 
 
+def test_the_time_limit_during_the_run_stops_it_and_keeps_its_container(root: Path) -> None:
+    async def main() -> None:
+        async with world(root) as w:
+            w.program(("serve",), sleeps())
+            run = await w.runs.start(task(("serve",), time_limit=60), ME)
+            await w.until_done(run)
+            record = await w.record(run)
+            assert (record.status, record.error) == (RunStatus.TIMED_OUT,
+                                                     "time limit of 60s reached")
+            container = w.engine.containers[record.container_id]
+            assert (container.status, container.stops) == ("exited", 1)
+            assert w.mounts.points == set() and await w.volume_is_free()
+
+    trio.run(main, clock=mock_clock())
+
+
 def test_a_teardown_past_its_deadline_still_unmounts_and_releases(root: Path) -> None:
     """docker stop hangs past the stop grace and the teardown's slack: the
     run still ends, its views are unmounted and its worktree use is given
