@@ -248,8 +248,7 @@ class Checkouts:
 
     async def _check_out(self, run_id: int, task: Task, index: int, repo: Repository,
                          volume: str, writer: LogWriter) -> str:
-        if not await self.engine.volume_exists(volume):
-            await self.engine.create_volume(volume, volume_labels(task.owner, repo))
+        await self.engine.create_volume(volume, volume_labels(task.owner, repo))  # or keep it
         await self.state.call(self.state.worktree_checking_out, volume, task.owner, repo.entry)
         commit = await self._run_checkout(run_id, task, index, repo, volume, writer)
         if not repo.mutable and commit != repo.revision:

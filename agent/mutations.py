@@ -56,12 +56,12 @@ class Mutations:
         pipeline, stage N's view has the upper layers the stages before it
         left as lower layers, the latest on top, over the base worktree."""
         volume = self.volume_name(run_id, index, stage)
-        if not await self.engine.volume_exists(volume):
-            await self.engine.create_volume(volume, {
-                LABEL_PREFIX + "instance": self.instance,
-                LABEL_PREFIX + "run": str(run_id),
-                LABEL_PREFIX + "stage": str(stage),
-                LABEL_PREFIX + "base": base_volume})
+        # One docker process, whether the volume is new or a restart's (kept).
+        await self.engine.create_volume(volume, {
+            LABEL_PREFIX + "instance": self.instance,
+            LABEL_PREFIX + "run": str(run_id),
+            LABEL_PREFIX + "stage": str(stage),
+            LABEL_PREFIX + "base": base_volume})
         lowers = [await self.engine.volume_path(self.volume_name(run_id, index, earlier)) / "upper"
                   for earlier in range(stage - 1, -1, -1)]
         lowers.append(await self.engine.volume_path(base_volume))

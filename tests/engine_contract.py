@@ -183,5 +183,7 @@ async def volumes_come_and_go_by_label(engine: Engine) -> None:
     await engine.create_volume(name, {"org.efforting-ci.contract": label})
     assert await engine.volume_exists(name)
     assert Path(await engine.volume_path(name)).is_dir()
+    await engine.create_volume(name, {"org.efforting-ci.contract": "other"})  # kept as it is
+    assert name in await engine.labelled("volume", {"contract": label}, "contract")
     await engine.remove_volumes({"contract": label})
     assert not await engine.volume_exists(name)

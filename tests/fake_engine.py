@@ -269,7 +269,7 @@ class FakeEngine:
         return name in self.volumes
 
     async def create_volume(self, name: str, labels: dict[str, str]) -> None:
-        self.volumes[name] = dict(labels)
+        self.volumes.setdefault(name, dict(labels))
 
     async def volume_path(self, name: str) -> Path:
         if name not in self.volumes:

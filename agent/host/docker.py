@@ -215,6 +215,15 @@ class DockerCLI:
 
     def __init__(self, program: str = "docker") -> None:
         self.program = program
+        self._volumes: Path | None = None  # where the local driver keeps volumes
+
+    async def _local_volume(self, name: str) -> Path | None:
+        """The local driver's directory of the volume, if it is there: found
+        without a docker process (the run path asks for several)."""
+        if self._volumes is None:
+            self._volumes = await self.root_dir() / "volumes"
+        path = self._volumes / name / "_data"
+        return path if path.is_dir() else None
 
     async def _run(self, *args: str, stdin: bytes = b"") -> bytes:
         return (await command.run([self.program, *args], stdin=stdin)).stdout
@@ -367,15 +376,16 @@ class DockerCLI:
     # -- volumes --
 
     async def volume_exists(self, name: str) -> bool:
-        return await self._answers("volume", "inspect", name)
+        return (await self._local_volume(name) is not None
+                or await self._answers("volume", "inspect", name))
 
     async def create_volume(self, name: str, labels: dict[str, str]) -> None:
         await self._run("volume", "create",
                         *(a for k, v in labels.items() for a in ("--label", f"{k}={v}")), name)
 
     async def volume_path(self, name: str) -> Path:
-        return Path((await self._run("volume", "inspect", "--format", "{{.Mountpoint}}",
-                                     name)).decode().strip())
+        return await self._local_volume(name) or Path((await self._run(
+            "volume", "inspect", "--format", "{{.Mountpoint}}", name)).decode().strip())
 
     async def remove_volumes(self, labels: dict[str, str]) -> None:
         filters = [arg for key, value in labels.items()

@@ -201,7 +201,8 @@ class Engine(Protocol):
     async def volume_exists(self, name: str) -> bool: ...
 
     async def create_volume(self, name: str, labels: dict[str, str]) -> None:
-        """Labels are given whole (the experiment's ``ci.*`` ones have no prefix)."""
+        """Labels are given whole (the experiment's ``ci.*`` ones have no
+        prefix).  Creating one that exists keeps it as it is, labels too."""
 
     async def volume_path(self, name: str) -> Path:
         """The host directory holding the volume's data."""
