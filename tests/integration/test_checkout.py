@@ -269,3 +269,49 @@ def test_trust_by_scanning_pins_the_servers_real_key(setup: Setup) -> None:
         command=["cat", "/src/lib/a"])})
     status, run = setup.run("cat")
     assert status == 0 and setup.output(run["id"]) == b"scanned\r\n"
+
+
+def mtimes(root: Path) -> dict[str, int]:
+    """Every path's mtime under a worktree but its .git and itself."""
+    return {str(p.relative_to(root)): p.lstat().st_mtime_ns for p in root.rglob("*")
+            if p.relative_to(root).parts[0] != ".git"}
+
+
+def test_an_update_rewrites_only_what_changed_and_has_a_first_checkout_s_mtimes(
+        setup: Setup) -> None:
+    """A mutable update rewrites only the files that changed (the index
+    knows the restored times: an unchanged file keeps its inode), and the
+    worktree then has exactly the mtimes a first checkout of that commit
+    gets, directories included."""
+    s = setup.server
+    s.create("lib")
+    work = s.repos / "lib.work"
+    s.commit("lib", {f"d{i % 5}/f{i}.c": b"%d\n" % i for i in range(40)}, "first", when=T0)
+    s.commit("lib", {"d1/f1.c": b"one\n", "odd/a*b[1].txt": b"pattern chars\n",
+                     ":colon": b"c\n", "gone/soon.txt": b"x\n"}, "second", when=T0 + 100)
+    s.authorize(setup.key(), "lib")
+    setup.trust()
+    track = setup.entry("lib", "main", mutable=True)
+    setup.declare({"track": task(checkout={"repositories": [track]})})
+    assert setup.run("track")[0] == 0
+    kept = volume_dir(setup.volumes[0]) / "d0/f0.c"
+    inode = kept.stat().st_ino
+    (work / "gone/soon.txt").unlink()  # a deletion empties a directory
+    (work / "d2/f7.c").rename(work / "d3/moved.c")  # a rename
+    s.commit("lib", {"odd/a*b[1].txt": b"changed\n"}, "third", when=T0 + 200)
+    s.commit("lib", {"d0/new.c": b"new\n", ":colon": b"c2\n"}, "fourth", when=T0 + 300)
+    assert setup.run("track")[0] == 0
+    assert kept.stat().st_ino == inode  # not rewritten
+    fresh = setup.entry("lib", "main", mutable=True, name="fresh")
+    setup.declare({"track": task(checkout={"repositories": [track]}),
+                   "fresh": task(checkout={"repositories": [fresh]})})
+    assert setup.run("fresh")[0] == 0
+    updated, whole = (mtimes(volume_dir(v)) for v in setup.volumes)
+    assert updated == whole
+    assert whole["d1/f1.c"] == (T0 + 100) * 10**9 and whole["d0/f0.c"] == T0 * 10**9
+    assert whole["odd/a*b[1].txt"] == (T0 + 200) * 10**9 and "gone" not in whole
+
+
+def volume_dir(name: str) -> Path:
+    return Path(subprocess.run(["docker", "volume", "inspect", "--format", "{{.Mountpoint}}",
+                                name], capture_output=True, check=True).stdout.decode().strip())
