@@ -51,6 +51,7 @@ Handler = Callable[..., Awaitable[object]]
 # Log bytes read per batch for a follower: what a reader that stops reading
 # holds in the agent (each of 50 stalled web viewers included).
 STREAM_BATCH = 128 << 10
+SMALL_FRAME = 16 << 10  # a frame's payload that is sent with its line, in one piece
 
 # A repository as Gitea names it: OWNER/NAME of letters, digits, '-', '_', '.'.
 GITEA_REPO = re.compile(r"[A-Za-z0-9_.-]{1,100}/[A-Za-z0-9_.-]{1,100}")
@@ -297,8 +298,12 @@ async def stream_log(agent: Agent, call: Call, run_id: int, position: int, skip:
         if any(r.stream not in streams.values() for r in batch):
             streams = agent.logs.streams(run_id)
             await call.event("streams", streams=streams)
-        for piece in protocol.records_event(call.id, records_with_skip(batch, skip)):
-            await call.send(piece)
+        meta, blob = protocol.records_event(call.id, records_with_skip(batch, skip))
+        if len(blob) < SMALL_FRAME:  # one send: the reader wakes once, not twice
+            await call.send(meta + blob)
+        else:  # no copy of a big one
+            await call.send(meta)
+            await call.send(blob)
         skip = 0
         position = batch[-1].end
         if until is not None and (len(batch) < len(records) or batch[-1].position == until):
