@@ -225,11 +225,11 @@ def test_the_time_limit_during_the_run_stops_it_and_keeps_its_container(root: Pa
     async def main() -> None:
         async with world(root) as w:
             w.program(("serve",), sleeps())
-            run = await w.runs.start(task(("serve",), time_limit=60), ME)
+            run = await w.runs.start(task(("serve",), time_limit=3), ME)
             await w.until_done(run)
             record = await w.record(run)
             assert (record.status, record.error) == (RunStatus.TIMED_OUT,
-                                                     "time limit of 60s reached")
+                                                     "time limit of 3s reached")
             container = w.engine.containers[record.container_id]
             assert (container.status, container.stops) == ("exited", 1)
             assert w.mounts.points == set() and await w.volume_is_free()
