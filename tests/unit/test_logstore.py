@@ -172,18 +172,20 @@ def test_reading_backwards_in_parts_gives_every_byte_once(tmp_path: Path) -> Non
     assert len(parts) == 30 and all(p.startswith(b"line ") for p in parts)
 
 
+async def follow_into(store: LogStore, buf: bytearray) -> None:
+    """A follower of run 1's log from its start, keeping its output."""
+    async for batch in store.follow(1, 0, max_bytes=4096):
+        buf.extend(b"".join(r.payload for r in batch if r.kind is fmt.Kind.OUTPUT))
+
+
 async def test_followers_get_every_byte_until_close(tmp_path: Path) -> None:
     store = LogStore(tmp_path, limit=1 << 20)  # small segments: rolls and drops
     w = store.open_writer(1)
     received: list[bytearray] = [bytearray() for _ in range(5)]
 
-    async def follow(buf: bytearray) -> None:
-        async for batch in store.follow(1, 0, max_bytes=4096):
-            buf.extend(b"".join(r.payload for r in batch if r.kind is fmt.Kind.OUTPUT))
-
     async with trio.open_nursery() as nursery:
         for buf in received:
-            nursery.start_soon(follow, buf)
+            nursery.start_soon(follow_into, store, buf)
         for i in range(300):
             w.output(NASTY + b"%d" % i)
             await trio.lowlevel.checkpoint()
@@ -207,13 +209,9 @@ async def test_followers_at_the_live_end_read_each_append_once_between_them(
     monkeypatch.setattr(logstore.LogReader, "read", counting)
     received: list[bytearray] = [bytearray() for _ in range(10)]
 
-    async def follow(buf: bytearray) -> None:
-        async for batch in store.follow(1, 0, max_bytes=4096):
-            buf.extend(b"".join(r.payload for r in batch if r.kind is fmt.Kind.OUTPUT))
-
     async with trio.open_nursery() as nursery:
         for buf in received:
-            nursery.start_soon(follow, buf)
+            nursery.start_soon(follow_into, store, buf)
         await trio.testing.wait_all_tasks_blocked()
         reads = 0
         for i in range(20):
