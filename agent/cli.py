@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, views
+from .client import Client
+from .errors import EfciError, printable
 from .layout import Layout
 
 if TYPE_CHECKING:
     from .config import AgentConfig
-from .client import Client
-from .errors import EfciError, printable
 
 # efci run --follow exits like the task; these for the other endings.
 EXIT_BY_STATUS = {"timed_out": 124, "cancelled": 130, "error": 1}

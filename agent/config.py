@@ -319,7 +319,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.disk", "disk_limit", Node.size, _const(10 << 30), "10GiB",
             "Bytes a task may write into its writable layers (the upper layers over its "
             "worktrees and its container's own layer) if it declares no limit; past it the "
-            "run is stopped (README: Limits)."),
+            "run is stopped (README: Reliability)."),
     Setting("limits.max_memory", "max_memory", Node.size, _const(16 << 30), "16GiB",
             "The most memory a declaration may give its task."),
     Setting("limits.max_swap", "max_swap", _size_or_zero, _const(4 << 30), "4GiB",

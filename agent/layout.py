@@ -47,17 +47,14 @@ class Layout:
         parser and the settings table when agent.yml cannot set it (it
         never says "socket", or is absent from its default place): their
         import is most of a short efci command's start-up."""
-        path = config_file or self.config_file
         try:
-            text = path.read_text(errors="replace")
+            if "socket" not in (config_file or self.config_file).read_text(errors="replace"):
+                return self.default_socket
         except FileNotFoundError:
             if config_file is None:
                 return self.default_socket
-            text = "socket"  # the full load says that it is missing
         except OSError:
-            text = "socket"  # and why it cannot be read
-        if "socket" not in text:
-            return self.default_socket
+            pass  # the full load says why it cannot be read (or that a named one is missing)
         from .config import load
 
         return load(self, config_file).socket_path

@@ -142,9 +142,9 @@ class LogStore:
         self.segment_size = segment_size_for(limit)
         self._writers: dict[int, LogWriter] = {}
         self._changed: dict[int, trio.Event] = {}  # set on a live log's next append
-        # A live log's latest read by a follower, (position, max_bytes, records):
-        # the followers woken by one append read it once between them.  A log
-        # only grows, so what was read at a position stays true.
+        # A live log's latest read that found records, (position, max_bytes,
+        # records): the followers woken by one append read it once between
+        # them.  A log only grows, so what was read at a position stays true.
         self._last_read: dict[int, tuple[int, int, list[Record]]] = {}
 
     def run_dir(self, run_id: int) -> Path:
@@ -270,11 +270,11 @@ class LogStore:
             while True:
                 changed = self._changed.get(run_id)  # taken before reading: no lost wakeup
                 last = self._last_read.get(run_id)
-                if last is not None and last[:2] == (position, max_bytes) and last[2]:
+                if last is not None and last[:2] == (position, max_bytes):
                     records = last[2]
                 else:
                     records = reader.read(position, max_bytes)
-                    if changed is not None:  # live: others are likely to read the same
+                    if records and changed is not None:  # live: others likely read the same
                         self._last_read[run_id] = (position, max_bytes, records)
                 if records:
                     yield records

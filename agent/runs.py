@@ -1197,7 +1197,7 @@ class Runs:
                     attached.tail = (attached.tail + data[-4096:])[-4096:]
                 attached.status = await terminal.wait()
                 attached.exited = time.monotonic()
-            created = getattr(terminal, "created_at", None)
+            created = cast(Started, terminal).created_at if new else None
             if created is not None and began <= created <= (first or attached.exited):
                 timings.add("container create", began, created)
                 began = created

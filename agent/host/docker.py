@@ -196,10 +196,10 @@ class _Started:
     async def created(self) -> str | None:
         pause = 0.001
         while self._id is None:
+            ended = self._terminal.process.poll() is not None  # before the read: its last word
             self._id = self._read()
-            if self._id is None and self._terminal.process.poll() is not None:
-                self._id = self._read()  # its last word, if any
-                return self._id
+            if self._id is None and ended:
+                return None
             if self._id is None:
                 await trio.sleep(pause)
                 pause = min(pause * 2, 0.02)
