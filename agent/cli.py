@@ -372,6 +372,8 @@ def _logs(client: Client, args: argparse.Namespace) -> int:
         request["since_ns"] = _since_ns(args.since)
     if args.tail is not None:
         request["tail"] = args.tail
+    if args.raw and not (args.timestamps or args.json):  # the output bytes alone, in bulk
+        request |= {"raw": True, **({"stream": args.stream} if args.stream else {})}
     printer = views.LogPrinter(raw=args.raw, timestamps=args.timestamps, as_json=args.json,
                                stream=args.stream)
     result = client.call("logs", request, on_event=printer)

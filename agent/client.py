@@ -19,6 +19,7 @@ from .errors import AgentUnreachable, EfciError
 
 EventHandler = Callable[[dict[str, Any]], None]
 
+BIG_PAYLOAD = 64 << 10  # the rest of a frame this big is received into its own buffer
 _EXIT_BY_CODE = {"config": 78, "bad_request": 64, "not_found": 66, "conflict": 75,
                  "refused": 77}
 
@@ -106,12 +107,18 @@ class Client:
     def read_message(self) -> dict[str, Any]:
         """One message; a binary frame's bytes are put in ``payload``."""
         while not self._messages:
-            data = self._sock.recv(1 << 20)
-            if not data:
+            room = self._frames.room()
+            if room is not None and len(room) >= BIG_PAYLOAD:  # no copy in between
+                count = self._sock.recv_into(room)
+                data = b""
+            else:
+                data = self._sock.recv(1 << 20)
+                count = len(data)
+            if not count:
                 middle = " in the middle of a message" if self._frames.pending else ""
                 raise AgentUnreachable(f"the agent at {self.socket_path} closed the "
                                        f"connection{middle}")
-            self._messages = self._frames.feed(data)
+            self._messages = self._frames.feed(data) if data else self._frames.filled(count)
         return self._messages.pop(0)
 
     def call(self, op: str, args: dict[str, Any] | None = None, *,

@@ -34,6 +34,12 @@ SEND_TIMEOUT = 60
 LINGER_SECONDS = 5
 LINGER_BYTES = 64 << 20
 
+# What a connection sending a big answer may have in the kernel's buffer: a
+# few batches of ops.OUTPUT_BATCH.  Linux's own number for the option
+# (Python's socket module does not name it).
+BULK_BUFFER = 4 << 20
+SO_SNDBUFFORCE = 32
+
 # Answers one validated request; the server makes the Call it gets.
 Handler = Callable[[protocol.Request, protocol.Call], Awaitable[object]]
 
@@ -181,6 +187,21 @@ class Connection:
                             self.requester.pid, SEND_TIMEOUT)
                 raise trio.BrokenResourceError("client too slow") from None
 
+    def bulk(self) -> None:
+        """A big answer follows (a raw log): let the kernel hold BULK_BUFFER
+        of it, so the agent reads the next part while the client takes this
+        one.  SO_SNDBUFFORCE passes net.core.wmem_max (the agent may, with
+        CAP_NET_ADMIN); SO_SNDBUF, within it, is the fallback."""
+        sock = getattr(self.stream, "socket", None)
+        if sock is None:
+            return  # not a socket (a test's stream)
+        for option in (SO_SNDBUFFORCE, stdsocket.SO_SNDBUF):
+            try:
+                sock.setsockopt(stdsocket.SOL_SOCKET, option, BULK_BUFFER)
+                return
+            except OSError:
+                continue
+
     async def receive_line(self) -> bytes | None:
         """The next line, or None when the client closed its side."""
         while not self._lines:
@@ -241,7 +262,7 @@ async def _one_request(line: bytes, handler: Handler, ops: protocol.Schemas,
     except RequestError as e:
         await send(protocol.error(protocol.request_id_of(line), e))
         return
-    call = protocol.Call(request.id, send.requester, send, send.receive_line)
+    call = protocol.Call(request.id, send.requester, send, send.receive_line, send.bulk)
     try:
         result = await handler(request, call)
     except EfciError as e:

@@ -101,44 +101,41 @@ def encode_json(kind: Kind, stream: int, time_ns: int, value: Any) -> bytes:
                          json.dumps(value, separators=(",", ":")).encode())
 
 
-def iter_records(buf: bytes | memoryview, offset: int, base: int) -> Iterator[Record]:
-    """Whole, valid records in ``buf`` from ``offset``; stops at the first
-    incomplete or invalid one.  ``base`` is the position of ``buf[0]``."""
+def frames(buf: bytes | memoryview, offset: int) -> Iterator[tuple[int, int, int, int, memoryview]]:
+    """``(offset, kind, stream, time_ns, payload)`` of each whole, valid record
+    in ``buf`` from ``offset``, the payload a view into ``buf``; stops at the
+    first incomplete or invalid one (a torn tail, a bad checksum, an unknown
+    kind).  The one place that decides what a valid record is."""
     view = memoryview(buf)
     end = len(view)
-    header = RECORD_HEADER
-    while offset + header.size <= end:
-        length, kind, stream, _flags, time_ns, crc = header.unpack_from(view, offset)
-        stop = offset + header.size + length
-        if length > MAX_PAYLOAD or stop > end:
+    size = RECORD_HEADER.size
+    unpack = RECORD_HEADER.unpack_from
+    crc32 = zlib.crc32
+    kinds = len(Kind)
+    while offset + size <= end:
+        length, kind, stream, _flags, time_ns, crc = unpack(view, offset)
+        stop = offset + size + length
+        if length > MAX_PAYLOAD or stop > end or not 1 <= kind <= kinds:
             return
-        payload = view[offset + header.size:stop]
-        if zlib.crc32(payload, zlib.crc32(view[offset:offset + 16])) != crc:
+        payload = view[offset + size:stop]
+        if crc32(payload, crc32(view[offset:offset + 16])) != crc:
             return
-        try:
-            k = Kind(kind)
-        except ValueError:
-            return
-        yield Record(base + offset, k, stream, time_ns, bytes(payload))
+        yield offset, kind, stream, time_ns, payload
         offset = stop
+
+
+def iter_records(buf: bytes | memoryview, offset: int, base: int) -> Iterator[Record]:
+    """Whole, valid records in ``buf`` from ``offset`` (see :func:`frames`).
+    ``base`` is the position of ``buf[0]``."""
+    for at, kind, stream, time_ns, payload in frames(buf, offset):
+        yield Record(base + at, Kind(kind), stream, time_ns, bytes(payload))
 
 
 def valid_end(buf: bytes | memoryview, offset: int) -> int:
     """The offset just past the last whole, valid record from ``offset``: where
-    a torn tail begins.  Faster than iter_records: it keeps no payloads."""
-    view = memoryview(buf)
-    end = len(view)
-    header = RECORD_HEADER
-    unpack = header.unpack_from
-    crc32 = zlib.crc32
-    while offset + header.size <= end:
-        length, kind, _s, _f, _t, crc = unpack(view, offset)
-        stop = offset + header.size + length
-        if length > MAX_PAYLOAD or stop > end or not 1 <= kind <= len(Kind):
-            break
-        if crc32(view[offset + header.size:stop], crc32(view[offset:offset + 16])) != crc:
-            break
-        offset = stop
+    a torn tail begins."""
+    for at, _kind, _stream, _time, payload in frames(buf, offset):
+        offset = at + RECORD_HEADER.size + len(payload)
     return offset
 
 

@@ -29,16 +29,17 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
 from .logformat import (
     AGENT_STREAM,
     MAX_PAYLOAD,
+    RECORD_HEADER,
     SEGMENT_HEADER,
     TASK_STREAM,
     IndexEntry,
@@ -46,6 +47,7 @@ from .logformat import (
     Record,
     encode_json,
     encode_record,
+    frames,
     iter_records,
     parse_index,
     parse_segment_header,
@@ -54,6 +56,7 @@ from .logformat import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_SEGMENT = 64 << 20
 MIN_SEGMENT = 64 << 10
@@ -69,6 +72,16 @@ CHUNK = MAX_PAYLOAD  # the largest payload one record holds: a bigger write is s
 def segment_size_for(limit: int) -> int:
     """At least eight segments per limit, so head and tail keep useful parts."""
     return max(MIN_SEGMENT, min(MAX_SEGMENT, limit // 8))
+
+
+@dataclass(frozen=True)
+class Output:
+    """What :meth:`LogReader.read_output` found: the output bytes of
+    ``records`` whole records (any kind) read, and where to resume."""
+
+    data: bytes
+    records: int
+    end: int
 
 
 @dataclass(frozen=True)
@@ -142,10 +155,11 @@ class LogStore:
         self.segment_size = segment_size_for(limit)
         self._writers: dict[int, LogWriter] = {}
         self._changed: dict[int, trio.Event] = {}  # set on a live log's next append
-        # A live log's latest read that found records, (position, max_bytes,
-        # records): the followers woken by one append read it once between
-        # them.  A log only grows, so what was read at a position stays true.
-        self._last_read: dict[int, tuple[int, int, list[Record]]] = {}
+        # A live log's latest read that found records, (position, what kind of
+        # read, what it found): the followers woken by one append read it
+        # once between them.  A log only grows, so what was read at a
+        # position stays true.
+        self._last_read: dict[int, tuple[int, tuple[Any, ...], tuple[Any, int]]] = {}
 
     def run_dir(self, run_id: int) -> Path:
         return self.directory / str(run_id)
@@ -266,19 +280,53 @@ class LogStore:
         """Batches of records from ``position``; with ``live``, waits for
         more until the run's writer closes.  Reads go to the files, so a
         slow follower costs disk reads, never the agent's memory."""
+        async def read(reader: LogReader, at: int) -> tuple[list[Record], int] | None:
+            records = reader.read(at, max_bytes)
+            return (records, records[-1].end) if records else None
+
+        async for records in self._follow(run_id, position, live, ("records", max_bytes), read):
+            yield records
+
+    async def follow_output(self, run_id: int, position: int = 0, *, live: bool = True,
+                            max_bytes: int = 1 << 20, skip: int = 0,
+                            stream: str | None = None) -> AsyncIterator[Output]:
+        """Like :meth:`follow`, but each batch is the output bytes only, of
+        the stream named ``stream`` (which may be named later) or of all;
+        the first ``skip`` bytes of the record at ``position`` left out.
+        Reads (and their checksums) run in a worker thread: a consumer that
+        reads ahead (see ``ops.stream_output``) overlaps them with its sends."""
+        async def read(reader: LogReader, at: int) -> tuple[Output, int] | None:
+            nonlocal skip
+            wanted = None if stream is None else self.streams(run_id).get(stream, -1)
+            output = await trio.to_thread.run_sync(reader.read_output, at, max_bytes, wanted,
+                                                   skip)
+            skip = 0
+            return (output, output.end) if output.records else None
+
+        async for output in self._follow(run_id, position, live, None, read):
+            yield output
+
+    async def _follow(self, run_id: int, position: int, live: bool,
+                      key: tuple[Any, ...] | None,
+                      read: Callable[[LogReader, int], Awaitable[tuple[T, int] | None]]
+                      ) -> AsyncIterator[T]:
+        """What ``read`` finds from ``position`` on, and where it ends; reads
+        of the same ``key`` at the same position are shared (none if None)."""
         with self.reader(run_id) as reader:
             while True:
                 changed = self._changed.get(run_id)  # taken before reading: no lost wakeup
                 last = self._last_read.get(run_id)
-                if last is not None and last[:2] == (position, max_bytes):
-                    records = last[2]
+                found: tuple[T, int] | None
+                if key is not None and last is not None and last[:2] == (position, key):
+                    found = last[2]
                 else:
-                    records = reader.read(position, max_bytes)
-                    if records and changed is not None:  # live: others likely read the same
-                        self._last_read[run_id] = (position, max_bytes, records)
-                if records:
-                    yield records
-                    position = records[-1].end
+                    found = await read(reader, position)
+                    # live: the others woken with this one likely read the same
+                    if key is not None and found and changed is not None:
+                        self._last_read[run_id] = (position, key, found)
+                if found:
+                    yield found[0]
+                    position = found[1]
                     await trio.lowlevel.checkpoint()
                     continue
                 if not live or changed is None:
@@ -555,6 +603,28 @@ class LogReader:
         """Whole records from ``position`` (a record boundary, or a position
         in dropped space, which moves on to the next record there is), about
         ``max_bytes`` of them but at least one if there is one."""
+        position, data = self._chunk(position, max_bytes)
+        return list(iter_records(data, 0, position))
+
+    def read_output(self, position: int, max_bytes: int, stream: int | None,
+                    skip: int = 0) -> Output:
+        """Like :meth:`read`, but only the OUTPUT payloads (of ``stream``, or
+        of every stream), joined, the first ``skip`` bytes of the record at
+        ``position`` left out: what ``efci logs --raw`` prints, without an
+        object per record."""
+        position, data = self._chunk(position, max_bytes)
+        pieces, end, count = [], 0, 0
+        for at, kind, of, _time, payload in frames(data, 0):
+            if kind == Kind.OUTPUT and stream in (None, of):
+                pieces.append(payload[skip:] if at == 0 else payload)
+            end = at + RECORD_HEADER.size + len(payload)
+            count += 1
+        return Output(b"".join(pieces), count, position + end)
+
+    def _chunk(self, position: int, max_bytes: int) -> tuple[int, bytes]:
+        """The log's bytes from the record at ``position`` (moved past dropped
+        space), about ``max_bytes`` of them, or all of the record there if it
+        is longer: ``(its position, bytes)``; no bytes at the end, for now."""
         for _ in range(3):  # segments may roll or be dropped between two looks
             if not self._segments or position >= self._segments[-1].start:
                 self._refresh()
@@ -567,24 +637,23 @@ class LogReader:
                 position = max(position, seg.first_record)
                 offset = position - seg.start
                 if offset < os.fstat(self._file.fileno()).st_size:
-                    return self._read_at(position, offset, max_bytes)
+                    return position, self._read_at(offset, max_bytes)
                 i += 1
                 if i == len(self._segments):
-                    return []  # the end, for now
+                    return position, b""  # the end, for now
                 position = self._segments[i].first_record
             else:
-                return []
-        return []
+                return position, b""
+        return position, b""
 
-    def _read_at(self, position: int, offset: int, max_bytes: int) -> list[Record]:
+    def _read_at(self, offset: int, max_bytes: int) -> bytes:
         self._file.seek(offset)
-        data = self._file.read(max_bytes)
-        records = list(iter_records(data, 0, position))
-        if not records and len(data) >= 4:  # one record larger than max_bytes
-            self._file.seek(offset)
-            length = int.from_bytes(data[:4], "little")
-            records = list(iter_records(self._file.read(length + 64), 0, position))[:1]
-        return records
+        data: bytes = self._file.read(max_bytes)
+        whole = RECORD_HEADER.size + int.from_bytes(data[:4], "little")
+        if len(data) >= 4 and len(data) < whole <= RECORD_HEADER.size + MAX_PAYLOAD:
+            # one record larger than max_bytes
+            data += self._file.read(whole - len(data))
+        return data
 
     def starts_record(self, position: int) -> bool:
         """Whether ``position`` is a record boundary (the end included) or

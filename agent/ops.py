@@ -34,7 +34,7 @@ from .errors import Conflict, EfciError, NotFound, Refused, RequestError
 from .gitea import repository_on
 from .images import image_tag
 from .keys import KeyInfo
-from .logstore import bounded, records_with_skip
+from .logstore import Output, bounded, records_with_skip
 from .model import Image, Requester, Task
 from .protocol import Call
 from .runs import task_to_wire
@@ -51,6 +51,7 @@ Handler = Callable[..., Awaitable[object]]
 # Log bytes read per batch for a follower: what a reader that stops reading
 # holds in the agent (each of 50 stalled web viewers included).
 STREAM_BATCH = 128 << 10
+OUTPUT_BATCH = 1 << 20  # raw output has no per-record description to bound
 SMALL_FRAME = 16 << 10  # a frame's payload that is sent with its line, in one piece
 
 # A repository as Gitea names it: OWNER/NAME of letters, digits, '-', '_', '.'.
@@ -197,11 +198,21 @@ async def show(agent: Agent, call: Call, *, run: int) -> object:
 @op
 async def logs(agent: Agent, call: Call, *, run: int, follow: bool = False, position: int = 0,
                since_ns: int | None = None, tail: int | None = None,
-               until: int | None = None, until_skip: int = 0) -> object:
+               until: int | None = None, until_skip: int = 0, raw: bool = False,
+               stream: str | None = None) -> object:
     """A run's log from ``position``, a time, or its last ``tail`` lines,
     up to byte ``until_skip`` of the record at ``until`` (where an earlier
     answer began: the viewer reads backwards that way, to the byte); the
-    index finds the start without reading the whole log."""
+    index finds the start without reading the whole log.  With ``raw``,
+    the output bytes only (of ``stream``, or of all), in ``output`` events."""
+    if raw and until is not None:
+        raise RequestError("logs: raw reads forwards only; leave out until")
+    if stream is not None and not raw:
+        raise RequestError("logs: stream chooses what raw prints; give raw too")
+    named = agent.logs.streams(run)
+    if stream is not None and stream not in named and not agent.logs.is_live(run):
+        raise NotFound(f"run {run}'s log has no stream {stream!r}; it has "
+                       f"{', '.join(sorted(set(named) - {'agent'}))}")
     record = await run_wire(agent, run)  # NotFound for an unknown run
     if record["log_removed_at"] is not None:
         raise NotFound(f"run {run}'s log was removed by gc on "
@@ -217,8 +228,11 @@ async def logs(agent: Agent, call: Call, *, run: int, follow: bool = False, posi
         elif not await trio.to_thread.run_sync(reader.starts_record, position):
             raise RequestError(f"logs: position {position} is not where a record of run "
                                f"{run}'s log begins; resume from a 'next' the agent gave")
-    end = await stream_log(agent, call, run, position, skip, follow=follow and until is None,
-                           until=until, until_skip=until_skip)
+    if raw:
+        end = await stream_output(agent, call, run, position, skip, follow=follow, stream=stream)
+    else:
+        end = await stream_log(agent, call, run, position, skip, follow=follow and until is None,
+                               until=until, until_skip=until_skip)
     return {"run": run, "next": end}
 
 
@@ -298,17 +312,49 @@ async def stream_log(agent: Agent, call: Call, run_id: int, position: int, skip:
         if any(r.stream not in streams.values() for r in batch):
             streams = agent.logs.streams(run_id)
             await call.event("streams", streams=streams)
-        meta, blob = protocol.records_event(call.id, records_with_skip(batch, skip))
-        if len(blob) < SMALL_FRAME:  # one send: the reader wakes once, not twice
-            await call.send(meta + blob)
-        else:  # no copy of a big one
-            await call.send(meta)
-            await call.send(blob)
+        await send_frame(call, *protocol.records_event(call.id, records_with_skip(batch, skip)))
         skip = 0
         position = batch[-1].end
         if until is not None and (len(batch) < len(records) or batch[-1].position == until):
             return until  # reached it
     return position
+
+
+async def stream_output(agent: Agent, call: Call, run_id: int, position: int, skip: int, *,
+                        follow: bool, stream: str | None) -> int:
+    """The output bytes from byte ``skip`` of the record at ``position``, in
+    ``output`` events (a frame of ``size`` bytes, and ``next``, where to
+    resume): no description of each record, so a big log goes out at the
+    speed of the disk and the socket.  The next batch is read (in a worker
+    thread) while this one is sent, and the socket may hold a few batches,
+    so the reading, the sending and the client's printing overlap.  Returns
+    where to resume."""
+    batches_in, batches_out = trio.open_memory_channel[Output](1)
+
+    async def read_ahead() -> None:
+        async with batches_in:
+            async for output in agent.logs.follow_output(run_id, position, live=follow,
+                                                         skip=skip, max_bytes=OUTPUT_BATCH,
+                                                         stream=stream):
+                await batches_in.send(output)
+
+    call.bulk()
+    async with trio.open_nursery() as nursery, batches_out:
+        nursery.start_soon(read_ahead)
+        async for output in batches_out:
+            position = output.end
+            if output.data:
+                await send_frame(call, protocol.event(call.id, "output", next=position,
+                                                      size=len(output.data)), output.data)
+    return position
+
+
+async def send_frame(call: Call, line: bytes, payload: bytes) -> None:
+    if len(payload) < SMALL_FRAME:  # one send: the reader wakes once, not twice
+        await call.send(line + payload)
+    else:  # no copy of a big one
+        await call.send(line)
+        await call.send(payload)
 
 
 # -- images -----------------------------------------------------------------------

@@ -63,6 +63,8 @@ class Call:
     requester: Requester
     send: Callable[[bytes], Awaitable[None]]
     receive_line: Callable[[], Awaitable[bytes | None]]
+    # Says a big answer follows: the connection may buffer more of it.
+    bulk: Callable[[], None] = lambda: None
 
     async def event(self, kind: str, **fields: Any) -> None:
         await self.send(event(self.id, kind, **fields))
@@ -122,29 +124,63 @@ def loads(line: bytes) -> Any:
 class FrameDecoder:
     """The client's side: feed the agent's bytes, get whole messages, each a
     JSON line and, for one with a ``size``, that many raw bytes after it in
-    ``payload``."""
+    ``payload``.  A big payload may be received straight into its own
+    buffer: :meth:`room`, then :meth:`filled`."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._message: dict[str, Any] | None = None  # its line read, its payload not whole
+        self._payload = bytearray()
+        self._filled = 0
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         self._buf += data
-        out = []
-        while (end := self._buf.find(b"\n")) >= 0:
+        out: list[dict[str, Any]] = []
+        while True:
+            if self._message is not None:
+                taken = min(len(self._payload) - self._filled, len(self._buf))
+                self._payload[self._filled:self._filled + taken] = self._buf[:taken]
+                del self._buf[:taken]
+                if not self._fill(taken, out):
+                    break
+                continue
+            end = self._buf.find(b"\n")
+            if end < 0:
+                break
             message: dict[str, Any] = json.loads(self._buf[:end])
-            size = message.get("size", 0)
-            if len(self._buf) < end + 1 + size:
-                break  # its payload is still on the way
-            if "size" in message:  # one copy (a bytearray slice would be a second)
-                with memoryview(self._buf) as view:
-                    message["payload"] = bytes(view[end + 1:end + 1 + size])
-            del self._buf[:end + 1 + size]
-            out.append(message)
+            del self._buf[:end + 1]
+            if "size" in message:
+                self._message, self._payload, self._filled = message, bytearray(message["size"]), 0
+                self._fill(0, out)
+            else:
+                out.append(message)
         return out
+
+    def room(self) -> memoryview | None:
+        """Where the rest of a payload whose line was read goes, if one is
+        on the way: receive into it, then say how much with :meth:`filled`."""
+        if self._message is None:
+            return None
+        return memoryview(self._payload)[self._filled:]
+
+    def filled(self, count: int) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        self._fill(count, out)
+        return out
+
+    def _fill(self, count: int, out: list[dict[str, Any]]) -> bool:
+        """``count`` more payload bytes arrived; True if that made it whole."""
+        self._filled += count
+        if self._message is None or self._filled < len(self._payload):
+            return False
+        self._message["payload"] = self._payload
+        out.append(self._message)
+        self._message, self._payload, self._filled = None, bytearray(), 0
+        return True
 
     @property
     def pending(self) -> int:
-        return len(self._buf)
+        return len(self._buf) + self._filled
 
 
 def parse_request(line: bytes, ops: Schemas) -> Request:
@@ -223,8 +259,8 @@ def records_event(rid: int | str | None, records: list[Record]) -> tuple[bytes, 
 def decode_records(message: dict[str, Any]) -> list[Record]:
     """The records of a ``records`` event whose frame was read into ``payload``."""
     out, at = [], 0
-    blob: bytes = message["payload"]
-    for position, kind, stream, time_ns, length in message["records"]:
-        out.append(Record(position, Kind(kind), stream, time_ns, blob[at:at + length]))
-        at += length
+    with memoryview(message["payload"]) as blob:
+        for position, kind, stream, time_ns, length in message["records"]:
+            out.append(Record(position, Kind(kind), stream, time_ns, bytes(blob[at:at + length])))
+            at += length
     return out

@@ -404,6 +404,10 @@ class LogPrinter:
         from .logformat import Kind
         from .protocol import decode_records
 
+        if message["event"] == "output":  # raw, already chosen by the agent
+            self._out.write(message["payload"])
+            self._out.flush()
+            return
         if message["event"] == "streams":
             self.streams = {v: k for k, v in message["streams"].items()}
             return

@@ -31,7 +31,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from .. import __version__, protocol
+from .. import __version__
 from ..client import RemoteError
 from ..config import AgentConfig
 from ..errors import AgentUnreachable
@@ -386,17 +386,16 @@ class RawLog:
         await send({"type": "http.response.start", "status": status,
                     "headers": [(k.encode(), v.encode()) for k, v in headers.items()]})
         at = 0
-        async with web.link.open("logs", run=run) as exchange:
+        async with web.link.open("logs", run=run, raw=True) as exchange:
             while at < stop and "event" in (message := await exchange.next()):
-                for record in protocol.decode_records(message) if "records" in message else []:
-                    if record.kind is not Kind.OUTPUT:
-                        continue
-                    payload = record.payload
-                    lo, hi = max(start - at, 0), min(stop - at, len(payload))
-                    if lo < hi:
-                        await send({"type": "http.response.body", "body": payload[lo:hi],
-                                    "more_body": True})
-                    at += len(payload)
+                if message["event"] != "output":
+                    continue
+                payload = message["payload"]
+                lo, hi = max(start - at, 0), min(stop - at, len(payload))
+                if lo < hi:
+                    body = bytes(memoryview(payload)[lo:hi])
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                at += len(payload)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

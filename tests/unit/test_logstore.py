@@ -237,6 +237,60 @@ async def test_follow_of_a_finished_log_ends(tmp_path: Path) -> None:
     assert [r.payload for b in batches for r in b] == [b"def"]
 
 
+async def test_output_alone_is_what_the_records_hold_whatever_the_batch_size(
+        tmp_path: Path) -> None:
+    store = LogStore(tmp_path, limit=1 << 20)  # 128 KiB segments: rolls and a dropped middle
+    w = store.open_writer(1)
+    checkout = w.stream("checkout:src")
+    w.message("started")
+    w.output(b"cloning\n", stream=checkout)
+    w.output(b"x" * (300 << 10))  # split into records, each bigger than the smallest batch
+    for i in range(3000):
+        w.output(NASTY * 12 + b"%d" % i)
+        if i % 500 == 0:
+            w.message(f"at {i}")
+            w.output(b"fetch %d\n" % i, stream=checkout)
+    w.close()
+    with store.reader(1) as reader:
+        records = list(reader.records_from(0))
+    assert any(r.kind is fmt.Kind.GAP for r in records)
+    every = b"".join(r.payload for r in records if r.kind is fmt.Kind.OUTPUT)
+    task, cloned = (b"".join(r.payload for r in records
+                             if r.kind is fmt.Kind.OUTPUT and r.stream == stream)
+                    for stream in (fmt.TASK_STREAM, checkout))
+    assert cloned.startswith(b"cloning\nfetch 0\n") and cloned.endswith(b"fetch 2500\n")
+    for max_bytes in (100, 4096, 1 << 20):
+        for stream, expected in ((None, every), ("task", task), ("checkout:src", cloned),
+                                 ("nothing", b"")):
+            batches = [o async for o in store.follow_output(1, live=False, max_bytes=max_bytes,
+                                                            stream=stream)]
+            assert b"".join(o.data for o in batches) == expected, (max_bytes, stream)
+            assert batches[-1].end == store.end(1)
+    third = records[2]  # the first task output
+    skipped = [o async for o in store.follow_output(1, third.position, live=False, skip=5,
+                                                    stream="task")]
+    assert b"".join(o.data for o in skipped) == task[5:]
+
+
+async def test_output_followers_get_every_byte_until_close(tmp_path: Path) -> None:
+    store = LogStore(tmp_path, limit=1 << 20)
+    w = store.open_writer(1)
+    received = bytearray()
+
+    async def follow() -> None:
+        async for output in store.follow_output(1, max_bytes=4096):
+            received.extend(output.data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(follow)
+        for i in range(300):
+            w.output(NASTY + b"%d" % i)
+            w.message("not output")
+            await trio.lowlevel.checkpoint()
+        w.close()
+    assert bytes(received) == b"".join(NASTY + b"%d" % i for i in range(300))
+
+
 async def test_sync_fsyncs_in_a_worker_thread_only_what_changed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     synced: list[tuple[str, list[int]]] = []

@@ -19,7 +19,8 @@ def test_an_ops_arguments_are_its_handlers_keyword_parameters() -> None:
     assert ops.OPS["logs"].args == {"run": (int, True), "follow": (bool, False),
                                     "position": (int, False), "since_ns": (int, False),
                                     "tail": (int, False), "until": (int, False),
-                                    "until_skip": (int, False)}
+                                    "until_skip": (int, False), "raw": (bool, False),
+                                    "stream": (str, False)}
     assert ops.OPS["ping"].args == {}
     request = protocol.parse_request(b'{"op": "key_trust", "args": {"host": "h", "port": 22}}',
                                      ops.schemas())

@@ -107,3 +107,21 @@ def test_frames_decode_whatever_the_pieces_they_arrive_in() -> None:
         assert [m.get("event", "ok") for m in messages] == ["streams", "records", "ok"]
         assert protocol.decode_records(messages[1]) == records
         assert "payload" not in messages[0] and decoder.pending == 0
+
+
+def test_a_big_payload_is_received_into_its_own_buffer() -> None:
+    payload = bytes(range(256)) * 1024
+    stream = (protocol.event(1, "output", next=9, size=len(payload)) + payload
+              + protocol.ok(1, {"next": 9}))
+    decoder = protocol.FrameDecoder()
+    assert decoder.room() is None
+    messages = decoder.feed(stream[:100])  # the line, and the payload's first bytes
+    at = 100
+    while (room := decoder.room()) is not None:
+        count = min(len(room), 5000)
+        room[:count] = stream[at:at + count]
+        at += count
+        messages += decoder.filled(count)
+    messages += decoder.feed(stream[at:])
+    assert [m.get("event", "ok") for m in messages] == ["output", "ok"]
+    assert messages[0]["payload"] == payload and decoder.pending == 0
