@@ -8,44 +8,51 @@ answers as JSON for scripts (one object, or one per line while streaming).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from . import __version__, views
+from . import __version__, layout, views
 from .client import Client
 from .errors import EfciError, printable
-from .layout import Layout
 
+# A client command imports little: typing, dataclasses and the settings
+# table together took longer than the rest of its start-up.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from .config import AgentConfig
+    from collections.abc import Callable
+    from typing import Any
+
+    from .config import AgentConfig, Layout
+
+    View = Callable[[Any], int]
 
 # efci run --follow exits like the task; these for the other endings.
 EXIT_BY_STATUS = {"timed_out": 124, "cancelled": 130, "error": 1}
 
 
 def _parser() -> argparse.ArgumentParser:
+    # argparse looks on disk for a translation of its own words (usage,
+    # options, ...) at each of the ~120 times it takes one while efci's
+    # parser is built: a sixth of a short command's time.  efci speaks
+    # English, and Python ships no such translation.
+    argparse._ = str  # type: ignore[attr-defined]
     p = argparse.ArgumentParser(prog="efci", description="efforting-ci: a CI host agent and "
                                 "its control client (see efci(1)).")
     p.add_argument("--version", action="version", version=f"efforting-ci {__version__}")
     p.add_argument("--root", metavar="DIR", help="put every default path under DIR "
                    "(also EFCI_ROOT)")
-    p.add_argument("--config", metavar="FILE", type=Path,
+    p.add_argument("--config", metavar="FILE",
                    help="agent.yml (default: /etc/efforting-ci/agent.yml, or DIR/etc/agent.yml)")
-    p.add_argument("--socket", metavar="PATH", type=Path,
+    p.add_argument("--socket", metavar="PATH",
                    help="the agent's socket (default: from agent.yml; also EFCI_SOCKET)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     # The common options are accepted after the subcommand too (efci agent
     # --config FILE, efci runs --json); SUPPRESS keeps a subcommand's absent
     # option from overwriting one given before it.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE", type=Path, default=argparse.SUPPRESS,
+    common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                         help=argparse.SUPPRESS)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help=argparse.SUPPRESS)
@@ -152,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     kt.add_argument("host")
     kt.add_argument("--port", type=int, default=22)
     kt.add_argument("--owner", help=owner_help)
-    kt.add_argument("--keys", metavar="FILE", type=Path,
+    kt.add_argument("--keys", metavar="FILE",
                     help="known_hosts lines to pin (- for stdin), e.g. from the server's "
                          "/etc/ssh/ssh_host_*_key.pub; without it, ssh-keyscan asks the host")
 
@@ -191,19 +198,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    layout = Layout.from_environment(args.root)
     try:
         if args.command == "agent":
-            return _agent(args, layout)
+            return _agent(args)
         if args.command == "web":
-            return _web(args, layout)
+            return _web(args)
         if args.command == "config":
-            return _config(args, layout)
+            return _config(args)
         if args.command == "shell":
             from .terminal import run_shell
 
-            return run_shell(_socket_path(args, layout), args.run, args.stage, args.discard)
-        with Client(_socket_path(args, layout)) as client:
+            return run_shell(_socket_path(args), args.run, args.stage, args.discard)
+        with Client(_socket_path(args)) as client:
             answer = COMMANDS[args.command](client, args)
         return answer if isinstance(answer, int) else _show_answer(answer, args)
     except EfciError as e:
@@ -225,18 +231,26 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _load_config(args: argparse.Namespace, layout: Layout) -> AgentConfig:
-    from .config import load  # only the daemon, the page and efci config need it all
+def _layout(args: argparse.Namespace) -> Layout:
+    from .config import Layout  # only the daemon, the page and efci config need it all
 
-    return load(layout, args.config)
+    return Layout.from_environment(args.root)
 
 
-def _socket_path(args: argparse.Namespace, layout: Layout) -> Path:
+def _load_config(args: argparse.Namespace) -> AgentConfig:
+    from pathlib import Path
+
+    from .config import load
+
+    return load(_layout(args), Path(args.config) if args.config else None)
+
+
+def _socket_path(args: argparse.Namespace) -> str:
     if args.socket:
-        return Path(args.socket)
+        return str(args.socket)
     if os.environ.get("EFCI_SOCKET"):
-        return Path(os.environ["EFCI_SOCKET"])
-    return layout.socket_path(args.config)
+        return os.environ["EFCI_SOCKET"]
+    return layout.socket_path(args.root, args.config)
 
 
 def _log_to_stderr(verbose: bool) -> None:
@@ -249,37 +263,40 @@ def _log_to_stderr(verbose: bool) -> None:
                 else "%(asctime)s %(levelname)s %(message)s"))
 
 
-def _agent(args: argparse.Namespace, layout: Layout) -> int:
+def _agent(args: argparse.Namespace) -> int:
     import trio  # only the daemon needs it: keeps client start-up fast
 
     from . import daemon
 
     _log_to_stderr(args.verbose)
-    cfg = _load_config(args, layout)
+    cfg = _load_config(args)
     trio.run(daemon.serve, cfg, strict_exception_groups=True)
     return 0
 
 
-def _web(args: argparse.Namespace, layout: Layout) -> int:
+def _web(args: argparse.Namespace) -> int:
     import trio
 
     from .web import serve
 
     _log_to_stderr(args.verbose)
-    cfg = _load_config(args, layout)
+    cfg = _load_config(args)
     if args.socket:
+        import dataclasses
+        from pathlib import Path
+
         cfg = dataclasses.replace(cfg, socket_path=Path(args.socket))
     trio.run(serve.serve, cfg, strict_exception_groups=True)
     return 0
 
 
-def _config(args: argparse.Namespace, layout: Layout) -> int:
+def _config(args: argparse.Namespace) -> int:
     if args.action == "example":
         from .config import example
 
-        sys.stdout.write(example(layout))
+        sys.stdout.write(example(_layout(args)))
         return 0
-    cfg = _load_config(args, layout)
+    cfg = _load_config(args)
     print(json.dumps({"ok": True, "source": cfg.source}) if args.json
           else f"{cfg.source}: ok")
     return 0
@@ -287,17 +304,12 @@ def _config(args: argparse.Namespace, layout: Layout) -> int:
 
 # -- client commands: each asks the agent, then one output path shows it ---------
 
-View = Callable[[Any], int]
-
-
-@dataclass(frozen=True)
 class Shown:
     """An answer and how a person sees it; ``--json`` prints the answer
     itself.  ``json_status`` is the exit status then (a view decides its own)."""
 
-    value: Any
-    view: View
-    json_status: int = 0
+    def __init__(self, value: Any, view: View, json_status: int = 0) -> None:
+        self.value, self.view, self.json_status = value, view, json_status
 
 
 def _show_answer(shown: Shown, args: argparse.Namespace) -> int:
@@ -427,8 +439,11 @@ def _key(client: Client, args: argparse.Namespace) -> Shown:
     if args.action == "trust":
         request: dict[str, Any] = {"host": args.host, "port": args.port, **owner}
         if args.keys:
-            request["keys"] = (sys.stdin.read() if str(args.keys) == "-"
-                               else args.keys.read_text())
+            if args.keys == "-":
+                request["keys"] = sys.stdin.read()
+            else:
+                with open(args.keys) as f:
+                    request["keys"] = f.read()
         return Shown(client.call("key_trust", request), views.trusted)
     request = {"name": args.name, **owner}
     if args.action == "register":

@@ -5,19 +5,20 @@ Plain sockets, no Trio: a CLI call should start fast and do one thing.
 
 from __future__ import annotations
 
-import getpass
-import grp
 import itertools
+import os
 import socket
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
-from . import protocol
+from . import wire
 from .errors import AgentUnreachable, EfciError
 
-EventHandler = Callable[[dict[str, Any]], None]
+TYPE_CHECKING = False  # see cli: a client command imports little
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    EventHandler = Callable[[dict[str, Any]], None]
 
 BIG_PAYLOAD = 64 << 10  # the rest of a frame this big is received into its own buffer
 _EXIT_BY_CODE = {"config": 78, "bad_request": 64, "not_found": 66, "conflict": 75,
@@ -37,10 +38,13 @@ class RemoteError(EfciError):
         return self.wire
 
 
-def _permission_denied(socket_path: Path) -> str:
+def _permission_denied(socket_path: str | os.PathLike[str]) -> str:
     """The agent may well be running: the socket refused this user."""
+    import getpass
+    import grp
+
     try:
-        group = grp.getgrgid(socket_path.stat().st_gid).gr_name
+        group = grp.getgrgid(os.stat(socket_path).st_gid).gr_name
     except (OSError, KeyError):
         group = "efci-admin"
     return (f"permission denied on the agent's socket {socket_path}: only root and members "
@@ -49,7 +53,8 @@ def _permission_denied(socket_path: Path) -> str:
 
 
 class Client:
-    def __init__(self, socket_path: Path, *, timeout: float | None = None) -> None:
+    def __init__(self, socket_path: str | os.PathLike[str], *,
+                 timeout: float | None = None) -> None:
         self.socket_path = socket_path
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
@@ -73,7 +78,7 @@ class Client:
                 "Start it with `systemctl start efforting-ci` (or `efci agent`), or point "
                 "efci at its socket with --root, --socket or EFCI_ROOT."
             ) from None
-        self._frames = protocol.FrameDecoder()
+        self._frames = wire.FrameDecoder()
         self._messages: list[dict[str, Any]] = []
         self._ids = itertools.count(1)
 
@@ -125,7 +130,7 @@ class Client:
              on_event: EventHandler | None = None) -> Any:
         """Send one request; pass its events to ``on_event``; return its result."""
         rid = next(self._ids)
-        self.send_raw(protocol.encode({"id": rid, "op": op, "args": args or {}}))
+        self.send_raw(wire.encode({"id": rid, "op": op, "args": args or {}}))
         while True:
             message = self.read_message()
             if "event" in message:

@@ -3,9 +3,10 @@
 One table, :data:`SETTINGS`, names every key with its type, default and
 help text; the loader, the defaults and ``efci config example`` are all read
 off it, so they cannot drift apart.  Path defaults depend on a
-:class:`Layout`: the system one (/etc, /var/lib, /srv, /run) or everything
-under one directory (``--root DIR`` / ``EFCI_ROOT``), which is how tests,
-the demo and a second agent on one host run.
+:class:`Layout` (see :mod:`agent.layout`): the system one (/etc, /var/lib,
+/srv, /run) or everything under one directory (``--root DIR`` /
+``EFCI_ROOT``), which is how tests, the demo and a second agent on one host
+run.
 """
 
 from __future__ import annotations
@@ -19,9 +20,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import names
-from .layout import Layout
+from .layout import CONFIG_FILE, SOCKET, SYSTEM, directories
 from .model import Limits
 from .yamlconf import Node, load_file
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The default directories (see :mod:`agent.layout`), as paths."""
+
+    etc: Path
+    state: Path
+    secrets: Path
+    run: Path
+
+    @classmethod
+    def system(cls) -> Layout:
+        return cls(**{name: Path(path) for name, path in SYSTEM.items()})
+
+    @classmethod
+    def under(cls, root: Path) -> Layout:
+        return cls.from_environment(str(root))
+
+    @classmethod
+    def from_environment(cls, root: str | None) -> Layout:
+        """``--root`` wins over ``EFCI_ROOT``; neither means the system layout."""
+        return cls(**{name: Path(path) for name, path in directories(root).items()})
+
+    @property
+    def config_file(self) -> Path:
+        return self.etc / CONFIG_FILE
+
+    @property
+    def default_socket(self) -> Path:
+        return self.run / SOCKET
 
 
 @dataclass(frozen=True)

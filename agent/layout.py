@@ -1,60 +1,47 @@
 """Where an agent's files live by default: the system layout (/etc,
 /var/lib, /srv, /run) or everything under one directory (``--root DIR`` /
 ``EFCI_ROOT``), which is how tests, the demo and a second agent on one host
-run.  Apart from agent.yml's settings (agent.config), so that the client
-can find the socket without loading them."""
+run.  Plain strings, apart from agent.yml's settings (:mod:`agent.config`
+makes its ``Layout`` of these), so that a client command finds the socket
+without loading them, or even pathlib."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from pathlib import Path
+
+SYSTEM = {"etc": "/etc/efforting-ci", "state": "/var/lib/efforting-ci",
+          "secrets": "/srv/ci-secrets", "run": "/run/efforting-ci"}
+CONFIG_FILE = "agent.yml"  # in etc
+SOCKET = "agent.sock"  # in run, unless agent.yml says otherwise
 
 
-@dataclass(frozen=True)
-class Layout:
-    etc: Path
-    state: Path
-    secrets: Path
-    run: Path
+def directories(root: str | None) -> dict[str, str]:
+    """etc, state, secrets and run: under ``root``, or else under
+    ``EFCI_ROOT``, or else the system's."""
+    root = root or os.environ.get("EFCI_ROOT") or None
+    if not root:
+        return dict(SYSTEM)
+    return {name: os.path.join(os.path.abspath(root), name) for name in SYSTEM}
 
-    @classmethod
-    def system(cls) -> Layout:
-        return cls(Path("/etc/efforting-ci"), Path("/var/lib/efforting-ci"),
-                   Path("/srv/ci-secrets"), Path("/run/efforting-ci"))
 
-    @classmethod
-    def under(cls, root: Path) -> Layout:
-        root = root.absolute()
-        return cls(root / "etc", root / "state", root / "secrets", root / "run")
+def socket_path(root: str | None, config_file: str | None = None) -> str:
+    """The agent's socket, as agent.yml sets it.  Without the YAML parser
+    and the settings table when agent.yml cannot set it (it never says
+    "socket", or is absent from its default place): their import is most of
+    a short efci command's start-up."""
+    where = directories(root)
+    try:
+        with open(config_file or os.path.join(where["etc"], CONFIG_FILE), "rb") as f:
+            if b"socket" not in f.read():
+                return os.path.join(where["run"], SOCKET)
+    except FileNotFoundError:
+        if config_file is None:
+            return os.path.join(where["run"], SOCKET)
+    except OSError:
+        pass  # the full load says why it cannot be read (or that a named one is missing)
+    from pathlib import Path
 
-    @classmethod
-    def from_environment(cls, root: str | None) -> Layout:
-        """``--root`` wins over ``EFCI_ROOT``; neither means the system layout."""
-        root = root or os.environ.get("EFCI_ROOT") or None
-        return cls.under(Path(root)) if root else cls.system()
+    from .config import Layout, load
 
-    @property
-    def config_file(self) -> Path:
-        return self.etc / "agent.yml"
-
-    @property
-    def default_socket(self) -> Path:
-        return self.run / "agent.sock"
-
-    def socket_path(self, config_file: Path | None = None) -> Path:
-        """The agent's socket, as agent.yml sets it.  Without the YAML
-        parser and the settings table when agent.yml cannot set it (it
-        never says "socket", or is absent from its default place): their
-        import is most of a short efci command's start-up."""
-        try:
-            if "socket" not in (config_file or self.config_file).read_text(errors="replace"):
-                return self.default_socket
-        except FileNotFoundError:
-            if config_file is None:
-                return self.default_socket
-        except OSError:
-            pass  # the full load says why it cannot be read (or that a named one is missing)
-        from .config import load
-
-        return load(self, config_file).socket_path
+    return str(load(Layout.from_environment(root), Path(config_file) if config_file else None)
+               .socket_path)

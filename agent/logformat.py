@@ -17,7 +17,6 @@ middle segments of an oversized log.
 
 from __future__ import annotations
 
-import enum
 import json
 import struct
 import zlib
@@ -25,21 +24,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .wire import Kind as Kind  # the same kinds travel on the wire
+
 MAGIC = b"EFCILOG\x00"
 VERSION = 1
 SEGMENT_HEADER = struct.Struct("<8sIIQ")
 RECORD_HEADER = struct.Struct("<IBBHQI")
 MAX_PAYLOAD = 1 << 20
-
-
-class Kind(enum.IntEnum):
-    OUTPUT = 1  # bytes a stream produced, exactly as read
-    AGENT = 2  # a message of the agent about the run (UTF-8 text)
-    STATUS = 3  # a status change (JSON)
-    RESIZE = 4  # the terminal size of a stream (JSON: cols, rows)
-    MARKER = 5  # a step, stage or section begins or ends (JSON)
-    STREAM = 6  # names a stream id (JSON: id, name)
-    GAP = 7  # output was dropped here to keep the log within its limit (JSON)
 
 
 # Fixed stream ids; others are named by STREAM records.

@@ -14,6 +14,8 @@ be re-encoded.  A connection may carry many requests, one after another.
 
 Lines are capped at :data:`MAX_LINE` bytes; a longer one is refused and the
 connection closed, since its end cannot be found without buffering it.
+What a client needs of this (encoding a request, decoding frames) is in
+:mod:`agent.wire`, which a client command imports without the rest.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import EfciError, RequestError
 from .logformat import Kind, Record
+from .wire import encode
 
 if TYPE_CHECKING:  # the client imports this module, and starts faster without the model
     from .model import Requester
@@ -121,68 +124,6 @@ def loads(line: bytes) -> Any:
         raise ValueError(str(e)) from None
 
 
-class FrameDecoder:
-    """The client's side: feed the agent's bytes, get whole messages, each a
-    JSON line and, for one with a ``size``, that many raw bytes after it in
-    ``payload``.  A big payload may be received straight into its own
-    buffer: :meth:`room`, then :meth:`filled`."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._message: dict[str, Any] | None = None  # its line read, its payload not whole
-        self._payload = bytearray()
-        self._filled = 0
-
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
-        self._buf += data
-        out: list[dict[str, Any]] = []
-        while True:
-            if self._message is not None:
-                taken = min(len(self._payload) - self._filled, len(self._buf))
-                self._payload[self._filled:self._filled + taken] = self._buf[:taken]
-                del self._buf[:taken]
-                if not self._fill(taken, out):
-                    break
-                continue
-            end = self._buf.find(b"\n")
-            if end < 0:
-                break
-            message: dict[str, Any] = json.loads(self._buf[:end])
-            del self._buf[:end + 1]
-            if "size" in message:
-                self._message, self._payload, self._filled = message, bytearray(message["size"]), 0
-                self._fill(0, out)
-            else:
-                out.append(message)
-        return out
-
-    def room(self) -> memoryview | None:
-        """Where the rest of a payload whose line was read goes, if one is
-        on the way: receive into it, then say how much with :meth:`filled`."""
-        if self._message is None:
-            return None
-        return memoryview(self._payload)[self._filled:]
-
-    def filled(self, count: int) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        self._fill(count, out)
-        return out
-
-    def _fill(self, count: int, out: list[dict[str, Any]]) -> bool:
-        """``count`` more payload bytes arrived; True if that made it whole."""
-        self._filled += count
-        if self._message is None or self._filled < len(self._payload):
-            return False
-        self._message["payload"] = self._payload
-        out.append(self._message)
-        self._message, self._payload, self._filled = None, bytearray(), 0
-        return True
-
-    @property
-    def pending(self) -> int:
-        return len(self._buf) + self._filled
-
-
 def parse_request(line: bytes, ops: Schemas) -> Request:
     """Validate one request line against the operations' argument schemas;
     RequestError says what is wrong."""
@@ -227,10 +168,6 @@ def request_id_of(line: bytes) -> int | str | None:
     except (ValueError, AttributeError):
         return None
     return rid if isinstance(rid, int | str) and not isinstance(rid, bool) else None
-
-
-def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
 def ok(rid: int | str | None, result: Any) -> bytes:

@@ -15,19 +15,18 @@ import socket
 import sys
 import termios
 import tty
-from pathlib import Path
 from typing import Any
 
-from . import protocol
+from . import wire
 from .client import RemoteError
 from .errors import AgentUnreachable, EfciError
 
 
 def _send(sock: socket.socket, message: dict[str, Any]) -> None:
-    sock.sendall(protocol.encode(message))
+    sock.sendall(wire.encode(message))
 
 
-def run_shell(socket_path: Path, run: int, stage: str | None = None,
+def run_shell(socket_path: str, run: int, stage: str | None = None,
               discard: bool = False) -> int:
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     if not os.isatty(stdin):
@@ -44,7 +43,7 @@ def run_shell(socket_path: Path, run: int, stage: str | None = None,
     resized = [False]
     signal.signal(signal.SIGWINCH, lambda *_: resized.__setitem__(0, True))
     saved = termios.tcgetattr(stdin)
-    frames = protocol.FrameDecoder()
+    frames = wire.FrameDecoder()
     try:
         tty.setraw(stdin)
         selector = selectors.DefaultSelector()

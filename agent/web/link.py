@@ -11,7 +11,7 @@ from typing import Any
 
 import trio
 
-from .. import protocol
+from .. import wire
 from ..client import RemoteError
 from ..errors import AgentUnreachable
 
@@ -23,11 +23,11 @@ class Exchange:
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
-        self._frames = protocol.FrameDecoder()
+        self._frames = wire.FrameDecoder()
         self._messages: list[dict[str, Any]] = []
 
     async def send(self, op: str, args: dict[str, Any]) -> None:
-        await self._stream.send_all(protocol.encode({"id": next(_ids), "op": op, "args": args}))
+        await self._stream.send_all(wire.encode({"id": next(_ids), "op": op, "args": args}))
 
     async def next(self) -> dict[str, Any]:
         """The next message; a final error raises RemoteError."""

@@ -12,7 +12,7 @@ def test_common_options_go_before_or_after_the_subcommand() -> None:
     before = parser.parse_args(["--json", "--config", "/a.yml", "runs", "--limit", "3"])
     after = parser.parse_args(["runs", "--limit", "3", "--json", "--config", "/a.yml"])
     for args in (before, after):
-        assert args.json is True and args.config == Path("/a.yml") and args.limit == 3
+        assert args.json is True and args.config == "/a.yml" and args.limit == 3
     plain = parser.parse_args(["--json", "status"])
     assert plain.json is True  # not reset by the subcommand's absent --json
 

@@ -7,6 +7,7 @@ import yaml
 
 from agent import config
 from agent.errors import ConfigError
+from agent.layout import socket_path
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -138,12 +139,12 @@ def test_a_default_limit_past_its_maximum_is_refused(tmp_path: Path) -> None:
 
 def test_the_client_finds_the_socket_without_loading_settings_it_does_not_need(
         tmp_path: Path) -> None:
-    layout = config.Layout.under(tmp_path)
-    assert layout.socket_path() == tmp_path / "run/agent.sock"  # no agent.yml
-    layout.etc.mkdir()
-    layout.config_file.write_text("runs: {max_parallel: [not, checked, here]}\n")
-    assert layout.socket_path() == tmp_path / "run/agent.sock"  # cannot set it
-    layout.config_file.write_text("socket:\n  path: /run/elsewhere.sock\n")
-    assert layout.socket_path() == Path("/run/elsewhere.sock")
+    root = str(tmp_path)
+    assert socket_path(root) == f"{root}/run/agent.sock"  # no agent.yml
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/agent.yml").write_text("runs: {max_parallel: [not, checked, here]}\n")
+    assert socket_path(root) == f"{root}/run/agent.sock"  # cannot set it
+    (tmp_path / "etc/agent.yml").write_text("socket:\n  path: /run/elsewhere.sock\n")
+    assert socket_path(root) == "/run/elsewhere.sock"
     with pytest.raises(ConfigError):
-        layout.socket_path(tmp_path / "missing.yml")  # named, so it must exist
+        socket_path(root, str(tmp_path / "missing.yml"))  # named, so it must exist

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from agent import protocol
+from agent import protocol, wire
 from agent.errors import RequestError
 from agent.logformat import Kind, Record
 from agent.ops import schemas
@@ -100,7 +100,7 @@ def test_frames_decode_whatever_the_pieces_they_arrive_in() -> None:
     stream = (protocol.event(1, "streams", streams={"task": 1})
               + b"".join(protocol.records_event(1, records)) + protocol.ok(1, {"done": True}))
     for piece in (1, 7, len(stream)):
-        decoder = protocol.FrameDecoder()
+        decoder = wire.FrameDecoder()
         messages = []
         for at in range(0, len(stream), piece):
             messages += decoder.feed(stream[at:at + piece])
@@ -113,7 +113,7 @@ def test_a_big_payload_is_received_into_its_own_buffer() -> None:
     payload = bytes(range(256)) * 1024
     stream = (protocol.event(1, "output", next=9, size=len(payload)) + payload
               + protocol.ok(1, {"next": 9}))
-    decoder = protocol.FrameDecoder()
+    decoder = wire.FrameDecoder()
     assert decoder.room() is None
     messages = decoder.feed(stream[:100])  # the line, and the payload's first bytes
     at = 100
