@@ -82,7 +82,9 @@ class Images:
         self._locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
 
     async def exists(self, tag: str) -> bool:
-        return await self.engine.image_exists(tag)
+        """Asked of docker only when its record of tags cannot say (every run
+        of a declared image asks)."""
+        return bool(await self.engine.image_id(tag)) or await self.engine.image_exists(tag)
 
     async def ensure(self, image: Image, writer: LogWriter, *, force: bool = False) -> str:
         """The image's tag, built first (output in the run's log, stream

@@ -82,6 +82,8 @@ class Mutations:
         await self._unmount_below(self.root)
 
     async def _unmount_below(self, root: Path) -> None:
+        if not root.exists():
+            return  # nothing can be mounted below it (and the mount table is not free)
         for point in self.mounter.mounted_under(root):
             await self.mounter.unmount(point)
         if root.is_dir():

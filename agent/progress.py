@@ -70,8 +70,11 @@ class ProgressChannels:
         """Listen on the run's socket while the block runs; yields the
         directory to mount at /run/efci.  The socket is gone afterwards."""
         directory = self.directory(run_id)
-        shutil.rmtree(directory, ignore_errors=True)
-        directory.mkdir(parents=True, mode=0o755)
+        try:
+            directory.mkdir(parents=True, mode=0o755)
+        except FileExistsError:  # left by an attempt before, or a crash
+            shutil.rmtree(directory)
+            directory.mkdir(mode=0o755)
         os.chmod(directory, 0o755)  # noqa: S103 - the task may run as any user
         sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
         channel = _Channel(update)

@@ -215,6 +215,7 @@ class ActiveRun:
     build_only: bool  # efci image build: the build is the whole run
     attempt: int = 1  # efci restart starts the same container again as attempt 2, 3, ...
     container_id: str = ""  # once created (or, for a restart, the run's)
+    image_id: str = ""  # the image its new container was asked to run, by id, if known before
     container_name: str = ""  # the container now running (a pipeline's stage's)
     stage_images: dict[str, Image] = field(default_factory=dict)  # declared, by stages
     from_stage: int = 0  # a retry of a pipeline: the first stage to run again
@@ -916,10 +917,15 @@ class Runs:
                 raise CommandFailed(["docker", "run"], attached.status, b"", attached.tail)
             return RunStatus.TIMED_OUT, timed_out  # during the checkout, or docker's create
         # docker's state says how it ended, unless the exit status says all:
-        # a success, on the image docker named when it started.
-        state = (dataclasses.replace(attached.first_state, status="exited", exit_code=0)
-                 if attached.status == 0 and attached.first_state else
-                 await self.engine.inspect(container))
+        # a success, on the image it was asked to run by id, or that docker
+        # named when it started.
+        if attached.status == 0 and run.image_id and not attached.first_state:
+            state: ContainerState | None = ContainerState("exited", 0, run.image_id, False,
+                                                          id=container)
+        elif attached.status == 0 and attached.first_state:
+            state = dataclasses.replace(attached.first_state, status="exited", exit_code=0)
+        else:
+            state = await self.engine.inspect(container)
         if state is None:
             return RunStatus.ERROR, {"error": f"container {container[:12]} disappeared"}
         status, fields = ended(state)
@@ -1074,8 +1080,15 @@ class Runs:
         id finds the container by name)."""
         spec = self._spec(run, task, env, binds)
         run.container_id = ""  # not an earlier stage's
+        # By id, where docker's own record of its tags says it without a
+        # process: the run then knows what it ran without asking docker.
+        image = spec.image
+        run.image_id = await self.engine.image_id(image) or ""
+        if run.image_id:
+            spec = dataclasses.replace(spec, image=run.image_id)
+            image += f" ({run.image_id.removeprefix('sha256:')[:12]})"
         await self.state.call(self.state.update_run, run.id, container_name=spec.name)
-        writer.message(f"container {spec.name} from {spec.image}")
+        writer.message(f"container {spec.name} from {image}")
         cols, rows = self.cfg.terminal_size
         return self.engine.run_container(spec, cols=cols, rows=rows)
 
@@ -1230,7 +1243,8 @@ class Runs:
                 if started is not None:
                     await self.state.call(self.state.update_run, run.id,
                                           container_id=run.container_id)
-                attached.first_state = await self.engine.inspect(run.container_id)
+                if started is None or not run.image_id:  # else read only if the disk watch needs it
+                    attached.first_state = await self.engine.inspect(run.container_id)
             finally:
                 inspected.set()
             nursery.start_soon(self._watch_disk, run, task, stage, attached.first_state)
@@ -1258,6 +1272,7 @@ class Runs:
         limit = limits_of(self.cfg, task)[0].disk
         assert limit is not None
         await trio.sleep(DISK_POLL_INTERVAL)
+        state = state or await self.engine.inspect(run.container_id)
         layers = await self.mutations.layer_dirs(run.id, len(task.repositories), stage)
         if state is not None and state.writable_dir:
             layers.append(Path(state.writable_dir))

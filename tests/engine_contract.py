@@ -29,6 +29,7 @@ async def check_engine(engine: Engine, image: str) -> None:
     await destroys_are_idempotent(engine)
     await a_container_runs_attached_and_keeps_its_exit_status(engine, image)
     await one_command_creates_and_starts_a_container(engine, image)
+    await a_container_runs_the_image_its_tag_names_by_id(engine, image)
     await a_running_container_stops(engine, image)
     await one_shot_containers_leave_nothing(engine, image)
     await a_container_keeps_its_output_for_a_later_reader(engine, image)
@@ -100,6 +101,31 @@ async def one_command_creates_and_starts_a_container(engine: Engine, image: str)
         assert await started.wait() != 0
         assert await started.created() is None
     assert await engine.inspect(missing) is None
+
+
+async def a_container_runs_the_image_its_tag_names_by_id(engine: Engine, image: str) -> None:
+    """image_id: what the tag names now (as a container made from the tag
+    records it), a container runs by it; a missing tag has none."""
+    assert await engine.image_id(f"efci-contract/missing:{secrets.token_hex(4)}") is None
+    image_id = await engine.image_id(image)
+    assert image_id is not None and image_id.startswith("sha256:")
+    by_tag, by_id = _name("by-tag"), _name("by-id")
+    try:
+        await engine.create(ContainerSpec(name=by_tag, image=image, command=("true",),
+                                          network="none"))
+        tagged = await engine.inspect(by_tag)
+        assert tagged is not None and tagged.image_id == image_id
+        spec = ContainerSpec(name=by_id, image=image_id, command=("true",), network="none",
+                             tty=True, labels={"contract": "1"})
+        async with engine.run_container(spec, cols=80, rows=24) as started:
+            while await started.receive_some():
+                pass
+            assert await started.wait() == 0
+        state = await engine.inspect(by_id)
+        assert state is not None and (state.image_id, state.exit_code) == (image_id, 0)
+    finally:
+        await engine.remove(by_tag)
+        await engine.remove(by_id)
 
 
 async def a_running_container_stops(engine: Engine, image: str) -> None:

@@ -11,6 +11,7 @@ command exits 0 at once.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -47,6 +48,8 @@ class FakeTerminal:
         return self.container_id
 
     async def write(self, data: bytes) -> None:
+        if not data:
+            return  # a terminal never reads as empty but at its end
         if self.kept is not None:
             self.kept += data
         await self._send.send(data)
@@ -109,6 +112,10 @@ class FakeContainer:
     kept: bytearray | None = None  # its output since its last start, if docker keeps it
 
 
+def _id_of(image: str) -> str:
+    return "sha256:" + hashlib.sha256(image.encode()).hexdigest()
+
+
 @dataclass
 class FakeEngine:
     """The Engine, in memory.  ``programs`` maps a command to its program;
@@ -141,6 +148,10 @@ class FakeEngine:
     async def image_exists(self, ref: str) -> bool:
         return ref in self.images
 
+    async def image_id(self, ref: str) -> str | None:
+        await trio.lowlevel.checkpoint()
+        return _id_of(ref) if ref in self.images else None
+
     async def build(self, tag: str, context: Path, *, output: Output,
                     dockerfile: Path | None = None, inline: str | None = None,
                     build_args: dict[str, str] | None = None,
@@ -162,7 +173,7 @@ class FakeEngine:
         if self._find(spec.name) is not None:
             raise CommandFailed(["docker", "create"], 125, b"",
                                 f"Conflict. The container name {spec.name} is in use".encode())
-        if spec.image not in self.images:
+        if spec.image not in self.images | {_id_of(image) for image in self.images}:
             raise CommandFailed(["docker", "create"], 125, b"",
                                 f"Unable to find image '{spec.image}' locally".encode())
         c = FakeContainer(secrets.token_hex(32), spec.name, spec.command or (), image=spec.image,
@@ -237,8 +248,11 @@ class FakeEngine:
     async def inspect(self, container: str) -> ContainerState | None:
         await trio.lowlevel.checkpoint()
         c = self._find(container)
-        return None if c is None else ContainerState(c.status, c.exit_code, "sha256:f", False,
-                                                     "", c.kept is not None, id=c.id)
+        if c is None:
+            return None
+        image = c.image if c.image.startswith("sha256:") else _id_of(c.image)
+        return ContainerState(c.status, c.exit_code, image, False, "", c.kept is not None,
+                              id=c.id)
 
     @asynccontextmanager
     async def kept_output(self, container: str,

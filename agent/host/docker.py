@@ -216,6 +216,8 @@ class DockerCLI:
     def __init__(self, program: str = "docker") -> None:
         self.program = program
         self._volumes: Path | None = None  # where the local driver keeps volumes
+        self._tags: Path | None = None  # dockerd's record of its image tags (see image_id)
+        self._tags_read: tuple[tuple[int, int], dict[str, str]] = ((0, 0), {})
 
     async def _local_volume(self, name: str) -> Path | None:
         """The local driver's directory of the volume, if it is there: found
@@ -255,6 +257,26 @@ class DockerCLI:
 
     async def image_exists(self, ref: str) -> bool:
         return await self._answers("image", "inspect", ref)
+
+    async def image_id(self, ref: str) -> str | None:
+        """From dockerd's own record of its tags, ``repositories.json`` in its
+        image store (the graph drivers' store; not the containerd one, whose
+        directory is not there), read again only when it changed: no docker
+        process on the run path.  None where there is no such record."""
+        if self._tags is None:
+            root, driver = (await self._run("info", "--format", "{{.DockerRootDir}}\n"
+                                            "{{.Driver}}")).decode().split("\n")[:2]
+            self._tags = Path(root) / "image" / driver.strip() / "repositories.json"
+        try:
+            stat = self._tags.stat()
+            if (stat.st_mtime_ns, stat.st_size) != self._tags_read[0]:
+                tags = json.loads(self._tags.read_bytes())["Repositories"]
+                self._tags_read = ((stat.st_mtime_ns, stat.st_size),
+                                   {name: image for repository in tags.values()
+                                    for name, image in repository.items()})
+        except (OSError, ValueError, KeyError, AttributeError):
+            return None
+        return self._tags_read[1].get(_normalise_ref(ref))
 
     async def build(self, tag: str, context: Path, *, output: Output,
                     dockerfile: Path | None = None, inline: str | None = None,

@@ -137,6 +137,11 @@ class Engine(Protocol):
 
     async def image_exists(self, ref: str) -> bool: ...
 
+    async def image_id(self, ref: str) -> str | None:
+        """The id of the image ``ref`` names now, found without a process
+        (None if there is none, or the engine cannot tell that way): a run
+        then runs that very image, and knows which without asking docker."""
+
     async def build(self, tag: str, context: Path, *, output: Output,
                     dockerfile: Path | None = None, inline: str | None = None,
                     build_args: dict[str, str] | None = None,

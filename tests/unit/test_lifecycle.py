@@ -153,6 +153,9 @@ def test_a_run_checks_out_runs_and_leaves_nothing_mounted_or_held(root: Path) ->
             assert f"efci-{w.instance}-{run}-checkout-0" in w.engine.removed
             container = w.engine.containers[record.container_id]
             assert container.status == "exited"  # kept, stopped
+            # run by the id its tag named, which the record has without asking docker
+            image_id = await w.engine.image_id("efci/base:bookworm")
+            assert record.image_id == container.image == image_id
             assert w.mounts.points == set() and w.mounts.mounted_ever == 1
             assert await w.volume_is_free()
 
