@@ -78,13 +78,18 @@ def parse_segment_header(data: bytes) -> tuple[int, int]:
     return number, start
 
 
-def encode_record(kind: Kind, stream: int, time_ns: int,
+def record_header(kind: Kind, stream: int, time_ns: int,
                   payload: bytes | bytearray | memoryview) -> bytes:
+    """The header of a record of ``payload``, which follows it."""
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"record payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
     head = struct.pack("<IBBHQ", len(payload), kind, stream, 0, time_ns)
-    crc = zlib.crc32(payload, zlib.crc32(head))
-    return b"".join((head, struct.pack("<I", crc), payload))
+    return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head)))
+
+
+def encode_record(kind: Kind, stream: int, time_ns: int,
+                  payload: bytes | bytearray | memoryview) -> bytes:
+    return record_header(kind, stream, time_ns, payload) + payload
 
 
 def encode_json(kind: Kind, stream: int, time_ns: int, value: Any) -> bytes:

@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,11 +46,11 @@ from .logformat import (
     Kind,
     Record,
     encode_json,
-    encode_record,
     frames,
     iter_records,
     parse_index,
     parse_segment_header,
+    record_header,
     segment_header,
     valid_end,
 )
@@ -130,17 +130,23 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.rename(tmp, path)
 
 
-def _append_whole(fd: int, data: bytes, size_before: int) -> None:
-    """Append all of ``data`` to an O_APPEND file, or nothing: what a short
-    write (a full disk) got in is cut off again, so a record is never torn
-    in the middle of a log that goes on."""
-    view, done = memoryview(data), 0
+def _append_whole(fd: int, data: bytes | Sequence[bytes | memoryview],
+                  size_before: int) -> None:
+    """Append all of ``data`` (bytes, or pieces written as one, without
+    joining them) to an O_APPEND file, or nothing: what a short write (a
+    full disk) got in is cut off again, so a record is never torn in the
+    middle of a log that goes on."""
+    pieces = [data] if isinstance(data, bytes) else data
+    total, done = sum(len(piece) for piece in pieces), 0
     try:
-        while done < len(view):
-            n = os.write(fd, view[done:])
-            if n == 0:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            done += n
+        done = os.writev(fd, pieces)
+        if done < total:  # rare: the rest, joined
+            view = memoryview(b"".join(pieces))
+            while done < total:
+                n = os.write(fd, view[done:])
+                if n == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += n
     except OSError:
         if done:
             os.ftruncate(fd, size_before)
@@ -443,14 +449,16 @@ class LogWriter:
         self._last_time = max(time.time_ns(), self._last_time)  # never goes back
         return self._last_time
 
-    def _write(self, record: bytes) -> None:
-        """Append one whole record, or nothing (OSError: a full disk...)."""
-        if self._segment_bytes + len(record) > self.store.segment_size and \
+    def _write(self, *record: bytes | memoryview) -> None:
+        """Append one whole record (in pieces: its header, its payload), or
+        nothing (OSError: a full disk...)."""
+        size = sum(len(piece) for piece in record)
+        if self._segment_bytes + size > self.store.segment_size and \
                 self._segment_bytes > SEGMENT_HEADER.size:
             self._roll()
         _append_whole(self._fd, record, self._segment_bytes)
-        self._segment_bytes += len(record)
-        self.position += len(record)
+        self._segment_bytes += size
+        self.position += size
         self._dirty = True
 
     def _append(self, kind: Kind, stream: int, payload: bytes | bytearray | memoryview) -> None:
@@ -469,13 +477,14 @@ class LogWriter:
                 self._add_index_entry(now)
             for start in range(0, max(len(view), 1), CHUNK):
                 chunk = view[start:start + CHUNK]
-                self._write(encode_record(kind, stream, now, chunk))
+                self._write(record_header(kind, stream, now, chunk), chunk)
                 written = start + len(chunk)
         except OSError as e:
             self._lose(len(view) - written, e)
         if kind is Kind.OUTPUT:
             self.output_bytes += written
-            self.newlines += view[:written].tobytes().count(b"\n")
+            counted = payload if isinstance(payload, bytes | bytearray) else view.tobytes()
+            self.newlines += counted.count(b"\n", 0, written)
         if written:
             self.store._notify(self.run_id)
 

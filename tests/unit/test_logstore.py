@@ -365,6 +365,9 @@ class FullDisk:
         self.free -= written
         return written
 
+    def writev(self, fd: int, pieces: list[bytes]) -> int:
+        return self.write(fd, b"".join(pieces))
+
     def ftruncate(self, fd: int, size: int) -> None:
         self.free += os.fstat(fd).st_size - size
         os.ftruncate(fd, size)
