@@ -388,7 +388,8 @@ def _logs(client: Client, args: argparse.Namespace) -> int:
         request |= {"raw": True, **({"stream": args.stream} if args.stream else {})}
     printer = views.LogPrinter(raw=args.raw, timestamps=args.timestamps, as_json=args.json,
                                stream=args.stream)
-    result = client.call("logs", request, on_event=printer)
+    result = client.call("logs", request, on_event=printer,
+                         on_output=printer.output if request.get("raw") else None)
     if args.json:  # JSON lines: the records, then where to resume
         print(json.dumps(result))
     return 0

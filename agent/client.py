@@ -127,16 +127,23 @@ class Client:
         return self._messages.pop(0)
 
     def call(self, op: str, args: dict[str, Any] | None = None, *,
-             on_event: EventHandler | None = None) -> Any:
-        """Send one request; pass its events to ``on_event``; return its result."""
+             on_event: EventHandler | None = None,
+             on_output: Callable[[memoryview], object] | None = None) -> Any:
+        """Send one request; pass its events to ``on_event``; return its
+        result.  With ``on_output``, the bytes of ``output`` events go to it
+        as they arrive (a view it must not keep), not into their message."""
         rid = next(self._ids)
         self.send_raw(wire.encode({"id": rid, "op": op, "args": args or {}}))
-        while True:
-            message = self.read_message()
-            if "event" in message:
-                if on_event is not None:
-                    on_event(message)
-                continue
-            if message.get("ok"):
-                return message.get("result")
-            raise RemoteError(message.get("error") or {})
+        self._frames.on_output = on_output
+        try:
+            while True:
+                message = self.read_message()
+                if "event" in message:
+                    if on_event is not None:
+                        on_event(message)
+                    continue
+                if message.get("ok"):
+                    return message.get("result")
+                raise RemoteError(message.get("error") or {})
+        finally:
+            self._frames.on_output = None

@@ -51,7 +51,9 @@ Handler = Callable[..., Awaitable[object]]
 # Log bytes read per batch for a follower: what a reader that stops reading
 # holds in the agent (each of 50 stalled web viewers included).
 STREAM_BATCH = 128 << 10
-OUTPUT_BATCH = 1 << 20  # raw output has no per-record description to bound
+# A raw reader's batch: no per-record description to bound it; it holds two
+# at most (one being sent, the next being read), and its socket buffer.
+OUTPUT_BATCH = 4 << 20
 SMALL_FRAME = 16 << 10  # a frame's payload that is sent with its line, in one piece
 
 # A repository as Gitea names it: OWNER/NAME of letters, digits, '-', '_', '.'.
@@ -329,7 +331,7 @@ async def stream_output(agent: Agent, call: Call, run_id: int, position: int, sk
     thread) while this one is sent, and the socket may hold a few batches,
     so the reading, the sending and the client's printing overlap.  Returns
     where to resume."""
-    batches_in, batches_out = trio.open_memory_channel[Output](1)
+    batches_in, batches_out = trio.open_memory_channel[Output](0)
 
     async def read_ahead() -> None:
         async with batches_in:

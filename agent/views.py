@@ -406,7 +406,8 @@ class LogPrinter:
 
     def __call__(self, message: dict[str, Any]) -> None:
         if message["event"] == "output":  # raw, already chosen by the agent
-            self._out.write(message["payload"])
+            if "payload" in message:
+                self.output(message["payload"])
             self._out.flush()
             return
         if message["event"] == "streams":
@@ -430,6 +431,10 @@ class LogPrinter:
                     self._out.flush()
                     print(f"efci: {printable(text)}", file=sys.stderr, flush=True)
         self._out.flush()
+
+    def output(self, data: memoryview | bytearray) -> None:
+        """Raw output, as it arrives (``efci logs --raw``)."""
+        self._out.write(data)
 
     def _output(self, data: memoryview, time_ns: int) -> None:
         if not self.timestamps:

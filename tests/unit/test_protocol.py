@@ -125,3 +125,28 @@ def test_a_big_payload_is_received_into_its_own_buffer() -> None:
     messages += decoder.feed(stream[at:])
     assert [m.get("event", "ok") for m in messages] == ["output", "ok"]
     assert messages[0]["payload"] == payload and decoder.pending == 0
+
+
+def test_output_passes_through_a_reused_buffer_to_its_sink() -> None:
+    output = bytes(range(256)) * 8192  # 2 MiB: more than the buffer
+    records = [Record(24, Kind.OUTPUT, 1, 5, b"kept\n")]
+    stream = (protocol.event(1, "output", next=9, size=len(output)) + output
+              + b"".join(protocol.records_event(1, records)) + protocol.ok(1, {"next": 9}))
+    for piece in (7, 70_000, len(stream)):
+        decoder = wire.FrameDecoder()
+        passed = bytearray()
+        decoder.on_output = passed.extend
+        messages, at = [], 0
+        while at < len(stream):
+            room = decoder.room()
+            if room is not None and len(room) > piece:  # as the client does for big ones
+                count = min(len(room), piece)
+                room[:count] = stream[at:at + count]
+                messages += decoder.filled(count)
+            else:
+                count = min(piece, len(stream) - at)
+                messages += decoder.feed(stream[at:at + count])
+            at += count
+        assert [m.get("event", "ok") for m in messages] == ["output", "records", "ok"]
+        assert bytes(passed) == output and "payload" not in messages[0]
+        assert protocol.decode_records(messages[1]) == records  # other frames: assembled
