@@ -9,6 +9,7 @@ exits.  SIGHUP reloads the declarations, like ``efci reload``.
 
 from __future__ import annotations
 
+import gc
 import logging
 import resource
 import signal
@@ -207,6 +208,11 @@ async def _serve_until_signal(agent: Agent, sock: Any, signals: AsyncIterator[in
                                max_connections=agent.cfg.socket_max_connections,
                                idle_timeout=agent.cfg.socket_idle_timeout)
         await nursery.start(server.serve)
+        # What starting made (modules, settings, declarations) lives as long
+        # as the agent: frozen, a full garbage collection no longer walks it
+        # each time, which paused everything, a live log's followers too,
+        # for some 40 ms.
+        gc.freeze()
         log.info("listening on %s", agent.cfg.socket_path)
         async for signum in signals:
             if signum == signal.SIGHUP:

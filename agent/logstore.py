@@ -321,6 +321,11 @@ class LogStore:
         with self.reader(run_id) as reader:
             while True:
                 changed = self._changed.get(run_id)  # taken before reading: no lost wakeup
+                writer = self._writers.get(run_id)
+                if live and changed is not None and writer is not None and \
+                        position >= writer.position:
+                    await changed.wait()  # at the live end: nothing to read before an append
+                    continue
                 last = self._last_read.get(run_id)
                 found: tuple[T, int] | None
                 if key is not None and last is not None and last[:2] == (position, key):
