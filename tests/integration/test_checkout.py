@@ -310,6 +310,11 @@ def test_an_update_rewrites_only_what_changed_and_has_a_first_checkout_s_mtimes(
     assert updated == whole
     assert whole["d1/f1.c"] == (T0 + 100) * 10**9 and whole["d0/f0.c"] == T0 * 10**9
     assert whole["odd/a*b[1].txt"] == (T0 + 200) * 10**9 and "gone" not in whole
+    # Once more with nothing new: the times are those restored last time,
+    # kept, not restored again.
+    status, again = setup.run("track")
+    assert status == 0 and b"mtimes kept" in setup.output(again["id"], "checkout:lib")
+    assert mtimes(volume_dir(setup.volumes[0])) == whole
 
 
 def volume_dir(name: str) -> Path:
