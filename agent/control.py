@@ -35,8 +35,8 @@ LINGER_SECONDS = 5
 LINGER_BYTES = 64 << 20
 
 # What a connection sending a big answer may have in the kernel's buffer: a
-# few batches of ops.OUTPUT_BATCH.  Linux's own number for the option
-# (Python's socket module does not name it).
+# batch of ops.OUTPUT_BATCH.  SO_SNDBUFFORCE is Linux's own number for the
+# option (Python's socket module does not name it).
 BULK_BUFFER = 4 << 20
 SO_SNDBUFFORCE = 32
 

@@ -211,11 +211,11 @@ async def logs(agent: Agent, call: Call, *, run: int, follow: bool = False, posi
         raise RequestError("logs: raw reads forwards only; leave out until")
     if stream is not None and not raw:
         raise RequestError("logs: stream chooses what raw prints; give raw too")
+    record = await run_wire(agent, run)  # NotFound for an unknown run
     named = agent.logs.streams(run)
     if stream is not None and stream not in named and not agent.logs.is_live(run):
         raise NotFound(f"run {run}'s log has no stream {stream!r}; it has "
                        f"{', '.join(sorted(set(named) - {'agent'}))}")
-    record = await run_wire(agent, run)  # NotFound for an unknown run
     if record["log_removed_at"] is not None:
         raise NotFound(f"run {run}'s log was removed by gc on "
                        f"{time.strftime('%Y-%m-%d', time.localtime(record['log_removed_at']))} "
@@ -328,21 +328,21 @@ async def stream_output(agent: Agent, call: Call, run_id: int, position: int, sk
     ``output`` events (a frame of ``size`` bytes, and ``next``, where to
     resume): no description of each record, so a big log goes out at the
     speed of the disk and the socket.  The next batch is read (in a worker
-    thread) while this one is sent, and the socket may hold a few batches,
-    so the reading, the sending and the client's printing overlap.  Returns
-    where to resume."""
+    thread) while this one is sent, and the socket holds one more, so the
+    reading, the sending and the client's printing overlap.  Returns where
+    to resume."""
     batches_in, batches_out = trio.open_memory_channel[Output](0)
 
-    async def read_ahead() -> None:
+    async def read_ahead(start: int) -> None:
         async with batches_in:
-            async for output in agent.logs.follow_output(run_id, position, live=follow,
+            async for output in agent.logs.follow_output(run_id, start, live=follow,
                                                          skip=skip, max_bytes=OUTPUT_BATCH,
                                                          stream=stream):
                 await batches_in.send(output)
 
     call.bulk()
     async with trio.open_nursery() as nursery, batches_out:
-        nursery.start_soon(read_ahead)
+        nursery.start_soon(read_ahead, position)
         async for output in batches_out:
             position = output.end
             if output.data:

@@ -16,6 +16,7 @@ import time
 import psutil
 import pytest
 
+from agent.client import RemoteError
 from agent.logformat import Kind
 from agent.protocol import decode_records
 
@@ -90,6 +91,28 @@ def test_colour_progress_and_invalid_utf8_pass_unharmed(agent: AgentProcess) -> 
                 b"bad utf-8: \xff\xfe\xc3\x28 nul:\x00 end\r\n"
                 b"stdout is a terminal of 50 160 (rows cols), 160 x 50\r\n")
     assert raw_log(agent, 1) == expected
+
+
+def test_raw_output_is_the_records_output_and_refuses_what_it_cannot_do(
+        agent: AgentProcess) -> None:
+    """efci logs --raw (the agent's raw output events) against the records
+    themselves: whole, of one stream, from a tail; and the requests it
+    refuses, each saying why."""
+    declare(agent)
+    assert agent.efci("run", "--follow", "lines").returncode == 0
+    with agent.client() as client:
+        records: list[bytes] = []
+        client.call("logs", {"run": 1}, on_event=lambda m: records.extend(
+            r.payload for r in decode_records(m) if r.kind is Kind.OUTPUT)
+            if m["event"] == "records" else None)
+        for args, words in (({"raw": True, "until": 0}, "until"),
+                            ({"stream": "task"}, "give raw too"),
+                            ({"raw": True, "stream": "nothing"}, "has no stream 'nothing'")):
+            with pytest.raises(RemoteError, match=words):
+                client.call("logs", {"run": 1, **args})
+    assert raw_log(agent, 1) == b"".join(records)
+    assert agent.efci("logs", "--raw", "--stream", "task", "1").stdout == b"".join(records)
+    assert agent.efci("logs", "--raw", "--tail", "2", "1").stdout == b"line 1000\r\nlast\r\n"
 
 
 def test_a_100_mb_line_goes_through(agent: AgentProcess) -> None:
