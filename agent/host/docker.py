@@ -140,8 +140,11 @@ def run_argv(docker: str, spec: OneShot, *, tty: bool) -> list[str]:
 
 def build_argv(docker: str, tag: str, context: Path, *, dockerfile: Path | None,
                build_args: dict[str, str], labels: dict[str, str]) -> list[str]:
-    """``docker build``; without a ``dockerfile`` it is read from stdin."""
-    argv = [docker, "build", "--tag", tag, "--file", str(dockerfile) if dockerfile else "-"]
+    """``docker build``; without a ``dockerfile`` it is read from stdin.
+    --force-rm: the classic builder otherwise keeps the container of a step
+    that failed, one stopped container left on the host per failed build."""
+    argv = [docker, "build", "--force-rm", "--tag", tag, "--file",
+            str(dockerfile) if dockerfile else "-"]
     for key, value in sorted(build_args.items()):
         argv += ["--build-arg", f"{key}={value}"]
     return [*argv, *_labels(labels), str(context)]

@@ -166,6 +166,12 @@ class AgentProcess:
             if images:
                 subprocess.run(["docker", "rmi", "--force", *set(images)], capture_output=True,
                                check=False)
+            volumes = subprocess.run(["docker", "volume", "ls", "--quiet", "--filter",
+                                      f"label=org.efforting-ci.instance={instance}"],
+                                     capture_output=True, text=True, check=False).stdout.split()
+            if volumes:  # the runs' writable layers
+                subprocess.run(["docker", "volume", "rm", "--force", *volumes],
+                               capture_output=True, check=False)
         firewall.remove(firewall.rule_sets("efci0", ()))  # after a killed agent
         for point in mounted_under(self.root):
             subprocess.run(["umount", "--lazy", str(point)], capture_output=True, check=False)

@@ -101,6 +101,14 @@ def test_deploy_targets_need_the_allow_list_and_a_real_directory(
     assert os.listdir(targets["docs"]) == ["b"]
 
 
+def failed_build_steps() -> list[str]:
+    """Containers of the broken image's failed step, which the classic
+    builder keeps unless told not to."""
+    return [line for line in subprocess.run(
+        ["docker", "ps", "--all", "--no-trunc", "--format", "{{.ID}} {{.Command}}"],
+        capture_output=True, text=True, check=True).stdout.splitlines() if "exit 7" in line]
+
+
 def test_tasks_that_go_wrong_are_recorded_and_leave_nothing_behind(agent: AgentProcess) -> None:
     context = agent.conf_d / "broken"
     context.mkdir(parents=True)
@@ -127,8 +135,10 @@ tasks:
     status, record = run(agent, "silent-failure")
     assert (status, record["status"], record["exit_code"]) == (3, "failed", 3)
     assert output(agent, record["id"]) == b""
+    failed_steps = len(failed_build_steps())
     status, record = run(agent, "unbuildable")
     assert status == 1 and "failed to build" in record["error"]
+    assert len(failed_build_steps()) == failed_steps  # docker build kept no container of it
     log = agent.efci("logs", "--stream", "image:broken", str(record["id"])).stdout
     assert b"exit 7" in log or b"returned a non-zero code: 7" in log
     assert agent.containers(running=True) == []

@@ -76,7 +76,8 @@ def test_a_one_shot_container_keeps_only_what_it_is_given() -> None:
 def test_builds_and_networks() -> None:
     argv = docker.build_argv("docker", "t:1", Path("/ctx"), dockerfile=None,
                              build_args={"BASE": "b"}, labels={"image": "i"})
-    assert argv == ["docker", "build", "--tag", "t:1", "--file", "-", "--build-arg", "BASE=b",
+    assert argv == ["docker", "build", "--force-rm", "--tag", "t:1", "--file", "-",
+                    "--build-arg", "BASE=b",
                     "--label", "org.efforting-ci.image=i", "/ctx"]
     net = docker.network_argv("docker", NetworkSpec("efci", "efci0", "172.30.0.0/24",
                                                     "172.30.0.1"))
