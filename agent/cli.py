@@ -247,7 +247,7 @@ def _load_config(args: argparse.Namespace) -> AgentConfig:
 
 def _socket_path(args: argparse.Namespace) -> str:
     if args.socket:
-        return str(args.socket)
+        return args.socket
     if os.environ.get("EFCI_SOCKET"):
         return os.environ["EFCI_SOCKET"]
     return layout.socket_path(args.root, args.config)

@@ -218,16 +218,22 @@ class DockerCLI:
 
     def __init__(self, program: str = "docker") -> None:
         self.program = program
-        self._volumes: Path | None = None  # where the local driver keeps volumes
-        self._tags: Path | None = None  # dockerd's record of its image tags (see image_id)
+        self._store: tuple[Path, str] | None = None  # docker's root and storage driver
         self._tags_read: tuple[tuple[int, int], dict[str, str]] = ((0, 0), {})
+
+    async def _store_of(self) -> tuple[Path, str]:
+        """Where dockerd keeps things, asked once: the run path finds its
+        volumes and image tags there without a docker process."""
+        if self._store is None:
+            root, driver = (await self._run("info", "--format", "{{.DockerRootDir}}\n"
+                                            "{{.Driver}}")).decode().split("\n")[:2]
+            self._store = Path(root.strip()), driver.strip()
+        return self._store
 
     async def _local_volume(self, name: str) -> Path | None:
         """The local driver's directory of the volume, if it is there: found
         without a docker process (the run path asks for several)."""
-        if self._volumes is None:
-            self._volumes = await self.root_dir() / "volumes"
-        path = self._volumes / name / "_data"
+        path = (await self._store_of())[0] / "volumes" / name / "_data"
         return path if path.is_dir() else None
 
     async def _run(self, *args: str, stdin: bytes = b"") -> bytes:
@@ -266,14 +272,12 @@ class DockerCLI:
         image store (the graph drivers' store; not the containerd one, whose
         directory is not there), read again only when it changed: no docker
         process on the run path.  None where there is no such record."""
-        if self._tags is None:
-            root, driver = (await self._run("info", "--format", "{{.DockerRootDir}}\n"
-                                            "{{.Driver}}")).decode().split("\n")[:2]
-            self._tags = Path(root) / "image" / driver.strip() / "repositories.json"
+        root, driver = await self._store_of()
+        record = root / "image" / driver / "repositories.json"
         try:
-            stat = self._tags.stat()
+            stat = record.stat()
             if (stat.st_mtime_ns, stat.st_size) != self._tags_read[0]:
-                tags = json.loads(self._tags.read_bytes())["Repositories"]
+                tags = json.loads(record.read_bytes())["Repositories"]
                 self._tags_read = ((stat.st_mtime_ns, stat.st_size),
                                    {name: image for repository in tags.values()
                                     for name, image in repository.items()})
