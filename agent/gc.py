@@ -2,8 +2,8 @@
 policy in agent.yml says may go, each removal with its reason and the bytes
 it frees.
 
-- A finished run's container and layers (its mutations volumes, the layers
-  of layered caches it holds) go unless it is among the newest
+- A finished run's container and layers (its upper layers over its worktrees,
+  the layers of layered caches it holds) go unless it is among the newest
   ``gc.keep_runs`` of its task or younger than ``gc.keep_for``; its record
   stays, marked as evicted, and its log stays.
 - Past ``gc.layers_budget`` (the bytes of finished runs' layers and
@@ -17,8 +17,9 @@ it frees.
 - A built image of a declaration that no declared task runs in any more,
   and that no run used for ``gc.images_unused``, goes.
 - Orphans: containers and volumes carrying this agent instance's labels whose
-  run the state store does not know, or whose run was removed, go.  Nothing
-  without those labels is ever looked at.
+  run the state store does not know, or whose run was removed, go, and so
+  do such runs' directories in the layers volume.  Nothing without those
+  labels is ever looked at.
 
 Never touched: what a queued or running run uses, a run with a shell open,
 a base worktree a declared task references, the layers of a kept run (a
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Removal:
-    kind: str  # run, log, worktree, container, volume
+    kind: str  # run, log, worktree, container, volume, layers
     name: str
     why: str
     bytes: int
@@ -144,12 +145,11 @@ class Collector:
         return True
 
     async def _run_bytes(self, run_id: int, container: str | None) -> int:
-        """What a finished run holds on disk: its mutations volumes and its
-        container's writable layer."""
-        engine, size = self.agent.engine, 0
-        for volume in await engine.labelled("volume", {"instance": self.agent.instance,
-                                                       "run": str(run_id)}, "run"):
-            size += await trio.to_thread.run_sync(tree_size, await engine.volume_path(volume))
+        """What a finished run holds on disk: its layers over its worktrees
+        and its container's writable layer."""
+        engine = self.agent.engine
+        size = await trio.to_thread.run_sync(
+            tree_size, await self.agent.mutations.run_layers(run_id))
         if container:
             size += (await engine.container_sizes([container])).get(container, 0)
         return size
@@ -216,7 +216,7 @@ class Collector:
             add(Removal("worktree", row["volume"], f"no declared task checks it out and no "
                         f"run used it for {_days(age)} (gc.worktrees_unused)", size))
             if not dry_run:
-                await agent.engine.remove_volumes_named([row["volume"]])
+                await agent.engine.remove_volumes([row["volume"]])
                 await agent.state.call(agent.state.forget_worktree, row["volume"])
 
     async def _images(self, now: float, owner: str | None, dry_run: bool,
@@ -270,4 +270,17 @@ class Collector:
                     if kind == "container":
                         await agent.engine.remove(name)
                     else:
-                        await agent.engine.remove_volumes_named([name])
+                        await agent.engine.remove_volumes([name])
+        for run_id in await agent.mutations.runs_with_layers():
+            if self._busy(run_id):
+                continue
+            record = await agent.state.call(agent.state.get_run, run_id)
+            if record is not None and record.removed_at is None:
+                continue
+            why = ("left by a crash: its run is unknown" if record is None else
+                   f"left by a crash: run {run_id} was removed")
+            where = await agent.mutations.run_layers(run_id)
+            add(Removal("layers", str(where), why,
+                        await trio.to_thread.run_sync(tree_size, where)))
+            if not dry_run:
+                await agent.mutations.remove(run_id)

@@ -267,7 +267,7 @@ async def retry(agent: Agent, call: Call, *, run: int, stage: str, follow: bool 
 async def rm(agent: Agent, call: Call, *, run: int, session: str | None = None) -> object:
     who = await _who(agent, call, session)
     await agent.runs.remove(run)
-    log.info("run %d: container and mutations removed (uid %d)", run, who.uid)
+    log.info("run %d: container and layers removed (uid %d)", run, who.uid)
     return await run_wire(agent, run)
 
 

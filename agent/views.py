@@ -218,7 +218,7 @@ def cancelled(run: dict[str, Any]) -> int:
 
 
 def removed(run: dict[str, Any]) -> int:
-    print(f"run {run['id']}: container and mutations removed; its log and record stay")
+    print(f"run {run['id']}: container and layers removed; its log and record stay")
     return 0
 
 

@@ -292,12 +292,6 @@ class FakeEngine:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    async def remove_volumes(self, labels: dict[str, str]) -> None:
-        for name, have in list(self.volumes.items()):
-            if all(have.get(f"org.efforting-ci.{k}", have.get(k)) == v
-                   for k, v in labels.items()):
-                del self.volumes[name]
-
     async def labelled_images(self, labels: dict[str, str]) -> list[str]:
         return []
 
@@ -307,7 +301,7 @@ class FakeEngine:
     async def image_config(self, ref: str) -> tuple[list[str], list[str]]:
         return [], []
 
-    async def remove_volumes_named(self, names: list[str]) -> None:
+    async def remove_volumes(self, names: list[str]) -> None:
         for name in names:
             self.volumes.pop(name, None)
 

@@ -416,14 +416,7 @@ class DockerCLI:
         return await self._local_volume(name) or Path((await self._run(
             "volume", "inspect", "--format", "{{.Mountpoint}}", name)).decode().strip())
 
-    async def remove_volumes(self, labels: dict[str, str]) -> None:
-        filters = [arg for key, value in labels.items()
-                   for arg in ("--filter", f"label={LABEL_PREFIX}{key}={value}")]
-        names = (await self._run("volume", "ls", "--quiet", *filters)).decode().split()
-        if names:
-            await self._destroy("volume", "rm", "--force", *names)
-
-    async def remove_volumes_named(self, names: list[str]) -> None:
+    async def remove_volumes(self, names: list[str]) -> None:
         if names:
             await self._destroy("volume", "rm", "--force", *names)
 

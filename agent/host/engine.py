@@ -212,10 +212,7 @@ class Engine(Protocol):
     async def volume_path(self, name: str) -> Path:
         """The host directory holding the volume's data."""
 
-    async def remove_volumes(self, labels: dict[str, str]) -> None:
-        """Remove the volumes carrying all these labels (without LABEL_PREFIX)."""
-
-    async def remove_volumes_named(self, names: list[str]) -> None: ...
+    async def remove_volumes(self, names: list[str]) -> None: ...
 
     async def labelled(self, kind: str, labels: dict[str, str], key: str) -> dict[str, str]:
         """Containers (``kind`` "container") or volumes ("volume") carrying all

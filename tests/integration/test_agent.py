@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -86,6 +87,25 @@ def test_logs_are_byte_exact(hello: AgentProcess) -> None:
     expected = b"\xff\xfe not utf-8\x00NUL\r\rprogress\r\r\n"  # the tty's ONLCR
     assert hello.efci("logs", "1").stdout == expected
     assert hello.efci("logs", "--raw", "1").stdout == expected
+
+
+def test_output_that_cannot_be_written_is_said_so(hello: AgentProcess) -> None:
+    """efci ends without the interpreter's teardown: what it printed is
+    flushed before, and a failure to write is reported, not lost at exit."""
+    assert hello.efci("run", "--follow", "bytes").returncode == 0
+    logs = [sys.executable, "-m", "agent", "--root", str(hello.root), "logs", "1"]
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run(logs, stdout=full, stderr=subprocess.PIPE, timeout=60)
+    assert result.returncode == 74
+    assert result.stderr.endswith(b"\nefci: No space left on device\n"), result.stderr
+    reader, writer = os.pipe()
+    os.close(reader)  # efci logs RUN | head, head gone
+    try:
+        result = subprocess.run(logs, stdout=writer, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(writer)
+    assert result.returncode == 141
+    assert b"efci: container" in result.stderr and b"Traceback" not in result.stderr  # nothing more
 
 
 def test_a_follower_started_mid_run_gets_the_same_bytes_as_a_replay(hello: AgentProcess) -> None:

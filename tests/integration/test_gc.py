@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from .conftest import BASE_IMAGE, AgentProcess, Setup, task
-from .test_worktrees import make_repo
+from .test_worktrees import make_repo, upper_layer, volume_dir
 
 pytestmark = pytest.mark.integration
 
@@ -68,14 +68,23 @@ def test_gc_removes_what_the_policy_says_and_nothing_unlabelled(
     docker("create", "--name", orphan, "--label", f"org.efforting-ci.instance={instance}",
            "--label", "org.efforting-ci.run=9999", BASE_IMAGE, "true")
     docker("volume", "create", "--label", f"org.efforting-ci.instance={instance}",
-           "--label", "org.efforting-ci.run=9999", f"{orphan}-mut-0")
+           "--label", "org.efforting-ci.run=9999", f"{orphan}-mut-0")  # an older agent's
+    # and the run's layers in the layers volume (the run has no worktree, so
+    # the volume is made here as the agent makes it).
+    docker("volume", "create", "--label", f"org.efforting-ci.instance={instance}",
+           "--label", "org.efforting-ci.layers=1", f"efci-{instance}-layers")
+    layers = volume_dir(f"efci-{instance}-layers") / "9999"
+    (layers / "0/upper").mkdir(parents=True)
+    (layers / "0/upper/built").write_bytes(b"x" * 100_000)
 
     planned = gc(agent, "--dry-run")
     assert planned["dry_run"]
     assert sorted((r["kind"], r["name"]) for r in planned["removed"]) == sorted([
         ("run", str(runs[0])), ("run", str(runs[1])), ("container", orphan),
-        ("volume", f"{orphan}-mut-0")])
+        ("volume", f"{orphan}-mut-0"), ("layers", str(layers))])
+    assert next(r["bytes"] for r in planned["removed"] if r["kind"] == "layers") >= 100_000
     assert all(exists("container", c) for c in containers.values())  # a dry run
+    assert layers.is_dir()
 
     done = gc(agent)
     assert sorted((r["kind"], r["name"]) for r in done["removed"]) == sorted(
@@ -88,6 +97,7 @@ def test_gc_removes_what_the_policy_says_and_nothing_unlabelled(
     for run in runs[2:]:
         assert exists("container", containers[run]) and show(agent, run)["removed_at"] is None
     assert not exists("container", orphan) and not exists("volume", f"{orphan}-mut-0")
+    assert not layers.exists() and layers.parent.is_dir()
     for kind in ("container", "volume", "image"):
         assert exists(kind, unrelated[kind]), kind
     assert gc(agent)["removed"] == []  # nothing more to do
@@ -182,16 +192,23 @@ def test_images_no_task_runs_in_go(agent: AgentProcess) -> None:
             docker("rmi", "-f", tag)
 
 
-def test_past_the_budget_the_oldest_runs_go(agent: AgentProcess) -> None:
-    agent.configure("gc:\n  layers_budget: 1MiB\n  interval: 0\n")  # keep_runs: 20, 7d
-    agent.start()
-    agent.declare("t.yml", json.dumps({"tasks": {"t": task(
-        command=["sh", "-c", "head -c 700000 /dev/urandom > /var/tmp/blob"])}}))
-    agent.efci("reload")
-    runs = [json.loads(agent.efci("--json", "run", "--follow", "t").stdout.splitlines()[-1])["id"]
-            for _ in range(3)]
-    done = gc(agent)
+def test_past_the_budget_the_oldest_runs_go(setup: Setup) -> None:
+    """The budget counts both of a run's writable layers: its container's
+    and its upper layer over /src (400 kB each, 1 MiB allowed)."""
+    sha = make_repo(setup)
+    setup.agent.stop()
+    setup.agent.configure("gc:\n  layers_budget: 1MiB\n  interval: 0\n")  # keep_runs: 20, 7d
+    setup.agent.start()
+    setup.declare({"t": task(checkout={"repositories": [
+        setup.entry("lib", sha, mutable=False)]}, command=["sh", "-c",
+        "head -c 400000 /dev/urandom > /var/tmp/blob && "
+        "head -c 400000 /dev/urandom > /src/lib/blob"])})
+    runs = [setup.run("t")[1]["id"] for _ in range(3)]
+    layers = [upper_layer(setup, run) for run in runs]
+    assert all((layer / "blob").stat().st_size == 400000 for layer in layers)
+    done = gc(setup.agent)
     assert [(r["kind"], r["name"]) for r in done["removed"]] == [("run", str(runs[0])),
                                                                  ("run", str(runs[1]))]
-    assert all(r["bytes"] >= 700000 and "gc.layers_budget" in r["why"] for r in done["removed"])
-    assert show(agent, runs[2])["removed_at"] is None  # the newest of the task stays
+    assert all(r["bytes"] >= 800000 and "gc.layers_budget" in r["why"] for r in done["removed"])
+    assert not layers[0].exists() and not layers[1].exists() and layers[2].is_dir()
+    assert show(setup.agent, runs[2])["removed_at"] is None  # the newest of the task stays

@@ -10,13 +10,12 @@ import select
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from agent.host.mounts import mounted_under
 from agent.host.pty import set_window_size
 
 from .conftest import BASE_IMAGE, AgentProcess, Setup, task
-from .test_worktrees import make_repo
+from .test_worktrees import make_repo, upper_layer
 
 COUNTER = ("n=$(cat /counter 2>/dev/null || echo 0); n=$((n+1)); echo $n > /counter; "
            "echo attempt $n; echo $n >> /src/lib/attempts; cat /src/lib/attempts; exit $n")
@@ -53,10 +52,10 @@ def test_restart_keeps_container_state_and_upper_layer_then_rm(setup: Setup) -> 
     assert b"attempt 1\r\n" in full and b"attempt 2\r\n" in full  # one log, both attempts
     assert mounted_under(setup.agent.root / "state/mounts") == []
 
-    mutations = f"efci-{setup.agent.instance()}-{run['id']}-mut-0"
+    layer = upper_layer(setup, run["id"])
+    assert layer.is_dir()
     setup.agent.efci("rm", str(run["id"]))
-    assert subprocess.run(["docker", "volume", "inspect", mutations],
-                          capture_output=True).returncode != 0
+    assert not layer.parent.parent.exists()  # the run's layers
     assert subprocess.run(["docker", "inspect", run["container_id"]],
                           capture_output=True).returncode != 0
     again = setup.agent.efci("restart", str(run["id"]), check=False)
@@ -127,10 +126,7 @@ def test_shell_in_a_finished_run_sees_its_state_and_worktree(setup: Setup) -> No
                            f"efci-shell/{setup.agent.instance()}:{run['id']}"],
                           capture_output=True).returncode != 0  # cleaned up
     # what the shell wrote is in the run's upper layer, as a restart would see it
-    upper = subprocess.run(["docker", "volume", "inspect", "--format", "{{.Mountpoint}}",
-                            f"efci-{setup.agent.instance()}-{run['id']}-mut-0"],
-                           capture_output=True, check=True).stdout.decode().strip()
-    assert (Path(upper) / "upper/from-shell").read_text() == "42\n"
+    assert (upper_layer(setup, run["id"]) / "from-shell").read_text() == "42\n"
 
 
 def test_what_efci_shell_changes_is_what_restart_runs_with(setup: Setup) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .conftest import BASE_IMAGE, Setup, task
 from .test_lifecycle import shell
-from .test_worktrees import make_repo, volume_dir
+from .test_worktrees import make_repo, upper_layer, volume_dir
 
 # Stage one: change the worktree (a new file, a deletion, a whole directory
 # made opaque by deleting and remaking it).
@@ -60,9 +60,7 @@ def test_a_later_stage_sees_what_the_earlier_one_left(setup: Setup) -> None:
         assert state.stdout.strip() == "exited"
     assert b"stage build (1 of 2)" in log.stderr and b"stage publish: succeeded" in log.stderr
     # The layer stack: stage 1's upper holds only what stage 1 did; the base is untouched.
-    instance = setup.agent.instance()
-    first = volume_dir(f"efci-{instance}-{run['id']}-mut-0") / "upper"
-    second = volume_dir(f"efci-{instance}-{run['id']}-mut-0-s1") / "upper"
+    first, second = upper_layer(setup, run["id"]), upper_layer(setup, run["id"], 1)
     assert (first / "out.txt").read_bytes() == b"built\n"
     assert (second / "out.txt").read_bytes() == b"built\npublished\n"
     assert not (second / "README").exists()  # the whiteout is stage 1's, seen from below

@@ -43,6 +43,13 @@ def volume_dir(name: str) -> Path:
                                 name], capture_output=True, check=True).stdout.decode().strip())
 
 
+def upper_layer(setup: Setup, run: int, stage: int = 0) -> Path:
+    """The upper layer of a run's first worktree (of a pipeline's stage),
+    in the agent's layers volume."""
+    layers = volume_dir(f"efci-{setup.agent.instance()}-layers") / str(run)
+    return layers / (f"0-s{stage}" if stage else "0") / "upper"
+
+
 def make_repo(setup: Setup) -> str:
     s = setup.server
     s.create("lib")
@@ -73,7 +80,7 @@ def test_a_task_writes_freely_and_the_base_never_changes(setup: Setup) -> None:
     assert set(listing) == {b"added.txt", b"build", b"manual", b"src"}
     assert tree_digest(base) == before  # the base worktree is untouched
 
-    upper = volume_dir(f"efci-{setup.agent.instance()}-{run['id']}-mut-0") / "upper"
+    upper = upper_layer(setup, run["id"])
     assert (upper / "added.txt").read_bytes() == b"new\n"
     assert (upper / "src/main.c").read_bytes() == b"int main;\nchanged\n"
     readme = os.lstat(upper / "README")  # overlayfs whiteout: a 0/0 character device
