@@ -282,12 +282,12 @@ class LogStore:
         return LogReader(self.run_dir(run_id))
 
     async def follow(self, run_id: int, position: int = 0, *, live: bool = True,
-                     max_bytes: int = 1 << 20) -> AsyncIterator[list[Record]]:
+                     max_bytes: int = 1 << 20) -> AsyncIterator[Batch]:
         """Batches of records from ``position``; with ``live``, waits for
         more until the run's writer closes.  Reads go to the files, so a
         slow follower costs disk reads, never the agent's memory."""
-        async def read(reader: LogReader, at: int) -> tuple[list[Record], int] | None:
-            records = reader.read(at, max_bytes)
+        async def read(reader: LogReader, at: int) -> tuple[Batch, int] | None:
+            records = Batch(reader.read(at, max_bytes))
             return (records, records[-1].end) if records else None
 
         async for records in self._follow(run_id, position, live, ("records", max_bytes), read):
@@ -363,6 +363,18 @@ def _recover(run_dir: Path) -> int:
         entries = [e for e in parse_index(index.read_bytes()) if e.position < log_end]
         _write_atomically(index, b"".join(e.pack() for e in entries))
     return cut
+
+
+class Batch(list[Record]):
+    """Records read together.  The followers one append wakes share one
+    (see LogStore._follow), and ``shared`` holds what they make of it
+    alike, made once: the frame that sends it (ops.stream_log)."""
+
+    __slots__ = ("shared",)
+
+    def __init__(self, records: Iterable[Record]) -> None:
+        super().__init__(records)
+        self.shared: dict[Any, Any] = {}
 
 
 class LogWriter:

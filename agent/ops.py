@@ -308,13 +308,21 @@ async def stream_log(agent: Agent, call: Call, run_id: int, position: int, skip:
     streams = agent.logs.streams(run_id)
     await call.event("streams", streams=streams, start=[position, skip])
     async for records in agent.logs.follow(run_id, position, live=follow, max_bytes=STREAM_BATCH):
-        batch = list(bounded(records, until, until_skip))
+        batch = records if until is None else list(bounded(records, until, until_skip))
         if not batch:
             break
         if any(r.stream not in streams.values() for r in batch):
             streams = agent.logs.streams(run_id)
             await call.event("streams", streams=streams)
-        await send_frame(call, *protocol.records_event(call.id, records_with_skip(batch, skip)))
+        frame: tuple[bytes, bytes] | None = None
+        if not skip and batch is records:  # as every follower of a live log: made once
+            key = (type(call.id), call.id)  # for those that asked alike (not True for 1)
+            frame = records.shared.get(key)
+            if frame is None:
+                frame = records.shared[key] = protocol.records_event(call.id, batch)
+        else:
+            frame = protocol.records_event(call.id, records_with_skip(batch, skip))
+        await send_frame(call, *frame)
         skip = 0
         position = batch[-1].end
         if until is not None and (len(batch) < len(records) or batch[-1].position == until):

@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,8 +15,9 @@ import trio
 import trio.testing
 
 from agent import logformat as fmt
-from agent import logstore
+from agent import logstore, ops, protocol, wire
 from agent.logstore import LogStore, bounded, records_with_skip
+from agent.model import Requester
 
 NASTY = b"\x1b[31mred\x1b[0m\r\n\rprogress 50%\r\xff\xfe\x00 invalid utf-8 and NUL\n"
 
@@ -437,3 +439,47 @@ def test_what_the_log_holds_of_the_containers_last_start(tmp_path: Path) -> None
     w.close()
     assert store.last_status(1) == {"status": "failed", "exit_code": 2}
     assert store.last_status(2) is None
+
+
+async def test_followers_that_asked_alike_share_one_frame_per_append(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ops.stream_log encodes a live append once for every follower whose
+    request had the same id (efci's all ask with 1), and each its own for
+    an id that differs, even one JSON tells apart and Python does not."""
+    store = LogStore(tmp_path, limit=1 << 20)
+    w = store.open_writer(1)
+    encoded = 0
+    real = protocol.records_event
+
+    def counting(rid: Any, records: list[fmt.Record]) -> tuple[bytes, bytes]:
+        nonlocal encoded
+        encoded += 1
+        return real(rid, records)
+
+    monkeypatch.setattr(protocol, "records_event", counting)
+    ids: list[Any] = [1, 1, 1, "1", True, 2]
+    sent = [bytearray() for _ in ids]
+
+    async def follower(rid: Any, into: bytearray) -> None:
+        async def send(data: bytes) -> None:
+            into.extend(data)
+
+        call = protocol.Call(rid, Requester(0, 0, 1), send, lambda: None)  # type: ignore[arg-type]
+        await ops.stream_log(SimpleNamespace(logs=store), call, 1, 0, 0,  # type: ignore[arg-type]
+                             follow=True)
+
+    async with trio.open_nursery() as nursery:
+        for rid, into in zip(ids, sent, strict=True):
+            nursery.start_soon(follower, rid, into)
+        await trio.testing.wait_all_tasks_blocked()
+        encoded = 0
+        for i in range(20):
+            w.output(b"line %d\n" % i)
+            await trio.testing.wait_all_tasks_blocked()
+        w.close()
+    assert encoded == 20 * 4  # 1 (three followers), "1", True, 2
+    for rid, data in zip(ids, sent, strict=True):
+        messages = wire.FrameDecoder().feed(bytes(data))
+        assert all((m["id"], type(m["id"])) == (rid, type(rid)) for m in messages)
+        output = b"".join(bytes(m["payload"]) for m in messages if m["event"] == "records")
+        assert output.endswith(b"".join(b"line %d\n" % i for i in range(20)))
