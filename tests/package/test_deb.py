@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -149,9 +150,15 @@ def test_the_service_runs_as_efci_and_serves_a_real_run(installed: None,
         agent.wait(timeout=90)
         server.stop()
         Path("/etc/efforting-ci/conf.d/site.yml").unlink(missing_ok=True)
-        volumes = sh("docker", "volume", "ls", "-q", "--filter", "label=ci.owner=local").stdout
-        if volumes.split():
-            sh("docker", "volume", "rm", "-f", *volumes.decode().split(), check=False)
+        db = sqlite3.connect("/var/lib/efforting-ci/state.db")
+        try:  # the run's layers volume carries the agent's instance
+            instance = db.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()[0]
+        finally:
+            db.close()
+        for label in ("ci.owner=local", f"org.efforting-ci.instance={instance}"):
+            volumes = sh("docker", "volume", "ls", "-q", "--filter", f"label={label}").stdout
+            if volumes.split():
+                sh("docker", "volume", "rm", "-f", *volumes.decode().split(), check=False)
         containers = sh("docker", "ps", "-aq", "--filter",
                         "label=org.efforting-ci.task=local/site").stdout.decode().split()
         if containers:

@@ -103,7 +103,6 @@ def site(web: Web, tmp_path: Path) -> Iterator[tuple[Web, GitServer]]:
     starts, and the hook that tells the web page of each push."""
     server = GitServer(tmp_path / "git", owner="alice")
     server.start()
-    volumes: list[str] = []
     try:
         agent = web.agent
         server.create("site")
@@ -122,8 +121,6 @@ def site(web: Web, tmp_path: Path) -> Iterator[tuple[Web, GitServer]]:
             "checkout": {"repositories": [entry]},
             "command": ["cat", "/src/site/index.html"]}}}))
         agent.efci("reload")
-        from agent.host.git import worktree_volume_name
-        volumes.append(worktree_volume_name("alice", entry))
         write_secret(web)
         hook = server.path("site") / "hooks/post-receive"
         hook.write_text(HOOK.format(python=sys.executable, ssh_url=server.url("site"),
@@ -132,6 +129,11 @@ def site(web: Web, tmp_path: Path) -> Iterator[tuple[Web, GitServer]]:
         yield web, server
     finally:
         server.stop()
+        # Every worktree of the repository: this task's, and those a test
+        # declares of other revisions (pinned_task).
+        volumes = subprocess.run(["docker", "volume", "ls", "-q", "--filter",
+                                  f"label=ci.repo_url={server.url('site')}"],
+                                 capture_output=True, text=True, check=False).stdout.split()
         if volumes:
             subprocess.run(["docker", "volume", "rm", "--force", *volumes], capture_output=True,
                            check=False)
