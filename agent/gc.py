@@ -254,13 +254,9 @@ class Collector:
         ours = {"instance": agent.instance}
         for kind in ("container", "volume"):
             for name, run in (await agent.engine.labelled(kind, ours, "run")).items():
-                if not run.isdigit() or self._busy(int(run)):
+                why = await self._orphaned(int(run)) if run.isdigit() else None
+                if why is None:
                     continue
-                record = await agent.state.call(agent.state.get_run, int(run))
-                if record is not None and record.removed_at is None:
-                    continue
-                why = ("left by a crash: its run is unknown" if record is None else
-                       f"left by a crash: run {run} was removed")
                 size = 0
                 if kind == "volume":
                     size = await trio.to_thread.run_sync(
@@ -272,15 +268,22 @@ class Collector:
                     else:
                         await agent.engine.remove_volumes([name])
         for run_id in await agent.mutations.runs_with_layers():
-            if self._busy(run_id):
+            why = await self._orphaned(run_id)
+            if why is None:
                 continue
-            record = await agent.state.call(agent.state.get_run, run_id)
-            if record is not None and record.removed_at is None:
-                continue
-            why = ("left by a crash: its run is unknown" if record is None else
-                   f"left by a crash: run {run_id} was removed")
             where = await agent.mutations.run_layers(run_id)
             add(Removal("layers", str(where), why,
                         await trio.to_thread.run_sync(tree_size, where)))
             if not dry_run:
                 await agent.mutations.remove(run_id)
+
+    async def _orphaned(self, run_id: int) -> str | None:
+        """Why what carries run ``run_id``'s mark is an orphan, or None if
+        it is not (its run is known and kept, or busy)."""
+        if self._busy(run_id):
+            return None
+        record = await self.agent.state.call(self.agent.state.get_run, run_id)
+        if record is not None and record.removed_at is None:
+            return None
+        return ("left by a crash: its run is unknown" if record is None else
+                f"left by a crash: run {run_id} was removed")

@@ -314,7 +314,7 @@ async def stream_log(agent: Agent, call: Call, run_id: int, position: int, skip:
         if any(r.stream not in streams.values() for r in batch):
             streams = agent.logs.streams(run_id)
             await call.event("streams", streams=streams)
-        frame: tuple[bytes, bytes] | None = None
+        frame: tuple[bytes, bytes] | None
         if not skip and batch is records:  # as every follower of a live log: made once
             key = (type(call.id), call.id)  # for those that asked alike (not True for 1)
             frame = records.shared.get(key)

@@ -253,7 +253,7 @@ class DockerCLI:
         return (await self._run("version", "--format", "{{.Server.Version}}")).decode().strip()
 
     async def root_dir(self) -> Path:
-        return Path((await self._run("info", "--format", "{{.DockerRootDir}}")).decode().strip())
+        return (await self._store_of())[0]
 
     # -- images --
 
