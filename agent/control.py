@@ -173,6 +173,8 @@ class Connection:
     def __init__(self, stream: trio.abc.HalfCloseableStream, requester: Requester) -> None:
         self.stream = stream
         self.requester = requester
+        sock = getattr(stream, "socket", None)  # None: not a socket (a test's stream)
+        self._fd = sock.fileno() if sock is not None else -1  # non-blocking, as Trio's are
         self._send_lock = trio.Lock()
         self._splitter = protocol.LineSplitter()
         self._lines: collections.deque[bytes] = collections.deque()
@@ -194,6 +196,16 @@ class Connection:
             raise trio.BrokenResourceError("client too slow") from None
         finally:
             self._send_lock.release()
+
+    def send_nowait(self, line: bytes, payload: bytes) -> int:
+        """Send what the socket takes now of ``line`` and ``payload``, unless
+        a send is under way (its bytes go first); how many bytes went."""
+        if self._fd < 0 or self._send_lock.locked():
+            return 0
+        try:  # an error is left for the next send through Trio to raise
+            return os.writev(self._fd, (line, payload)) if payload else os.write(self._fd, line)
+        except OSError:
+            return 0
 
     def bulk(self) -> None:
         """A big answer follows (a raw log): let the kernel hold BULK_BUFFER
@@ -270,7 +282,8 @@ async def _one_request(line: bytes, handler: Handler, ops: protocol.Schemas,
     except RequestError as e:
         await send(protocol.error(protocol.request_id_of(line), e))
         return
-    call = protocol.Call(request.id, send.requester, send, send.receive_line, send.bulk)
+    call = protocol.Call(request.id, send.requester, send, send.receive_line, send.bulk,
+                         send.send_nowait)
     try:
         result = await handler(request, call)
     except EfciError as e:

@@ -166,6 +166,9 @@ class LogStore:
         # once between them.  A log only grows, so what was read at a
         # position stays true.
         self._last_read: dict[int, tuple[int, tuple[Any, ...], tuple[Any, int]]] = {}
+        # Followers at a live log's end that take each append as it is
+        # written (see hand_appends), by run.
+        self._takers: dict[int, list[_Taker]] = {}
 
     def run_dir(self, run_id: int) -> Path:
         return self.directory / str(run_id)
@@ -201,11 +204,30 @@ class LogStore:
     def live_writers(self) -> list[LogWriter]:
         return list(self._writers.values())
 
-    def _notify(self, run_id: int) -> None:
+    def _notify(self, run_id: int, records: list[Record] | None) -> None:
         event = self._changed.get(run_id)
         if event is not None:
             event.set()
             self._changed[run_id] = trio.Event()
+        takers = self._takers.get(run_id)
+        if takers and records:
+            batch = Batch(records)
+            for taker in list(takers):
+                try:
+                    taken = taker.take(batch)
+                except Exception:  # a follower's fault must not stop the run's log
+                    log.exception("run %d: a follower failed to take an append", run_id)
+                    taken = False
+                if not taken:
+                    self._untake(run_id, taker)
+
+    def _untake(self, run_id: int, taker: _Taker) -> None:
+        takers = self._takers.get(run_id, [])
+        if taker in takers:
+            takers.remove(taker)
+            if not takers:
+                del self._takers[run_id]
+        taker.done.set()
 
     def _closed(self, run_id: int) -> None:
         self._writers.pop(run_id, None)
@@ -213,6 +235,31 @@ class LogStore:
         event = self._changed.pop(run_id, None)
         if event is not None:
             event.set()
+        for taker in self._takers.pop(run_id, []):
+            taker.done.set()
+
+    def takes_appends(self, run_id: int) -> bool:
+        """Whether a follower takes this run's appends as they are written:
+        then the writer hands them over as records."""
+        return run_id in self._takers
+
+    async def hand_appends(self, run_id: int, take: Callable[[Batch], bool]) -> None:
+        """Give ``take`` each append to a live log, as records, in the
+        writer's own call, until it returns False (it did not take that
+        batch) or the log closes; returns at once if the log is not live.
+        For followers at the live end: one append reaches them all in one
+        loop, without waking a task or reading the files for each.  ``take``
+        must neither block nor raise, and tells by the records' positions
+        whether it missed anything (records the writer adds itself, a GAP or
+        a new segment, are not handed over)."""
+        if run_id not in self._writers:
+            return
+        taker = _Taker(take, trio.Event())
+        self._takers.setdefault(run_id, []).append(taker)
+        try:
+            await taker.done.wait()
+        finally:
+            self._untake(run_id, taker)
 
     def start(self, run_id: int) -> int:
         """Where the first record kept of a run's log is (past any dropped part)."""
@@ -282,15 +329,19 @@ class LogStore:
         return LogReader(self.run_dir(run_id))
 
     async def follow(self, run_id: int, position: int = 0, *, live: bool = True,
-                     max_bytes: int = 1 << 20) -> AsyncIterator[Batch]:
+                     max_bytes: int = 1 << 20, to_live_end: bool = False
+                     ) -> AsyncIterator[Batch]:
         """Batches of records from ``position``; with ``live``, waits for
-        more until the run's writer closes.  Reads go to the files, so a
-        slow follower costs disk reads, never the agent's memory."""
+        more until the run's writer closes (with ``to_live_end``, ends on
+        reaching the end of a live log instead: see hand_appends).  Reads go
+        to the files, so a slow follower costs disk reads, never the agent's
+        memory."""
         async def read(reader: LogReader, at: int) -> tuple[Batch, int] | None:
             records = Batch(reader.read(at, max_bytes))
             return (records, records[-1].end) if records else None
 
-        async for records in self._follow(run_id, position, live, ("records", max_bytes), read):
+        async for records in self._follow(run_id, position, live, ("records", max_bytes), read,
+                                          to_live_end):
             yield records
 
     async def follow_output(self, run_id: int, position: int = 0, *, live: bool = True,
@@ -314,8 +365,8 @@ class LogStore:
 
     async def _follow(self, run_id: int, position: int, live: bool,
                       key: tuple[Any, ...] | None,
-                      read: Callable[[LogReader, int], Awaitable[tuple[T, int] | None]]
-                      ) -> AsyncIterator[T]:
+                      read: Callable[[LogReader, int], Awaitable[tuple[T, int] | None]],
+                      to_live_end: bool = False) -> AsyncIterator[T]:
         """What ``read`` finds from ``position`` on, and where it ends; reads
         of the same ``key`` at the same position are shared (none if None)."""
         with self.reader(run_id) as reader:
@@ -324,6 +375,8 @@ class LogStore:
                 writer = self._writers.get(run_id)
                 if live and changed is not None and writer is not None and \
                         position >= writer.position:
+                    if to_live_end:
+                        return
                     await changed.wait()  # at the live end: nothing to read before an append
                     continue
                 last = self._last_read.get(run_id)
@@ -365,9 +418,16 @@ def _recover(run_dir: Path) -> int:
     return cut
 
 
+@dataclass
+class _Taker:
+    take: Callable[[Batch], bool]
+    done: trio.Event  # set once it takes no more
+
+
 class Batch(list[Record]):
-    """Records read together.  The followers one append wakes share one
-    (see LogStore._follow), and ``shared`` holds what they make of it
+    """Records read together, or one append handed over as it is written.
+    The followers of a live log share one (see LogStore._follow and
+    LogStore.hand_appends), and ``shared`` holds what they make of it
     alike, made once: the frame that sends it (ops.stream_log)."""
 
     __slots__ = ("shared",)
@@ -485,6 +545,8 @@ class LogWriter:
         how many and why.  The run's end says so too (see ``lost_bytes``)."""
         view = memoryview(payload)
         written = 0
+        # What a follower taking appends as they are written gets (hand_appends).
+        records: list[Record] | None = [] if self.store.takes_appends(self.run_id) else None
         try:
             if self._unnoted:
                 self._note_loss()
@@ -496,6 +558,9 @@ class LogWriter:
                 chunk = view[start:start + CHUNK]
                 self._write(record_header(kind, stream, now, chunk), chunk)
                 written = start + len(chunk)
+                if records is not None:
+                    records.append(Record(self.position - RECORD_HEADER.size - len(chunk), kind,
+                                          stream, now, bytes(chunk)))
         except OSError as e:
             self._lose(len(view) - written, e)
         if kind is Kind.OUTPUT:
@@ -503,7 +568,7 @@ class LogWriter:
             counted = payload if isinstance(payload, bytes | bytearray) else view.tobytes()
             self.newlines += counted.count(b"\n", 0, written)
         if written:
-            self.store._notify(self.run_id)
+            self.store._notify(self.run_id, records)
 
     def _lose(self, size: int, error: OSError) -> None:
         if not self.lost_reason:

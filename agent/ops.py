@@ -34,7 +34,7 @@ from .errors import Conflict, EfciError, NotFound, Refused, RequestError
 from .gitea import repository_on
 from .images import image_tag
 from .keys import KeyInfo
-from .logstore import Output, bounded, records_with_skip
+from .logstore import Batch, Output, bounded, records_with_skip
 from .model import Image, Requester, Task
 from .protocol import Call
 from .runs import task_to_wire
@@ -307,26 +307,70 @@ async def stream_log(agent: Agent, call: Call, run_id: int, position: int, skip:
     ends; returns where to resume."""
     streams = agent.logs.streams(run_id)
     await call.event("streams", streams=streams, start=[position, skip])
-    async for records in agent.logs.follow(run_id, position, live=follow, max_bytes=STREAM_BATCH):
-        batch = records if until is None else list(bounded(records, until, until_skip))
-        if not batch:
-            break
-        if any(r.stream not in streams.values() for r in batch):
-            streams = agent.logs.streams(run_id)
-            await call.event("streams", streams=streams)
-        frame: tuple[bytes, bytes] | None
-        if not skip and batch is records:  # as every follower of a live log: made once
-            key = (type(call.id), call.id)  # for those that asked alike (not True for 1)
-            frame = records.shared.get(key)
-            if frame is None:
-                frame = records.shared[key] = protocol.records_event(call.id, batch)
-        else:
-            frame = protocol.records_event(call.id, records_with_skip(batch, skip))
-        await send_frame(call, *frame)
-        skip = 0
-        position = batch[-1].end
-        if until is not None and (len(batch) < len(records) or batch[-1].position == until):
-            return until  # reached it
+    to_live_end = follow and until is None
+    while True:
+        async for records in agent.logs.follow(run_id, position, live=follow,
+                                               max_bytes=STREAM_BATCH, to_live_end=to_live_end):
+            batch = records if until is None else list(bounded(records, until, until_skip))
+            if not batch:
+                return position
+            if any(r.stream not in streams.values() for r in batch):
+                streams = agent.logs.streams(run_id)
+                await call.event("streams", streams=streams)
+            if not skip and batch is records:  # as every follower of a live log: made once
+                frame = _shared_frame(call, records)
+            else:
+                frame = protocol.records_event(call.id, records_with_skip(batch, skip))
+            await send_frame(call, *frame)
+            skip = 0
+            position = batch[-1].end
+            if until is not None and (len(batch) < len(records) or batch[-1].position == until):
+                return until  # reached it
+        if not to_live_end or not agent.logs.is_live(run_id):
+            return position
+        position = await _take_appends(agent, call, run_id, position, set(streams.values()))
+
+
+def _shared_frame(call: Call, records: Batch) -> tuple[bytes, bytes]:
+    """The frame of records that every follower of a live log gets alike,
+    made once for all whose requests had the same id (efci's all ask with
+    1; a JSON ``true`` is not ``1``)."""
+    key = (type(call.id), call.id)
+    frame = records.shared.get(key)
+    if frame is None:
+        frame = records.shared[key] = protocol.records_event(call.id, records)
+    return frame
+
+
+async def _take_appends(agent: Agent, call: Call, run_id: int, position: int,
+                        streams: set[int]) -> int:
+    """Follow a live log from its end by taking each append as the writer
+    writes it (LogStore.hand_appends) and sending it there and then, as
+    far as the client's socket takes it without waiting: the one loop that
+    reaches every follower of a busy log, with no task woken and nothing
+    read back from the files for each.  The first append it cannot send
+    whole (the client is not reading; a stream or part of the log it was
+    not told of) ends it: a part that went out is finished here, waiting
+    for the client, and the caller reads on from the position returned."""
+    rest = b""
+
+    def take(records: Batch) -> bool:
+        nonlocal position, rest
+        if records[0].position != position or any(r.stream not in streams for r in records):
+            return False
+        line, payload = _shared_frame(call, records)
+        sent = call.send_nowait(line, payload)
+        if sent == 0:
+            return False
+        position = records[-1].end
+        if sent < len(line) + len(payload):
+            rest = (line + payload)[sent:]
+            return False
+        return True
+
+    await agent.logs.hand_appends(run_id, take)
+    if rest:
+        await call.send(rest)
     return position
 
 

@@ -68,6 +68,9 @@ class Call:
     receive_line: Callable[[], Awaitable[bytes | None]]
     # Says a big answer follows: the connection may buffer more of it.
     bulk: Callable[[], None] = lambda: None
+    # Sends a frame's line and payload as far as the peer takes them without
+    # waiting, from code that cannot wait; how many bytes went (0: none).
+    send_nowait: Callable[[bytes, bytes], int] = lambda line, payload: 0
 
     async def event(self, kind: str, **fields: Any) -> None:
         await self.send(event(self.id, kind, **fields))

@@ -460,17 +460,9 @@ async def test_followers_that_asked_alike_share_one_frame_per_append(
     ids: list[Any] = [1, 1, 1, "1", True, 2]
     sent = [bytearray() for _ in ids]
 
-    async def follower(rid: Any, into: bytearray) -> None:
-        async def send(data: bytes) -> None:
-            into.extend(data)
-
-        call = protocol.Call(rid, Requester(0, 0, 1), send, lambda: None)  # type: ignore[arg-type]
-        await ops.stream_log(SimpleNamespace(logs=store), call, 1, 0, 0,  # type: ignore[arg-type]
-                             follow=True)
-
     async with trio.open_nursery() as nursery:
         for rid, into in zip(ids, sent, strict=True):
-            nursery.start_soon(follower, rid, into)
+            nursery.start_soon(stream_log_into, store, rid, into, "all")
         await trio.testing.wait_all_tasks_blocked()
         encoded = 0
         for i in range(20):
@@ -483,3 +475,83 @@ async def test_followers_that_asked_alike_share_one_frame_per_append(
         assert all((m["id"], type(m["id"])) == (rid, type(rid)) for m in messages)
         output = b"".join(bytes(m["payload"]) for m in messages if m["event"] == "records")
         assert output.endswith(b"".join(b"line %d\n" % i for i in range(20)))
+
+
+async def stream_log_into(store: LogStore, rid: Any, into: bytearray, takes: str) -> None:
+    """ops.stream_log of run 1 to a client whose socket takes ``takes`` of
+    what is sent without waiting: "all", "none" or "part" (half a frame)."""
+    async def send(data: bytes) -> None:
+        into.extend(data)
+
+    def send_nowait(line: bytes, payload: bytes) -> int:
+        data = line + payload
+        taken = {"all": len(data), "none": 0, "part": len(data) // 2}[takes]
+        into.extend(data[:taken])
+        return taken
+
+    call = protocol.Call(rid, Requester(0, 0, 1), send, lambda: None,  # type: ignore[arg-type]
+                         send_nowait=send_nowait)
+    await ops.stream_log(SimpleNamespace(logs=store), call, 1, 0, 0,  # type: ignore[arg-type]
+                         follow=True)
+
+
+@pytest.mark.parametrize("takes", ["all", "none", "part"])
+async def test_live_followers_get_every_record_once_however_much_their_socket_takes(
+        tmp_path: Path, takes: str) -> None:
+    """A follower at a live log's end is handed each append as it is
+    written and sent it at once; what its socket does not take then (none
+    of it, or part of a frame) goes out waiting, from where it stopped.
+    Every record arrives once and in order, also across segment rolls and
+    the GAP record of a dropped middle, which the writer does not hand over."""
+    store = LogStore(tmp_path, limit=1 << 20)  # 128 KiB segments: rolls, then drops
+    w = store.open_writer(1)
+    lines = [b"%04d " % i + NASTY * 30 for i in range(900)]  # 1.4 MiB in all
+    into = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream_log_into, store, 1, into, takes)
+        await trio.testing.wait_all_tasks_blocked()
+        for line in lines:
+            w.output(line)
+            await trio.testing.wait_all_tasks_blocked()
+        w.close()
+    records = [r for m in wire.FrameDecoder().feed(bytes(into)) if m["event"] == "records"
+               for r in protocol.decode_records(m)]
+    positions = [r.position for r in records]
+    assert positions == sorted(set(positions))  # each once, in order
+    assert b"".join(r.payload for r in records if r.kind is fmt.Kind.OUTPUT) == b"".join(lines)
+    assert any(r.kind is fmt.Kind.GAP for r in records)
+
+
+async def test_appends_are_handed_over_until_the_taker_declines_or_the_log_closes(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = LogStore(tmp_path, limit=1 << 20)
+    w = store.open_writer(1)
+    taken: list[list[fmt.Record]] = []
+
+    def take(records: logstore.Batch) -> bool:
+        taken.append(list(records))
+        return len(taken) < 2
+
+    def fail(records: logstore.Batch) -> bool:
+        raise RuntimeError("a follower's bug")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.hand_appends, 1, take)
+        nursery.start_soon(store.hand_appends, 1, fail)
+        await trio.testing.wait_all_tasks_blocked()
+        w.output(b"one")
+        w.message("two")
+        w.output(b"three")  # neither takes it: both have ended
+        assert not store.takes_appends(1)
+    with store.reader(1) as reader:
+        written = list(reader.records_from(0))
+    assert [r for batch in taken for r in batch] == written[:2]
+    assert "a follower failed to take an append" in caplog.text
+    assert [r.payload for r in written] == [b"one", b"two", b"three"]  # the log went on
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.hand_appends, 1, take)
+        await trio.testing.wait_all_tasks_blocked()
+        w.close()  # ends it
+    with trio.fail_after(1):
+        await store.hand_appends(1, take)  # not live: returns at once
