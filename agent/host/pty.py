@@ -40,26 +40,49 @@ class PtyProcess:
         self._master_fd = master_fd
 
     async def receive_some(self, max_bytes: int = 65536) -> bytes:
-        """Wait for output, then also take what is already there, up to
-        ``max_bytes``: a PTY hands out about 4 KiB per read, and bigger
-        chunks make fewer, larger log records without waiting any longer."""
-        try:
-            chunks = [await self._master.receive_some(max_bytes)]
-        except trio.BrokenResourceError as e:
-            # Linux answers EIO once the last slave descriptor is closed.
-            if isinstance(e.__cause__, OSError) and e.__cause__.errno == errno.EIO:
-                return b""
-            raise
-        size = len(chunks[0])
+        """What the terminal has now, up to ``max_bytes``, waiting for it if
+        there is none.  A PTY hands out about 4 KiB per read, so one call
+        takes all that is there in several reads: fewer, larger log records,
+        without waiting any longer.  Each call yields to the event loop once:
+        after reading what a busy terminal (a task printing fast) already
+        holds, or else while waiting for more."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        data = self._take(max_bytes)
+        if data is not None:
+            # What was read must reach the caller: a yield, never a cancel.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+        while True:
+            await trio.lowlevel.wait_readable(self._master_fd)
+            data = self._take(max_bytes)
+            if data is not None:
+                return data
+
+    def _take(self, max_bytes: int) -> bytes | None:
+        """What the non-blocking master has now (b"" at the end), or None."""
+        chunks: list[bytes] = []
+        size = 0
         while size < max_bytes:
             try:
-                more = os.read(self._master_fd, max_bytes - size)  # non-blocking fd
-            except (BlockingIOError, OSError):
-                break  # nothing more now (or EIO at the end: the next call says so)
+                more = os.read(self._master_fd, max_bytes - size)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                # Linux answers EIO once the last slave descriptor is closed:
+                # the end, said by the next call if this one has data.
+                if e.errno != errno.EIO:
+                    raise
+                if not chunks:
+                    return b""
+                break
             if not more:
+                if not chunks:
+                    return b""
                 break
             chunks.append(more)
             size += len(more)
+        if not chunks:
+            return None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)  # one copy at most
 
     async def send_all(self, data: bytes) -> None:
