@@ -459,7 +459,7 @@ class LogWriter:
         self._last_time = 0
         entries = parse_index((self.dir / "index").read_bytes())
         self._last_entry = entries[-1] if entries else IndexEntry(0, 0, 0, 0)
-        self.output_bytes, self.newlines = self._totals(self._last_entry)
+        self.output_bytes = self._output_bytes(self._last_entry)
         if self._segments:
             last = self._segments[-1]
             self._fd = os.open(last.path, os.O_WRONLY | os.O_APPEND)
@@ -470,15 +470,14 @@ class LogWriter:
             self.position = 0
             self._open_segment(0, 0)
 
-    def _totals(self, entry: IndexEntry) -> tuple[int, int]:
-        """Output bytes and newlines up to the end, from an index entry on."""
-        output, newlines = entry.output_bytes, entry.newlines
+    def _output_bytes(self, entry: IndexEntry) -> int:
+        """Output bytes up to the end, from an index entry on."""
+        output = entry.output_bytes
         with LogReader(self.dir) as reader:
             for record in reader.records_from(entry.position):
                 if record.kind is Kind.OUTPUT:
                     output += len(record.payload)
-                    newlines += record.payload.count(b"\n")
-        return output, newlines
+        return output
 
     # -- writing ---------------------------------------------------------------
 
@@ -565,8 +564,6 @@ class LogWriter:
             self._lose(len(view) - written, e)
         if kind is Kind.OUTPUT:
             self.output_bytes += written
-            counted = payload if isinstance(payload, bytes | bytearray) else view.tobytes()
-            self.newlines += counted.count(b"\n", 0, written)
         if written:
             self.store._notify(self.run_id, records)
 
@@ -590,7 +587,7 @@ class LogWriter:
         speeds up look-ups, so one that cannot be written is left out."""
         if self._segment_bytes + 1 > self.store.segment_size:
             self._roll()  # the entry must point at the record about to be written
-        entry = IndexEntry(self.position, now, self.output_bytes, self.newlines)
+        entry = IndexEntry(self.position, now, self.output_bytes)
         try:
             _append_whole(self._index, entry.pack(), os.fstat(self._index).st_size)
         except OSError:
