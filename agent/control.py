@@ -173,8 +173,7 @@ class Connection:
     def __init__(self, stream: trio.abc.HalfCloseableStream, requester: Requester) -> None:
         self.stream = stream
         self.requester = requester
-        sock = getattr(stream, "socket", None)  # None: not a socket (a test's stream)
-        self._fd = sock.fileno() if sock is not None else -1  # non-blocking, as Trio's are
+        self._socket = getattr(stream, "socket", None)  # None: not a socket (a test's stream)
         self._send_lock = trio.Lock()
         self._splitter = protocol.LineSplitter()
         self._lines: collections.deque[bytes] = collections.deque()
@@ -200,10 +199,12 @@ class Connection:
     def send_nowait(self, line: bytes, payload: bytes) -> int:
         """Send what the socket takes now of ``line`` and ``payload``, unless
         a send is under way (its bytes go first); how many bytes went."""
-        if self._fd < 0 or self._send_lock.locked():
+        # The descriptor is asked each time: -1 once closed, never another file's.
+        fd = self._socket.fileno() if self._socket is not None else -1
+        if fd < 0 or self._send_lock.locked():
             return 0
-        try:  # an error is left for the next send through Trio to raise
-            return os.writev(self._fd, (line, payload)) if payload else os.write(self._fd, line)
+        try:  # non-blocking, as Trio's sockets are; an error is left for Trio's send to raise
+            return os.writev(fd, (line, payload)) if payload else os.write(fd, line)
         except OSError:
             return 0
 

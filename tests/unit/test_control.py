@@ -95,3 +95,22 @@ def test_a_connection_that_breaks_outside_a_request_is_closed_alone(monkeypatch:
         assert reply["ok"] is False and "MemoryError" in reply["error"]["message"]
 
     trio.run(main)
+
+
+async def test_send_nowait_sends_what_the_socket_takes_and_never_waits() -> None:
+    ours, theirs = trio.socket.socketpair()
+    stream = trio.SocketStream(ours)
+    conn = control.Connection(stream, Requester(0, 0, 1))
+    assert conn.send_nowait(b"line\n", b"payload") == len(b"line\npayload")
+    assert await theirs.recv(100) == b"line\npayload"
+    big = b"x" * (1 << 20)  # more than the socket buffers
+    sent = conn.send_nowait(b"", big)
+    assert 0 < sent < len(big)
+    assert conn.send_nowait(b"more", b"") == 0  # full: nothing, at once
+    while sent:
+        sent -= len(await theirs.recv(1 << 20))
+    async with conn._send_lock:  # a send under way goes first
+        assert conn.send_nowait(b"line\n", b"") == 0
+    await stream.aclose()
+    assert conn.send_nowait(b"line\n", b"") == 0  # closed: its descriptor is nobody's
+    theirs.close()
