@@ -61,28 +61,24 @@ class PtyProcess:
     def _take(self, max_bytes: int) -> bytes | None:
         """What the non-blocking master has now (b"" at the end), or None."""
         chunks: list[bytes] = []
-        size = 0
+        size, ended = 0, False
         while size < max_bytes:
             try:
                 more = os.read(self._master_fd, max_bytes - size)
             except BlockingIOError:
                 break
             except OSError as e:
-                # Linux answers EIO once the last slave descriptor is closed:
-                # the end, said by the next call if this one has data.
+                # Linux answers EIO once the last slave descriptor is closed.
                 if e.errno != errno.EIO:
                     raise
-                if not chunks:
-                    return b""
-                break
+                more = b""
             if not more:
-                if not chunks:
-                    return b""
+                ended = True  # said by the next call if this one has data
                 break
             chunks.append(more)
             size += len(more)
         if not chunks:
-            return None
+            return b"" if ended else None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)  # one copy at most
 
     async def send_all(self, data: bytes) -> None:
